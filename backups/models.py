@@ -1,0 +1,368 @@
+"""State of the inventory, the policies and every backup run.
+
+Models hold state only: no property talks to libvirt or the disk. The inventory is refreshed
+by the sync job (``backups.inventory``), runs are advanced by ``backups.jobs``.
+"""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+
+class Host(models.Model):
+    """A libvirt connection; one django-q2 cluster per host runs its backups."""
+
+    name = models.CharField(max_length=100, unique=True)
+    uri = models.CharField(max_length=255, default="qemu:///system")
+    cluster = models.CharField(
+        max_length=100, blank=True, help_text="django-q2 cluster that runs jobs for this host"
+    )
+    last_sync_at = models.DateTimeField(null=True, blank=True)
+    last_sync_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class VmState(models.TextChoices):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    OTHER = "other"
+
+
+class VirtualMachineQuerySet(models.QuerySet):
+    def present(self):
+        """Domains libvirt still knows; vanished ones stay for their history."""
+        return self.filter(gone_at__isnull=True)
+
+
+class VirtualMachine(models.Model):
+    """A libvirt domain, followed by UUID so that renames keep their history."""
+
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="vms")
+    uuid = models.UUIDField()
+    name = models.CharField(max_length=200)
+    state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.OTHER)
+    persistent = models.BooleanField(default=True)
+    loader = models.CharField(max_length=1024, blank=True)
+    nvram = models.CharField(max_length=1024, blank=True)
+    has_tpm = models.BooleanField(default=False)
+    has_agent_channel = models.BooleanField(default=False)
+    domain_xml = models.TextField(blank=True)
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    gone_at = models.DateTimeField(null=True, blank=True)
+
+    objects = VirtualMachineQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "uuid"], name="vm_unique_uuid_per_host")
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def get_absolute_url(self):
+        return reverse("vm_detail", args=[self.pk])
+
+
+class DiskDevice(models.TextChoices):
+    DISK = "disk"
+    CDROM = "cdrom"
+    FLOPPY = "floppy"
+    LUN = "lun"
+
+
+class Disk(models.Model):
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="disks")
+    target = models.CharField(max_length=32)
+    device = models.CharField(max_length=16, choices=DiskDevice.choices, default=DiskDevice.DISK)
+    source_type = models.CharField(max_length=16, blank=True)
+    source = models.CharField(max_length=1024, blank=True)
+    format = models.CharField(max_length=16, blank=True)
+    bus = models.CharField(max_length=16, blank=True)
+    readonly = models.BooleanField(default=False)
+    shareable = models.BooleanField(default=False)
+    virtual_size = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["target"]
+        constraints = [
+            models.UniqueConstraint(fields=["vm", "target"], name="disk_unique_target_per_vm")
+        ]
+
+    def __str__(self):
+        return f"{self.target} ({self.source or '-'})"
+
+
+class Method(models.TextChoices):
+    AUTO = "auto"
+    OFFLINE = "offline"
+    PUSH = "push"
+    SNAPSHOT = "snapshot"
+    MEMORY = "memory"
+
+
+class Compression(models.TextChoices):
+    NONE = "none"
+    ZLIB = "zlib"
+    ZSTD = "zstd"
+
+
+class BackupPolicy(models.Model):
+    """What to back up, when, how, and how long to keep it."""
+
+    name = models.CharField(max_length=100, unique=True)
+    enabled = models.BooleanField(default=True)
+    vms = models.ManyToManyField(VirtualMachine, related_name="policies", blank=True)
+    schedule = models.CharField(
+        max_length=100, blank=True, default="0 2 * * *", help_text="cron; blank: manual only"
+    )
+    method = models.CharField(max_length=16, choices=Method.choices, default=Method.AUTO)
+    compression = models.CharField(
+        max_length=8, choices=Compression.choices, default=Compression.NONE
+    )
+    exclude_disks = models.CharField(
+        max_length=255, blank=True, help_text="comma-separated disk targets to skip"
+    )
+    shutdown_for_offline = models.BooleanField(
+        default=False,
+        help_text="offline method: shut a running VM down gracefully, back up, start it again",
+    )
+    verify_after = models.BooleanField(default=True)
+    destination = models.CharField(
+        max_length=1024, blank=True, help_text="backup root; blank: VMBACKUP_ROOT"
+    )
+    full_every = models.PositiveIntegerField(
+        default=7, help_text="incremental chains: a full backup after this many incrementals"
+    )
+    keep_last = models.PositiveIntegerField(default=7)
+    keep_hourly = models.PositiveIntegerField(default=0)
+    keep_daily = models.PositiveIntegerField(default=7)
+    keep_weekly = models.PositiveIntegerField(default=4)
+    keep_monthly = models.PositiveIntegerField(default=6)
+    keep_yearly = models.PositiveIntegerField(default=0)
+    notify_to = models.CharField(max_length=500, blank=True, help_text="emails, comma-separated")
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "backup policies"
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def root(self) -> str:
+        return self.destination or settings.VMBACKUP_ROOT
+
+    @property
+    def excluded_targets(self) -> set[str]:
+        return {t.strip() for t in self.exclude_disks.split(",") if t.strip()}
+
+
+class RunStatus(models.TextChoices):
+    """The run state machine.
+
+    queued -> running -> succeeded | failed | interrupted | cancelled
+    queued -> skipped (another run for the VM was active) | cancelled
+    ``interrupted`` is set by reconcile when a worker died (stale heartbeat).
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class Trigger(models.TextChoices):
+    SCHEDULE = "schedule"
+    BUTTON = "button"
+    ADMIN = "admin"
+    COMMAND = "command"
+
+
+class Consistency(models.TextChoices):
+    OFFLINE = "offline"
+    CRASH = "crash-consistent"
+    FROZEN = "filesystem-frozen"
+    MEMORY = "with-ram"
+
+
+class Kind(models.TextChoices):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class BackupRunQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(status__in=ACTIVE_STATUSES)
+
+
+class BackupRun(models.Model):
+    """One attempt to back up one VM; every outcome is recorded here as data."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="runs")
+    policy = models.ForeignKey(
+        BackupPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.BUTTON)
+    method_requested = models.CharField(max_length=16, choices=Method.choices, default=Method.AUTO)
+    method = models.CharField(max_length=16, blank=True)
+    method_reason = models.CharField(max_length=255, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.FULL)
+    kind_reason = models.CharField(max_length=255, blank=True)
+    consistency = models.CharField(max_length=24, choices=Consistency.choices, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=100, blank=True, help_text="host:pid of the worker")
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    bytes_written = models.BigIntegerField(default=0)
+    staging_path = models.CharField(max_length=1024, blank=True)
+    journal = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+
+    objects = BackupRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # One active run per VM, enforced where it cannot race: in the database.
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_run_per_vm",
+            )
+        ]
+
+    def __str__(self):
+        return f"run {self.pk} of {self.vm} ({self.status})"
+
+    def get_absolute_url(self):
+        return reverse("run_detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in ACTIVE_STATUSES
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+    def log(self, step: str, **data) -> None:
+        """Append a journal entry and save it *before* the side effect it announces."""
+        entry = {"at": timezone.now().isoformat(), "step": step}
+        entry.update(data)
+        self.journal = [*self.journal, entry]
+        self.heartbeat_at = timezone.now()
+        self.save(update_fields=["journal", "heartbeat_at"])
+
+    def beat(self, done: int | None = None, total: int | None = None) -> None:
+        fields = ["heartbeat_at"]
+        self.heartbeat_at = timezone.now()
+        if done is not None:
+            self.bytes_done = done
+            fields.append("bytes_done")
+        if total is not None:
+            self.bytes_total = total
+            fields.append("bytes_total")
+        BackupRun.objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
+
+    def _finish(self, status: str, error: str = "") -> None:
+        self.status = status
+        self.error = error
+        self.finished_at = timezone.now()
+        self.save(update_fields=["status", "error", "finished_at"])
+
+    def mark_succeeded(self) -> None:
+        self._finish(RunStatus.SUCCEEDED)
+
+    def mark_failed(self, reason: str) -> None:
+        self._finish(RunStatus.FAILED, reason)
+
+    def mark_cancelled(self, reason: str = "cancelled by user") -> None:
+        self._finish(RunStatus.CANCELLED, reason)
+
+    def mark_interrupted(self, reason: str) -> None:
+        self._finish(RunStatus.INTERRUPTED, reason)
+
+    def mark_skipped(self, reason: str) -> None:
+        self._finish(RunStatus.SKIPPED, reason)
+
+
+class VerifyStatus(models.TextChoices):
+    UNVERIFIED = "unverified"
+    OK = "ok"
+    CORRUPT = "corrupt"
+    MISSING = "missing"
+
+
+class BackupQuerySet(models.QuerySet):
+    def published(self):
+        return self.filter(pruned_at__isnull=True)
+
+
+class Backup(models.Model):
+    """A published backup directory; its ``backup.json`` is the source of truth on disk."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="backups")
+    run = models.OneToOneField(
+        BackupRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="backup"
+    )
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    path = models.CharField(max_length=1024, unique=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.FULL)
+    method = models.CharField(max_length=16, blank=True)
+    consistency = models.CharField(max_length=24, choices=Consistency.choices, blank=True)
+    checkpoint = models.CharField(max_length=200, blank=True)
+    checkpoint_xml = models.TextField(blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    manifest = models.JSONField(default=dict, blank=True)
+    protected = models.BooleanField(default=False)
+    verify_status = models.CharField(
+        max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.UNVERIFIED
+    )
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verify_error = models.TextField(blank=True)
+    pruned_at = models.DateTimeField(null=True, blank=True)
+
+    objects = BackupQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.vm} @ {self.created_at:%Y-%m-%d %H:%M}"
+
+    def get_absolute_url(self):
+        return reverse("backup_detail", args=[self.pk])
+
+    def mark_verified(self, ok: bool, error: str = "") -> None:
+        self.verify_status = VerifyStatus.OK if ok else VerifyStatus.CORRUPT
+        self.verify_error = error
+        self.verified_at = timezone.now()
+        self.save(update_fields=["verify_status", "verify_error", "verified_at"])
