@@ -137,6 +137,35 @@ def parse_domain_xml(xml: str, state: str = "other", persistent: bool = True) ->
     )
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    active: bool
+    kind: str  # "backup", "none", ...
+    processed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    target: str
+    kind: str  # commit | active-commit | pull | copy | backup | unknown
+    cur: int
+    end: int
+
+    @property
+    def ready(self) -> bool:
+        return self.end > 0 and self.cur == self.end
+
+
+_BLOCK_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
+
+
 def _capacity(dom, target: str) -> int | None:
     """Virtual size of a disk; None when libvirt cannot tell (e.g. an unreadable source)."""
     try:
@@ -153,14 +182,25 @@ class Session:
         self._conn = None
 
     def __enter__(self) -> Session:
+        ensure_event_loop()
+        self._completed: dict[str, dict] = {}
         try:
             self._conn = libvirt.open(self.uri)
+            self._callback = self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
+            )
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to {self.uri}: {exc}") from exc
         return self
 
+    def _on_job_completed(self, _conn, dom, params, _opaque) -> None:
+        """Keep the completed job's stats: only they carry the failure reason (errmsg)."""
+        self._completed[dom.UUIDString()] = dict(params)
+
     def __exit__(self, *exc_info) -> None:
         if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.domainEventDeregisterAny(self._callback)
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
             self._conn = None
@@ -249,6 +289,283 @@ class Session:
                 return True
             time.sleep(interval)
         return self.domain(uuid).state == state
+
+    # -- push backups (libvirt backup API) -----------------------------------------------------
+    def backup_begin(
+        self,
+        uuid: str,
+        targets: dict[str, str],
+        *,
+        checkpoint: str | None = None,
+        incremental: str | None = None,
+        bitmap_disks: tuple[str, ...] = (),
+    ) -> None:
+        """Start a push-mode backup of ``targets`` (disk target -> qcow2 file QEMU creates).
+
+        ``checkpoint`` creates a checkpoint covering ``bitmap_disks`` (qcow2 only: libvirt
+        refuses bitmaps on raw); ``incremental`` copies only what changed since that one.
+        """
+        backup = ET.Element("domainbackup", mode="push")
+        if incremental:
+            ET.SubElement(backup, "incremental").text = incremental
+        disks = ET.SubElement(backup, "disks")
+        for target, path in targets.items():
+            disk = ET.SubElement(disks, "disk", name=target, backup="yes", type="file")
+            ET.SubElement(disk, "target", file=path)
+            ET.SubElement(disk, "driver", type="qcow2")
+        checkpoint_xml = None
+        if checkpoint:
+            root = ET.Element("domaincheckpoint")
+            ET.SubElement(root, "name").text = checkpoint
+            cdisks = ET.SubElement(root, "disks")
+            for target in targets:
+                mode = "bitmap" if target in bitmap_disks else "no"
+                ET.SubElement(cdisks, "disk", name=target, checkpoint=mode)
+            checkpoint_xml = ET.tostring(root, encoding="unicode")
+        self._completed.pop(uuid, None)
+        dom = self._dom(uuid)
+        self._call(
+            dom.backupBegin,
+            ET.tostring(backup, encoding="unicode"),
+            checkpoint_xml,
+            0,
+            doing="start backup job",
+        )
+
+    def job_progress(self, uuid: str) -> JobProgress:
+        stats = self._call(self._dom(uuid).jobStats, 0, doing="read job progress")
+        kind = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
+        processed = stats.get("disk_processed", stats.get("data_processed", 0))
+        total = stats.get("disk_total", stats.get("data_total", 0))
+        return JobProgress(
+            active=kind not in (libvirt.VIR_DOMAIN_JOB_NONE,),
+            kind="backup"
+            if stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+            else str(stats.get("operation", "")),
+            processed=int(processed or 0),
+            total=int(total or 0),
+        )
+
+    def wait_backup(
+        self,
+        uuid: str,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        timeout: float = 24 * 3600,
+        interval: float = 0.5,
+    ) -> None:
+        """Wait for the backup job; raise with QEMU's own reason when it fails.
+
+        Job info after a failure says only "failed": the reason (e.g. "No space left on
+        device") travels in the job-completed event, which the event loop stores for us.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            progress = self.job_progress(uuid)
+            if not progress.active:
+                break
+            if on_progress:
+                on_progress(progress.processed, progress.total)
+            if should_stop and should_stop():
+                self.abort_job(uuid)
+                raise HypervisorError("backup job cancelled")
+            if time.monotonic() > deadline:
+                self.abort_job(uuid)
+                raise HypervisorError(f"backup job did not finish within {timeout:.0f}s")
+            time.sleep(interval)
+        # the event may trail the job's end by a moment
+        for _ in range(20):
+            if uuid in self._completed:
+                break
+            time.sleep(0.1)
+        params = self._completed.pop(uuid, {})
+        stats = self._call(
+            self._dom(uuid).jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED, doing="read job"
+        )
+        failed = stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED
+        errmsg = params.get("errmsg") or stats.get("errmsg")
+        if failed or errmsg:
+            raise HypervisorError(f"backup job failed: {errmsg or 'no reason given by libvirt'}")
+
+    def abort_job(self, uuid: str) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._dom(uuid).abortJob()
+
+    def backup_job_targets(self, uuid: str) -> list[str]:
+        """Target files of the domain's running backup job ([] when none)."""
+        try:
+            xml = self._dom(uuid).backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            return []
+        root = ET.fromstring(xml)
+        return [t.get("file", "") for t in root.findall("disks/disk/target") if t.get("file")]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoints(self, uuid: str) -> list[str]:
+        dom = self._dom(uuid)
+        return [c.getName() for c in self._call(dom.listAllCheckpoints, doing="list checkpoints")]
+
+    def checkpoint_xml(self, uuid: str, name: str) -> str:
+        dom = self._dom(uuid)
+        cp = self._call(dom.checkpointLookupByName, name, 0, doing="find checkpoint")
+        return self._call(cp.getXMLDesc, 0, doing="read checkpoint")
+
+    def delete_checkpoint(self, uuid: str, name: str, metadata_only: bool = False) -> None:
+        dom = self._dom(uuid)
+        cp = self._call(dom.checkpointLookupByName, name, 0, doing="find checkpoint")
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+        self._call(cp.delete, flags, doing="delete checkpoint")
+
+    def redefine_checkpoint(self, uuid: str, xml: str) -> None:
+        dom = self._dom(uuid)
+        self._call(
+            dom.checkpointCreateXML,
+            xml,
+            libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+            doing="redefine checkpoint",
+        )
+
+    # -- external snapshots --------------------------------------------------------------------
+    def snapshot_disks(
+        self,
+        uuid: str,
+        overlays: dict[str, str],
+        *,
+        all_targets: tuple[str, ...],
+        quiesce: bool = False,
+        memory_file: str | None = None,
+    ) -> None:
+        """Atomic external snapshot: every disk in ``overlays`` switches to a new overlay.
+
+        Disks not listed are excluded; ``memory_file`` also saves the RAM state (the
+        guest pauses while it is written), so the set of images restores to a running VM.
+        """
+        snap = ET.Element("domainsnapshot")
+        ET.SubElement(snap, "name").text = f"vmbackup-{int(time.time())}"
+        if memory_file:
+            ET.SubElement(snap, "memory", snapshot="external", file=memory_file)
+        disks = ET.SubElement(snap, "disks")
+        for target in all_targets:
+            if target in overlays:
+                disk = ET.SubElement(disks, "disk", name=target, snapshot="external")
+                ET.SubElement(disk, "driver", type="qcow2")
+                ET.SubElement(disk, "source", file=overlays[target])
+            else:
+                ET.SubElement(disks, "disk", name=target, snapshot="no")
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        )
+        if not memory_file:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        if quiesce:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        dom = self._dom(uuid)
+        self._call(
+            dom.snapshotCreateXML,
+            ET.tostring(snap, encoding="unicode"),
+            flags,
+            doing="create external snapshot",
+        )
+
+    def block_job(self, uuid: str, target: str) -> BlockJob | None:
+        info = self._call(self._dom(uuid).blockJobInfo, target, 0, doing="read block job")
+        if not info:
+            return None
+        return BlockJob(
+            target=target,
+            kind=_BLOCK_JOB_KINDS.get(info.get("type"), "unknown"),
+            cur=int(info.get("cur", 0)),
+            end=int(info.get("end", 0)),
+        )
+
+    def abort_block_job(self, uuid: str, target: str, *, pivot: bool = False) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
+        self._call(self._dom(uuid).blockJobAbort, target, flags, doing="end block job")
+
+    def commit_active(self, uuid: str, target: str, *, timeout: float = 600) -> None:
+        """Merge the active overlay of ``target`` into its backing file and pivot back.
+
+        Waits (bounded) for the job to be ready; a job that is already running (a crashed
+        run's) is resumed rather than started twice.
+        """
+        dom = self._dom(uuid)
+        if self.block_job(uuid, target) is None:
+            flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+            self._call(dom.blockCommit, target, None, None, 0, flags, doing="start blockcommit")
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.block_job(uuid, target)
+            if job is None:
+                raise HypervisorError(f"blockcommit of {target} ended before it was ready")
+            if job.ready:
+                break
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"blockcommit of {target} not ready after {timeout:.0f}s")
+            time.sleep(0.2)
+        self.abort_block_job(uuid, target, pivot=True)
+        while self.block_job(uuid, target) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # -- disk sources ----------------------------------------------------------------------------
+    def disk_source(self, uuid: str, target: str, *, inactive: bool = False) -> str | None:
+        dom = self._dom(uuid)
+        if inactive and not dom.isPersistent():
+            return None
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        info = parse_domain_xml(self._call(dom.XMLDesc, flags, doing="read definition"))
+        return next((d.source for d in info.disks if d.target == target), None)
+
+    def sources_in_use(self, uuid: str) -> set[str]:
+        """Every disk source of the live and the persistent definition."""
+        dom = self._dom(uuid)
+        flags = [0, libvirt.VIR_DOMAIN_XML_INACTIVE] if dom.isPersistent() else [0]
+        sources = set()
+        for flag in flags:
+            xml = self._call(dom.XMLDesc, flag, doing="read definition")
+            sources |= {d.source for d in parse_domain_xml(xml).disks if d.source}
+        return sources
+
+    def set_disk_source(self, uuid: str, target: str, path: str, fmt: str) -> None:
+        """Point a disk of the persistent definition at ``path`` (after an offline commit)."""
+        dom = self._dom(uuid)
+        xml = self._call(
+            dom.XMLDesc,
+            libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE,
+            doing="read definition",
+        )
+        root = ET.fromstring(xml)
+        for disk in root.findall("devices/disk"):
+            if _text(disk.find("target"), "dev") != target:
+                continue
+            source = disk.find("source")
+            source.set("dev" if disk.get("type") == "block" else "file", path)
+            driver = disk.find("driver")
+            if driver is not None:
+                driver.set("type", fmt)
+            backing = disk.find("backingStore")
+            if backing is not None:
+                disk.remove(backing)
+        self._call(
+            self._conn.defineXML, ET.tostring(root, encoding="unicode"), doing="redefine domain"
+        )
+
+    # -- guest agent -----------------------------------------------------------------------------
+    def agent_responds(self, uuid: str, timeout: int = 5) -> bool:
+        import libvirt_qemu
+
+        try:
+            libvirt_qemu.qemuAgentCommand(self._dom(uuid), '{"execute":"guest-ping"}', timeout, 0)
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def freeze(self, uuid: str) -> int:
+        return self._call(self._dom(uuid).fsFreeze, None, 0, doing="freeze guest filesystems")
+
+    def thaw(self, uuid: str) -> int:
+        return self._call(self._dom(uuid).fsThaw, None, 0, doing="thaw guest filesystems")
 
 
 @contextlib.contextmanager

@@ -240,11 +240,15 @@ class BackupRun(models.Model):
     journal = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
+    options = models.JSONField(
+        default=dict, blank=True, help_text="per-run overrides, e.g. skip_space_check"
+    )
 
     objects = BackupRunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        permissions = [("run_backup", "Can start and cancel backups")]
         constraints = [
             # One active run per VM, enforced where it cannot race: in the database.
             models.UniqueConstraint(
@@ -354,6 +358,10 @@ class Backup(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        permissions = [
+            ("restore_backup", "Can restore backups"),
+            ("verify_backup", "Can verify backups"),
+        ]
 
     def __str__(self):
         return f"{self.vm} @ {self.created_at:%Y-%m-%d %H:%M}"

@@ -34,3 +34,39 @@ def admin_user(django_user_model):
 def admin_client(client, admin_user):
     client.force_login(admin_user)
     return client
+
+
+@pytest.fixture
+def backup_root(settings, _swept):
+    """A backup root QEMU can write into (push mode), removed afterwards."""
+    import shutil
+    import uuid
+
+    root = domains_mod.make_dir(
+        domains_mod.BASE / f"{domains_mod.PREFIX}root-{uuid.uuid4().hex[:8]}"
+    )
+    settings.VMBACKUP_ROOT = str(root)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def host(db, libvirt_uri):
+    from backups.models import Host
+
+    return Host.objects.create(name="local", uri=libvirt_uri)
+
+
+@pytest.fixture
+def synced(host):
+    """Sync the inventory and return the VM row of a test domain."""
+    from backups import inventory
+    from backups.models import VirtualMachine
+
+    def sync(dom):
+        inventory.sync_host(host)
+        return VirtualMachine.objects.get(uuid=dom.uuid)
+
+    return sync

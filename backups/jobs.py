@@ -1,0 +1,120 @@
+"""django-q2 entry points and the functions that enqueue them.
+
+Jobs take primary keys, claim their row atomically (a redelivered task finds nothing to claim
+and returns) and record every outcome on our own rows. Requests enqueue on commit, so a worker
+never looks for a row the web request has not committed yet.
+"""
+
+import logging
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django_q.tasks import async_task
+
+from .models import ACTIVE_STATUSES, Backup, BackupRun, Method, RunStatus, Trigger, VirtualMachine
+
+log = logging.getLogger(__name__)
+
+
+class RunActive(Exception):
+    """The VM already has a queued or running backup."""
+
+
+def _enqueue(func: str, *args, vm: VirtualMachine, name: str) -> None:
+    options = {"task_name": name}
+    if vm.host.cluster:
+        options["cluster"] = vm.host.cluster
+    transaction.on_commit(lambda: async_task(func, *args, q_options=options))
+
+
+def request_backup(
+    vm: VirtualMachine,
+    *,
+    method: str = Method.AUTO,
+    trigger: str = Trigger.BUTTON,
+    policy=None,
+    options: dict | None = None,
+    enqueue: bool = True,
+) -> BackupRun:
+    """Create a queued run and enqueue it; raises ``RunActive`` if the VM has one.
+
+    The database's partial unique index decides between two simultaneous triggers.
+    """
+    try:
+        with transaction.atomic():
+            run = BackupRun.objects.create(
+                vm=vm,
+                policy=policy,
+                method_requested=method,
+                trigger=trigger,
+                options=options or {},
+            )
+    except IntegrityError as exc:
+        active = BackupRun.objects.active().filter(vm=vm).first()
+        raise RunActive(
+            f"{vm.name} already has an active backup" + (f" (run {active.pk})" if active else "")
+        ) from exc
+    if enqueue:
+        _enqueue("backups.jobs.run_backup", run.pk, vm=vm, name=f"backup-{run.pk}")
+    return run
+
+
+def request_cancel(run: BackupRun) -> None:
+    """A queued run is cancelled at once; a running one is asked to stop at its next step."""
+    updated = BackupRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, error="cancelled by user", finished_at=timezone.now()
+    )
+    if not updated:
+        BackupRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(cancel_requested=True)
+
+
+def request_verify(backup: Backup) -> None:
+    _enqueue("backups.jobs.verify_backup", backup.pk, vm=backup.vm, name=f"verify-{backup.pk}")
+
+
+def claim(run_id: int, worker: str) -> BackupRun | None:
+    """Move a queued run to running; None when another delivery already did."""
+    now = timezone.now()
+    claimed = BackupRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, worker=worker
+    )
+    if not claimed:
+        return None
+    return BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
+
+
+def run_backup(run_id: int) -> str:
+    """Worker entry point for one backup run."""
+    from . import runner
+
+    run = claim(run_id, runner.worker_id())
+    if run is None:
+        status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
+        return f"not claimed ({status})"
+    return runner.execute(run)
+
+
+def verify_backup(backup_id: int) -> str:
+    from . import verify
+
+    backup = Backup.objects.select_related("vm").get(pk=backup_id)
+    return verify.verify_backup(backup)
+
+
+def sync_inventory() -> str:
+    from . import inventory
+    from .models import Host
+
+    if not Host.objects.exists():
+        inventory.local_host()
+    return "; ".join(f"{h.name}: {inventory.sync_host(h).summary()}" for h in Host.objects.all())
+
+
+def reconcile() -> str:
+    from . import reconcile as reconcile_mod
+
+    return reconcile_mod.reconcile().summary()
+
+
+__all__ = ["ACTIVE_STATUSES", "RunActive", "request_backup", "request_cancel", "request_verify"]

@@ -1,0 +1,39 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from backups import verify
+from backups.models import Backup
+
+
+class Command(BaseCommand):
+    help = "Re-hash and check stored backups; mark each verified or corrupt."
+
+    def add_arguments(self, parser):
+        parser.add_argument("backups", nargs="*", help="backup ids or directories")
+        parser.add_argument("--all", action="store_true")
+
+    def handle(self, *args, backups, all, **options):
+        published = Backup.objects.published().select_related("vm")
+        if all:
+            selected = list(published.order_by("created_at"))
+        elif backups:
+            selected = [_find(published, b) for b in backups]
+        else:
+            raise CommandError("name backups (id or path) or use --all")
+        bad = 0
+        for backup in selected:
+            line = verify.verify_backup(backup)
+            bad += not line.startswith("ok")
+            self.stdout.write(line)
+        if bad:
+            raise CommandError(f"{bad} of {len(selected)} backups failed verification")
+
+
+def _find(published, key: str) -> Backup:
+    backup = (
+        published.filter(pk=int(key)).first()
+        if key.isdigit()
+        else published.filter(path=key.rstrip("/")).first()
+    )
+    if backup is None:
+        raise CommandError(f"no published backup {key!r}")
+    return backup

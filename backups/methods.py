@@ -1,0 +1,317 @@
+"""How disk images are produced: offline, push, snapshot and memory.
+
+Each method writes one qcow2 image per selected disk into the staging directory and returns
+what it did as data. Whatever it changes on the VM (a snapshot overlay, a block job, a frozen
+guest, a running backup job) is journaled before the change and undone in ``finally``;
+reconcile repeats the undo when a worker died in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import hypervisor, qemu_img
+from .models import Consistency, Method
+
+BACKUP_FORMATS = {"qcow2", "raw"}
+
+
+class MethodError(Exception):
+    """The method cannot run or failed; the message is shown to the user as is."""
+
+
+class Cancelled(Exception):
+    """The user asked the run to stop."""
+
+
+@dataclass(frozen=True)
+class Image:
+    target: str
+    source: str
+    source_format: str
+    file: str  # name inside the staging dir
+    virtual_size: int
+
+
+@dataclass
+class Result:
+    consistency: str
+    images: list[Image]
+    memory: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What a method needs; callbacks keep methods free of Django and of the run row."""
+
+    hv: hypervisor.Session
+    domain: hypervisor.DomainInfo
+    disks: list[hypervisor.DiskInfo]
+    staging: Path
+    run_id: int
+    compression: str = "none"
+    overlay_dir: str | None = None
+    journal: Callable[..., None] = lambda step, **data: None
+    progress: Callable[[int, int], None] = lambda done, total: None
+    image_done: Callable[[Path], None] = lambda path: None
+    should_stop: Callable[[], bool] = lambda: False
+
+    @property
+    def uuid(self) -> str:
+        return self.domain.uuid
+
+    @property
+    def total(self) -> int:
+        return sum(d.capacity or 0 for d in self.disks)
+
+
+def select_disks(
+    domain: hypervisor.DomainInfo, excluded: set[str] = frozenset()
+) -> tuple[list[hypervisor.DiskInfo], list[dict]]:
+    """The disks a backup copies, and every other one with the reason it is skipped."""
+    chosen, skipped = [], []
+    for disk in domain.disks:
+        reason = None
+        if disk.target in excluded:
+            reason = "excluded by policy"
+        elif disk.device != "disk":
+            reason = f"{disk.device} device"
+        elif disk.readonly:
+            reason = "read-only disk"
+        elif disk.shareable:
+            reason = "shareable disk (another VM may write it)"
+        elif disk.source_type not in {"file", "block"}:
+            reason = f"{disk.source_type or 'unknown'} disk (not a local file or device)"
+        elif not disk.source:
+            reason = "no source"
+        elif disk.format not in BACKUP_FORMATS:
+            reason = f"unsupported format {disk.format!r}"
+        if reason:
+            skipped.append({"target": disk.target, "reason": reason})
+        else:
+            chosen.append(disk)
+    return chosen, skipped
+
+
+def choose(requested: str, domain: hypervisor.DomainInfo) -> tuple[str, str]:
+    """The method to use and why; ``auto`` picks per VM state."""
+    running = domain.state in {"running", "paused"}
+    if requested != Method.AUTO:
+        if requested == Method.OFFLINE:
+            return requested, "requested"
+        if not running:
+            raise MethodError(f"method {requested} needs a running domain; it is {domain.state}")
+        return requested, "requested"
+    if not running:
+        return Method.OFFLINE, f"domain is {domain.state}"
+    return Method.PUSH, "domain is running: libvirt backup API (push mode)"
+
+
+class _Progress:
+    """Turns per-disk progress into one bytes-done figure for the whole run."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.base = 0
+
+    def disk(self, size: int) -> Callable[[float], None]:
+        def report(fraction: float) -> None:
+            if self.ctx.should_stop():
+                raise Cancelled("cancelled by user")
+            self.ctx.progress(self.base + int(size * fraction), self.ctx.total)
+
+        return report
+
+    def finished(self, size: int) -> None:
+        self.base += size
+        self.ctx.progress(self.base, self.ctx.total)
+
+
+def _convert_all(ctx: Context, sources: dict[str, str]) -> list[Image]:
+    """Copy each disk (from ``sources``: target -> readable image) into staging."""
+    images, progress = [], _Progress(ctx)
+    for disk in ctx.disks:
+        out = ctx.staging / f"{disk.target}.qcow2"
+        size = disk.capacity or 0
+        ctx.journal("copy", target=disk.target, file=out.name)
+        qemu_img.convert(
+            sources[disk.target],
+            disk.format,
+            str(out),
+            "qcow2",
+            compression=ctx.compression,
+            progress=progress.disk(size),
+        )
+        progress.finished(size)
+        ctx.image_done(out)
+        images.append(Image(disk.target, disk.source, disk.format, out.name, size))
+    return images
+
+
+def offline(ctx: Context) -> Result:
+    """The domain is shut off: its disks are quiet, a plain convert is consistent."""
+    if ctx.hv.domain(ctx.uuid).state != "shutoff":
+        raise MethodError("offline backup needs the domain shut off")
+    images = _convert_all(ctx, {d.target: d.source for d in ctx.disks})
+    if ctx.hv.domain(ctx.uuid).state != "shutoff":
+        raise MethodError("the domain was started during the offline backup; copy discarded")
+    return Result(Consistency.OFFLINE, images)
+
+
+@contextlib.contextmanager
+def _frozen(ctx: Context):
+    """Freeze guest filesystems when the agent answers; always thaw. Yields the label."""
+    if not (ctx.domain.has_agent_channel and ctx.hv.agent_responds(ctx.uuid)):
+        yield Consistency.CRASH
+        return
+    ctx.journal("freeze")
+    ctx.hv.freeze(ctx.uuid)
+    try:
+        yield Consistency.FROZEN
+    finally:
+        ctx.hv.thaw(ctx.uuid)
+        ctx.journal("thaw")
+
+
+def push(ctx: Context) -> Result:
+    """libvirt backup API, push mode: QEMU copies a point-in-time view into our files."""
+    targets = {d.target: str(ctx.staging / f"{d.target}.qcow2") for d in ctx.disks}
+    ctx.journal("backup-begin", targets=targets)
+    with _frozen(ctx) as consistency:
+        ctx.hv.backup_begin(ctx.uuid, targets)
+    try:
+        ctx.hv.wait_backup(
+            ctx.uuid,
+            on_progress=lambda done, total: ctx.progress(done, total or ctx.total),
+            should_stop=ctx.should_stop,
+        )
+    except hypervisor.HypervisorError as exc:
+        if "cancelled" in str(exc):
+            raise Cancelled("cancelled by user") from exc
+        raise
+    finally:
+        if ctx.hv.backup_job_targets(ctx.uuid):
+            ctx.hv.abort_job(ctx.uuid)
+    images = []
+    for disk in ctx.disks:
+        out = Path(targets[disk.target])
+        _own(out)
+        ctx.image_done(out)
+        images.append(Image(disk.target, disk.source, disk.format, out.name, disk.capacity or 0))
+    ctx.progress(ctx.total, ctx.total)
+    return Result(consistency, images)
+
+
+def _own(path: Path) -> None:
+    """QEMU created the file as its own user: make it ours and not world-readable."""
+    with contextlib.suppress(OSError):
+        os.chown(path, os.getuid(), os.getgid())
+    path.chmod(0o600)
+
+
+def overlay_path(ctx: Context, disk: hypervisor.DiskInfo) -> str:
+    """Overlays carry the run id in a dot-name so reconcile can tell ours from anyone's."""
+    directory = ctx.overlay_dir or os.path.dirname(disk.source)
+    if disk.source_type == "block" and not ctx.overlay_dir:
+        raise MethodError(f"{disk.target} is a block device: set VMBACKUP_OVERLAY_DIR")
+    return os.path.join(directory, overlay_name(ctx.run_id, disk.target))
+
+
+def overlay_name(run_id: int, target: str) -> str:
+    return f".vmbackup-{run_id}-{target}.overlay.qcow2"
+
+
+def snapshot(ctx: Context, with_memory: bool = False) -> Result:
+    """External snapshot, copy the frozen bases, then commit the overlays back — always."""
+    overlays = {d.target: overlay_path(ctx, d) for d in ctx.disks}
+    quiesce = not with_memory and ctx.domain.has_agent_channel and ctx.hv.agent_responds(ctx.uuid)
+    memory = "memory.save" if with_memory else None
+    ctx.journal("snapshot", overlays=overlays, quiesce=quiesce)
+    try:
+        ctx.hv.snapshot_disks(
+            ctx.uuid,
+            overlays,
+            all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
+            quiesce=quiesce,
+            memory_file=str(ctx.staging / memory) if memory else None,
+        )
+    except hypervisor.HypervisorError:
+        _remove_unused_overlays(ctx, overlays)
+        raise
+    try:
+        images = _convert_all(ctx, {d.target: d.source for d in ctx.disks})
+    finally:
+        commit_overlays(ctx.hv, ctx.uuid, overlays, ctx.journal)
+    if memory:
+        _own(ctx.staging / memory)
+        ctx.image_done(ctx.staging / memory)
+    if with_memory:
+        consistency = Consistency.MEMORY
+    else:
+        consistency = Consistency.FROZEN if quiesce else Consistency.CRASH
+    return Result(consistency, images, memory=memory)
+
+
+def commit_overlays(hv: hypervisor.Session, uuid: str, overlays: dict[str, str], journal) -> None:
+    """Merge every overlay back into its base, point the domain at the base, delete it.
+
+    Handles a domain still running (blockcommit + pivot) and one that was shut down in
+    between (qemu-img commit, then the definition is pointed back at the base). Tries every
+    disk even when one fails, then raises: reconcile retries what is left.
+    """
+    errors = []
+    for target, overlay in overlays.items():
+        try:
+            _commit_one(hv, uuid, target, overlay, journal)
+        except (hypervisor.HypervisorError, qemu_img.QemuImgError) as exc:
+            errors.append(f"{target}: {exc}")
+    if errors:
+        raise MethodError("could not merge snapshot overlays back: " + "; ".join(errors))
+
+
+def _commit_one(hv: hypervisor.Session, uuid: str, target: str, overlay: str, journal) -> None:
+    if not os.path.exists(overlay):
+        return
+    base = qemu_img.info(overlay, "qcow2")
+    domain = hv.domain(uuid)
+    live = {d.target: d.source for d in domain.disks}
+    if domain.state in {"running", "paused"} and live.get(target) == overlay:
+        journal("commit", target=target)
+        hv.commit_active(uuid, target)
+    elif domain.state == "shutoff" and hv.disk_source(uuid, target, inactive=True) == overlay:
+        journal("commit-offline", target=target)
+        qemu_img.commit(overlay, "qcow2")
+    if hv.disk_source(uuid, target, inactive=True) == overlay and base.backing_filename:
+        hv.set_disk_source(uuid, target, base.backing_filename, base.backing_format or "raw")
+    if overlay in hv.sources_in_use(uuid):
+        raise hypervisor.HypervisorError(f"still runs on {overlay}")
+    os.unlink(overlay)
+    journal("committed", target=target)
+
+
+def _in_use(hv: hypervisor.Session, uuid: str, path: str) -> bool:
+    return path in hv.sources_in_use(uuid)
+
+
+def _remove_unused_overlays(ctx: Context, overlays: dict[str, str]) -> None:
+    for overlay in overlays.values():
+        if not _in_use(ctx.hv, ctx.uuid, overlay):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(overlay)
+
+
+def produce(method: str, ctx: Context) -> Result:
+    if method == Method.OFFLINE:
+        return offline(ctx)
+    if method == Method.PUSH:
+        return push(ctx)
+    if method == Method.SNAPSHOT:
+        return snapshot(ctx)
+    if method == Method.MEMORY:
+        return snapshot(ctx, with_memory=True)
+    raise MethodError(f"unknown method {method!r}")

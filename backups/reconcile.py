@@ -1,0 +1,174 @@
+"""Repair what a dead worker left behind, from its journal and from what is on the host.
+
+Runs at worker start, periodically and as ``vmbackup_reconcile``. It only ever touches what
+is ours: overlays named ``.vmbackup-<run>-<target>.overlay.qcow2``, backup jobs whose target
+lies in one of our staging directories, partial directories under a backup root, and guests
+a journal says we froze.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from . import archive, hypervisor, methods
+from .models import BackupPolicy, BackupRun, Host, RunStatus
+
+log = logging.getLogger(__name__)
+OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
+PARTIAL_RE = re.compile(r"^\.\d{8}T\d{6}Z-(\d+)\.partial$")
+
+
+@dataclass
+class Report:
+    interrupted: list[int] = field(default_factory=list)
+    overlays: list[str] = field(default_factory=list)
+    jobs_aborted: list[str] = field(default_factory=list)
+    thawed: list[str] = field(default_factory=list)
+    partials: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.interrupted)} runs interrupted",
+            f"{len(self.overlays)} overlays merged",
+            f"{len(self.jobs_aborted)} jobs aborted",
+            f"{len(self.thawed)} guests thawed",
+            f"{len(self.partials)} partial dirs removed",
+        ]
+        if self.errors:
+            parts.append("errors: " + "; ".join(self.errors))
+        return ", ".join(parts)
+
+
+def is_dead(run: BackupRun, stale_after: int) -> bool:
+    """A run is dead when its worker process is gone (same host) or it stopped beating."""
+    host, _, pid = run.worker.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    beat = run.heartbeat_at or run.started_at
+    return beat is None or beat < timezone.now() - timedelta(seconds=stale_after)
+
+
+def reconcile(stale_after: int | None = None) -> Report:
+    report = Report()
+    stale_after = settings.VMBACKUP_STALE_AFTER if stale_after is None else stale_after
+    running = BackupRun.objects.filter(status=RunStatus.RUNNING).select_related("vm__host")
+    for run in running:
+        if is_dead(run, stale_after):
+            _repair_run(run, report)
+    for host in Host.objects.all():
+        _repair_host(host, report)
+    _remove_orphan_partials(report)
+    return report
+
+
+def _journal_steps(run: BackupRun) -> list[dict]:
+    return [entry for entry in run.journal if isinstance(entry, dict)]
+
+
+def _repair_run(run: BackupRun, report: Report) -> None:
+    """Undo what the journal says the run did, then mark it interrupted."""
+    uuid = str(run.vm.uuid)
+    steps = _journal_steps(run)
+    names = [s.get("step") for s in steps]
+    try:
+        with hypervisor.session(run.vm.host.uri) as hv:
+            if "backup-begin" in names and run.staging_path:
+                targets = hv.backup_job_targets(uuid)
+                if any(t.startswith(run.staging_path + os.sep) for t in targets):
+                    hv.abort_job(uuid)
+                    report.jobs_aborted.append(run.vm.name)
+            for step in steps:
+                if step.get("step") == "snapshot":
+                    methods.commit_overlays(hv, uuid, step.get("overlays", {}), run.log)
+                    report.overlays.extend(step.get("overlays", {}).values())
+            if "freeze" in names and names.count("thaw") < names.count("freeze"):
+                with contextlib.suppress(hypervisor.HypervisorError):
+                    hv.thaw(uuid)
+                    report.thawed.append(run.vm.name)
+    except (hypervisor.HypervisorError, methods.MethodError) as exc:
+        report.errors.append(f"run {run.pk}: {exc}")
+    if run.staging_path and os.path.isdir(run.staging_path):
+        try:
+            archive.discard(Path(run.staging_path), _root_of(run))
+            report.partials.append(run.staging_path)
+        except archive.ArchiveError as exc:
+            report.errors.append(f"run {run.pk}: {exc}")
+    run.log("reconcile", errors=report.errors)
+    run.mark_interrupted("worker stopped during the run (repaired by reconcile)")
+    report.interrupted.append(run.pk)
+
+
+def _root_of(run: BackupRun) -> str:
+    return run.policy.root if run.policy else settings.VMBACKUP_ROOT
+
+
+def _active_run_ids() -> set[int]:
+    return set(BackupRun.objects.active().values_list("pk", flat=True))
+
+
+def _repair_host(host: Host, report: Report) -> None:
+    """Overlays of ours that a domain still runs on, with no live run behind them."""
+    active = _active_run_ids()
+    try:
+        with hypervisor.session(host.uri) as hv:
+            for domain in hv.domains():
+                for target, overlay in _our_overlays(hv, domain).items():
+                    run_id = int(OVERLAY_RE.match(os.path.basename(overlay)).group(1))
+                    if run_id in active:
+                        continue
+                    methods.commit_overlays(
+                        hv, domain.uuid, {target: overlay}, lambda *a, **k: None
+                    )
+                    report.overlays.append(overlay)
+    except (hypervisor.HypervisorError, methods.MethodError) as exc:
+        report.errors.append(f"host {host.name}: {exc}")
+
+
+def _our_overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict[str, str]:
+    found = {}
+    for disk in domain.disks:
+        if OVERLAY_RE.match(os.path.basename(disk.source or "")):
+            found[disk.target] = disk.source
+    inactive = hv.disk_source
+    for disk in domain.disks:
+        source = inactive(domain.uuid, disk.target, inactive=True) if domain.persistent else None
+        if source and OVERLAY_RE.match(os.path.basename(source)):
+            found.setdefault(disk.target, source)
+    return found
+
+
+def _roots() -> set[str]:
+    roots = {settings.VMBACKUP_ROOT}
+    roots |= {p.root for p in BackupPolicy.objects.all()}
+    return {r for r in roots if r and os.path.isabs(r) and os.path.isdir(r)}
+
+
+def _remove_orphan_partials(report: Report) -> None:
+    """Partial directories that no active run is writing."""
+    active = _active_run_ids()
+    for root in _roots():
+        for partial in archive.list_partials(root):
+            match = PARTIAL_RE.match(partial.name)
+            if match and int(match.group(1)) in active:
+                continue
+            try:
+                archive.discard(partial, root)
+                report.partials.append(str(partial))
+            except archive.ArchiveError as exc:
+                report.errors.append(str(exc))

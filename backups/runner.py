@@ -1,0 +1,295 @@
+"""One backup run, from pre-flight to the published directory.
+
+The order is the product's promise: refuse early (domain, disks, space) before anything is
+written; write only into a ``.partial`` staging directory; hash while copying; verify; publish
+by rename; only then mark the run succeeded. Whatever happens, the staging directory of a
+failed run is removed and the VM is left as it was found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from . import archive, hypervisor, methods, qemu_img
+from .models import Backup, BackupRun, Kind, Method, RunStatus
+
+log = logging.getLogger(__name__)
+HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+class Refused(Exception):
+    """Pre-flight said no; nothing was written."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Hasher:
+    """Hashes each finished image in a thread while the next disk is being copied."""
+
+    def __init__(self, staging: Path):
+        self.staging = staging
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self.futures: dict[str, Future] = {}
+
+    def add(self, path: Path) -> None:
+        self.futures[path.name] = self.pool.submit(archive.hash_file, path)
+
+    def results(self) -> dict[str, str]:
+        return {name: future.result() for name, future in self.futures.items()}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RunContext:
+    """Progress, journal and cancellation for one run, throttled to spare the database."""
+
+    def __init__(self, run: BackupRun):
+        self.run = run
+        self.last_beat = 0.0
+
+    def journal(self, step: str, **data) -> None:
+        self.run.log(step, **data)
+
+    def progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= HEARTBEAT_EVERY or (total and done >= total):
+            self.last_beat = now
+            self.run.beat(done, total)
+
+    def should_stop(self) -> bool:
+        return BackupRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
+
+
+def execute(run: BackupRun) -> str:
+    """Run a claimed backup to its end; returns a one-line outcome for django-q2."""
+    rc = RunContext(run)
+    staging: Path | None = None
+    try:
+        with hypervisor.session(run.vm.host.uri) as hv:
+            prepared = _preflight(run, hv)
+            staging = archive.staging_dir(
+                prepared["root"], run.vm.name, archive.stamp(run.started_at), run.pk
+            )
+            run.staging_path = str(staging)
+            run.save(update_fields=["staging_path"])
+            rc.journal("staging", path=str(staging))
+            final = _produce_and_publish(run, rc, hv, prepared, staging)
+        staging = None
+        run.mark_succeeded()
+        return f"published {final}"
+    except methods.Cancelled as exc:
+        run.mark_cancelled(str(exc))
+        return "cancelled"
+    except Refused as exc:
+        run.mark_failed(f"refused: {exc}")
+        return f"refused: {exc}"
+    except Exception as exc:  # every failure is recorded as data on the run
+        log.exception("run %s failed", run.pk)
+        run.mark_failed(_reason(exc))
+        return f"failed: {_reason(exc)}"
+    finally:
+        if staging is not None:
+            _discard(run, staging)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return f"destination full (no space left on device): {text}"
+    return text
+
+
+def _discard(run: BackupRun, staging: Path) -> None:
+    try:
+        archive.discard(staging, _root(run))
+        run.log("discarded", path=str(staging))
+    except Exception:  # reconcile removes it later; the run's own error matters more
+        log.exception("could not remove %s", staging)
+
+
+def _root(run: BackupRun) -> str:
+    return run.policy.root if run.policy else settings.VMBACKUP_ROOT
+
+
+def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
+    """Refuse with a clear reason before anything is written."""
+    try:
+        domain = hv.domain(str(run.vm.uuid))
+    except hypervisor.HypervisorError as exc:
+        raise Refused(f"domain {run.vm.name} not found on {run.vm.host.name}") from exc
+    if domain.name != run.vm.name:
+        run.vm.name = domain.name
+        run.vm.save(update_fields=["name"])
+    policy = run.policy
+    try:
+        method, reason = methods.choose(run.method_requested, domain)
+    except methods.MethodError as exc:
+        raise Refused(str(exc)) from exc
+    excluded = policy.excluded_targets if policy else set()
+    disks, skipped = methods.select_disks(domain, excluded)
+    if not disks:
+        raise Refused(
+            "no disk to back up: " + "; ".join(s["target"] + ": " + s["reason"] for s in skipped)
+        )
+    for disk in disks:
+        if not os.access(disk.source, os.R_OK):
+            raise Refused(f"disk {disk.target} ({disk.source}) is not readable")
+    root = _root(run)
+    if not os.path.isabs(root):
+        raise Refused(f"backup root {root!r} is not an absolute path")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    run.method, run.method_reason, run.kind = method, reason, Kind.FULL
+    run.save(update_fields=["method", "method_reason", "kind"])
+    run.log("preflight", method=method, reason=reason, skipped=skipped)
+    if not run.options.get("skip_space_check"):
+        _check_space(run, root, disks, method)
+    return {"domain": domain, "disks": disks, "skipped": skipped, "method": method, "root": root}
+
+
+def _check_space(run, root: str, disks, method: str) -> None:
+    """Estimated output (qemu-img measure) against free space, plus overlay room."""
+    needed = 0
+    for disk in disks:
+        try:
+            needed += qemu_img.measure(disk.source, disk.format, "qcow2").required
+        except qemu_img.QemuImgError as exc:
+            raise Refused(f"cannot measure {disk.target}: {exc}") from exc
+    needed += SPACE_MARGIN
+    free = shutil.disk_usage(root).free
+    run.log("space", needed=needed, free=free)
+    if needed > free:
+        raise Refused(
+            f"not enough space at {root}: need about {_mib(needed)} MiB, {_mib(free)} MiB free"
+        )
+    if method in (Method.SNAPSHOT, Method.MEMORY):
+        for disk in disks:
+            where = settings.VMBACKUP_OVERLAY_DIR or os.path.dirname(disk.source)
+            if shutil.disk_usage(where).free < SPACE_MARGIN:
+                raise Refused(f"not enough space for snapshot overlays at {where}")
+
+
+def _mib(n: int) -> int:
+    return n // (1024 * 1024)
+
+
+def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path) -> Path:
+    policy = run.policy
+    hasher = Hasher(staging)
+    domain = prepared["domain"]
+    try:
+        ctx = methods.Context(
+            hv=hv,
+            domain=domain,
+            disks=prepared["disks"],
+            staging=staging,
+            run_id=run.pk,
+            compression=policy.compression if policy else "none",
+            overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
+            journal=rc.journal,
+            progress=rc.progress,
+            image_done=hasher.add,
+            should_stop=rc.should_stop,
+        )
+        rc.progress(0, ctx.total)
+        result = methods.produce(prepared["method"], ctx)
+        run.consistency = result.consistency
+        run.save(update_fields=["consistency"])
+        extras = _copy_extras(hv, domain, staging, hasher)
+        rc.journal("hash")
+        sums = hasher.results()
+    finally:
+        hasher.close()
+    manifest = _manifest(run, domain, prepared, result, sums, extras)
+    archive.write_metadata(staging, manifest, extras["domain_xml"], sums)
+    if not policy or policy.verify_after:
+        rc.journal("verify")
+        checked = archive.verify(staging)
+        if not checked.ok:
+            raise methods.MethodError("verification failed: " + "; ".join(checked.errors))
+    rc.journal("publish")
+    final = archive.publish(staging)
+    run.bytes_written = sum(e.bytes for e in manifest.disks)
+    run.save(update_fields=["bytes_written"])
+    Backup.objects.create(
+        vm=run.vm,
+        run=run,
+        path=str(final),
+        created_at=run.started_at,
+        kind=manifest.kind,
+        method=manifest.method,
+        consistency=manifest.consistency,
+        size_bytes=_dir_size(final),
+        manifest=json_manifest(manifest),
+        verify_status="ok" if (not policy or policy.verify_after) else "unverified",
+        verified_at=timezone.now() if (not policy or policy.verify_after) else None,
+    )
+    rc.journal("published", path=str(final))
+    return final
+
+
+def json_manifest(manifest) -> dict:
+    import json
+
+    return json.loads(manifest.to_json())
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _copy_extras(hv, domain, staging: Path, hasher: Hasher) -> dict:
+    """domain.xml (the persistent definition) and the UEFI variable store."""
+    extras = {"domain_xml": hv.inactive_xml(domain.uuid), "nvram": None}
+    if domain.nvram and os.path.exists(domain.nvram):
+        target = staging / "nvram.fd"
+        shutil.copyfile(domain.nvram, target)
+        hasher.add(target)
+        extras["nvram"] = target.name
+    return extras
+
+
+def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> archive.Manifest:
+    disks = tuple(
+        archive.DiskEntry(
+            target=image.target,
+            source=image.source,
+            format=image.source_format,
+            virtual_size=image.virtual_size,
+            file=image.file,
+            bytes=(Path(run.staging_path) / image.file).stat().st_size,
+            sha256=sums[image.file],
+        )
+        for image in result.images
+    )
+    return archive.Manifest(
+        version=archive.FORMAT_VERSION,
+        vm_name=domain.name,
+        vm_uuid=domain.uuid,
+        host=run.vm.host.name,
+        method=prepared["method"],
+        kind=Kind.FULL,
+        consistency=result.consistency,
+        started=run.started_at.isoformat(),
+        finished=timezone.now().isoformat(),
+        run_id=run.pk,
+        disks=disks,
+        skipped=tuple(prepared["skipped"]),
+        nvram=extras["nvram"],
+        memory=result.memory,
+    )
+
+
+__all__ = ["execute", "worker_id", "RunStatus"]

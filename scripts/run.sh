@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Start the dashboard and one django-q2 cluster on the embedded default (SQLite + ORM broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ADDR=${1:-127.0.0.1:8000}
+DEMO=${2:-0}
+PY=.venv/bin/python
+export VMBACKUP_ROOT=${VMBACKUP_ROOT:-/var/backups/vms}
+mkdir -p "$VMBACKUP_ROOT" && chmod 755 "$VMBACKUP_ROOT"
+
+$PY manage.py migrate --noinput >/dev/null
+$PY manage.py createcachetable >/dev/null
+$PY manage.py collectstatic --noinput >/dev/null
+$PY manage.py vmbackup_admin_user
+[ "$DEMO" = 1 ] && $PY manage.py vmbackup_demo
+$PY manage.py vmbackup_sync || echo "run: inventory sync failed (see above); the dashboard still starts"
+
+$PY manage.py qcluster &
+QPID=$!
+trap 'kill $QPID 2>/dev/null; wait $QPID 2>/dev/null' EXIT INT TERM
+echo "run: dashboard at http://$ADDR/ (Ctrl-C stops it and the worker)"
+$PY manage.py runserver --noreload "$ADDR"

@@ -1,0 +1,124 @@
+"""Every backup method against the real libvirtd and QEMU (TCG guests)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backups import jobs, qemu_img
+from backups.models import RunStatus
+from tests.domains import DiskSpec, make_dir
+
+pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
+
+
+def backup(vm, method):
+    run = jobs.request_backup(vm, method=method, enqueue=False)
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    return run
+
+
+def assert_vm_untouched(domains, dom, running: bool):
+    d = domains.lookup(dom)
+    assert bool(d.isActive()) == running
+    xml = d.XMLDesc(0)
+    for path in dom.disks.values():
+        assert f"file='{path}'" in xml
+    assert ".overlay." not in xml
+    assert [p.name for p in dom.dir.iterdir() if p.name.startswith(".vmbackup-")] == []
+    if running:
+        for target in dom.disks:
+            assert not d.blockJobInfo(target, 0)
+        assert d.jobStats().get("type", 0) == 0
+
+
+def assert_images_equal(dom, backup_dir: Path):
+    for target, path in dom.disks.items():
+        image = backup_dir / f"{target}.qcow2"
+        assert qemu_img.compare(str(path), dom.formats[target], str(image), "qcow2")
+
+
+def assert_restorable(dom, backup_dir: Path, tmp_dir: Path):
+    sums = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=backup_dir, capture_output=True, timeout=60
+    )
+    assert sums.returncode == 0, sums.stdout + sums.stderr
+    dest = make_dir(tmp_dir / "restored")
+    done = subprocess.run(
+        ["sh", str(backup_dir / "restore.sh"), str(dest)],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for target, path in dom.disks.items():
+        fmt = dom.formats[target]
+        restored = dest / f"{target}.{fmt}"
+        assert qemu_img.compare(str(path), fmt, str(restored), fmt)
+
+
+@pytest.mark.parametrize(
+    "method,running,consistency",
+    [
+        ("offline", False, "offline"),
+        ("push", True, "crash-consistent"),
+        ("snapshot", True, "crash-consistent"),
+        ("memory", True, "with-ram"),
+    ],
+)
+def test_it_backs_up_a_qcow2_and_a_raw_disk(
+    method, running, consistency, domains, backup_root, synced
+):
+    dom = domains.create(start=running)
+    vm = synced(dom)
+    run = backup(vm, method)
+    path = Path(run.backup.path)
+    assert path.parent == backup_root / dom.name
+    assert run.method == method
+    assert run.consistency == consistency
+    assert_images_equal(dom, path)
+    assert_restorable(dom, path, dom.dir)
+    assert_vm_untouched(domains, dom, running)
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+    if method == "memory":
+        assert (path / "memory.save").stat().st_size > 0
+
+
+def test_it_picks_offline_for_a_shut_off_domain_and_push_for_a_running_one(
+    domains, backup_root, synced
+):
+    off = synced(domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x11)])]))
+    on = synced(domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x12)])], start=True))
+    assert backup(off, "auto").method == "offline"
+    run = backup(on, "auto")
+    assert run.method == "push" and "running" in run.method_reason
+
+
+def test_it_works_for_a_name_with_a_space_and_a_quote(domains, backup_root, synced):
+    dom = domains.create(name="vmbt-it's a vm", start=True)
+    vm = synced(dom)
+    run = backup(vm, "snapshot")
+    path = Path(run.backup.path)
+    assert path.parent.name == "vmbt-it's a vm"
+    assert_images_equal(dom, path)
+    assert_restorable(dom, path, dom.dir)
+
+
+def test_it_skips_cdrom_and_records_why(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x13)])], cdrom=True)
+    run = backup(synced(dom), "offline")
+    skipped = run.backup.manifest["skipped"]
+    assert {"target": "sdc", "reason": "cdrom device"} in [dict(s) for s in skipped]
+
+
+def test_it_copies_uefi_nvram(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x14)])], nvram=True)
+    # libvirt creates the variable store from its template at first start; make one now
+    os.makedirs(dom.dir, exist_ok=True)
+    dom.nvram.write_bytes(b"\x01" * 4096)
+    run = backup(synced(dom), "offline")
+    assert (Path(run.backup.path) / "nvram.fd").read_bytes() == b"\x01" * 4096
