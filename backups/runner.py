@@ -24,7 +24,7 @@ from .models import Backup, BackupRun, Kind, Method, RunStatus
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
-SPACE_MARGIN = 64 * 1024 * 1024
+SPACE_MARGIN = 16 * 1024 * 1024  # metadata, SHA256SUMS, filesystem slack; plus 2%
 
 
 class Refused(Exception):
@@ -167,7 +167,7 @@ def _check_space(run, root: str, disks, method: str) -> None:
             needed += qemu_img.measure(disk.source, disk.format, "qcow2").required
         except qemu_img.QemuImgError as exc:
             raise Refused(f"cannot measure {disk.target}: {exc}") from exc
-    needed += SPACE_MARGIN
+    needed += SPACE_MARGIN + needed // 50
     free = shutil.disk_usage(root).free
     run.log("space", needed=needed, free=free)
     if needed > free:

@@ -205,3 +205,21 @@ def sweep(uri: str = URI) -> None:
         for child in BASE.iterdir():
             if child.name.startswith(PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def hmp(conn, dom_uuid: str, command: str) -> str:
+    """A human monitor command (qemu-io into a running guest's disk, for example)."""
+    import libvirt_qemu
+
+    dom = conn.lookupByUUIDString(dom_uuid)
+    return libvirt_qemu.qemuMonitorCommand(
+        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    )
+
+
+def guest_write(conn, dom_uuid: str, index: int, command: str) -> None:
+    """Write into the running guest's disk number ``index`` (virtio-disk<index>) via qemu-io."""
+    qom = f"/machine/peripheral/virtio-disk{index}/virtio-backend"
+    out = hmp(conn, dom_uuid, f'qemu-io -d {qom} "{command}"')
+    if "error" in out.lower() or "invalid" in out.lower():
+        raise RuntimeError(out)

@@ -123,9 +123,12 @@ TEMPLATES = [
 def _database(url: str | None) -> dict:
     """SQLite in the data dir by default; ``DATABASE_URL=postgres://...`` for scale-out."""
     if not url:
+        name = Path(env("VMBACKUP_SQLITE_PATH", str(DATA_DIR / "vmbackup.sqlite3")))
         return {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DATA_DIR / "vmbackup.sqlite3",
+            "NAME": name,
+            # A file, not memory: tests that run a real worker process share it.
+            "TEST": {"NAME": name.with_name(name.stem + "-test.sqlite3")},
             "OPTIONS": {
                 # Writers take the lock at BEGIN, so a worker and the web process never
                 # deadlock upgrading read locks; WAL lets readers run beside the writer.
