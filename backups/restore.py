@@ -1,0 +1,362 @@
+"""Restore instructions that travel with every backup: RESTORE.md for people, restore.sh for
+a shell.
+
+Both must work years later on a machine without vmbackup, so they only assume POSIX sh,
+``sha256sum``, ``qemu-img`` and ``virsh``.  Every value taken from the manifest is passed
+through ``shlex.quote`` before it reaches shell code: VM names may contain spaces, quotes
+and ``$(...)``, and a manifest can be edited by anyone who can write to the backup store.
+Manifest values never appear in shell comments either, where a newline would end the
+comment and start a command.
+"""
+
+from __future__ import annotations
+
+import re
+from shlex import quote
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backups.archive import DiskEntry, Manifest
+
+CONSISTENCY = {
+    "offline": "The VM was shut off: the disks are exactly as the guest left them.",
+    "crash-consistent": (
+        "The disks were copied while the VM ran, without the guest's help. Booting them is "
+        "like booting after a power cut: journaling file systems replay their logs, and "
+        "applications that do not survive a power loss may need their own recovery."
+    ),
+    "filesystem-frozen": (
+        "The guest agent froze the file systems while the copy point was taken, so they "
+        "are clean. Applications that hold data in memory (databases) may still run their "
+        "own crash recovery."
+    ),
+    "with-ram": (
+        "The RAM was saved at the same instant as the disks (`memory.save`): the VM can be "
+        "resumed in the running state, or booted from the disks like after a power cut."
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- RESTORE.md
+
+
+def _code(value: object) -> str:
+    """Inline Markdown code that a backtick or newline in the value cannot break out of."""
+    text = str(value).replace("\n", "\\n").replace("\r", "\\r")
+    runs = re.findall(r"`+", text)
+    fence = "`" * (max((len(r) for r in runs), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _consistency_text(label: str) -> str:
+    key = re.sub(r"[\s_]+", "-", label.strip().lower())
+    key = {"with-memory": "with-ram", "memory": "with-ram", "ram": "with-ram"}.get(key, key)
+    return CONSISTENCY.get(key, "")
+
+
+def _summary(m: Manifest) -> list[str]:
+    kind = "full" if m.kind == "full" else f"incremental on top of {_code(m.parent)}"
+    return [
+        f"# Restore instructions: backup of VM {_code(m.vm_name)}",
+        "",
+        "This directory is a self-contained vmbackup backup. Everything below works with",
+        "`sha256sum`, `qemu-img` and `virsh` alone; vmbackup itself is not needed.",
+        "",
+        f"- VM: {_code(m.vm_name)}, UUID {_code(m.vm_uuid)}, on host {_code(m.host)}",
+        f"- Taken: {_code(m.started)} to {_code(m.finished)} by {_code(m.tool_version)}"
+        f" (run {m.run_id})",
+        f"- Method: {_code(m.method)}, {kind}",
+        f"- Consistency: **{_code(m.consistency)}**. {_consistency_text(m.consistency)}".rstrip(),
+        f"- Format: `backup.json` version {m.version}",
+    ]
+
+
+def _disk_line(d: DiskEntry) -> str:
+    line = (
+        f"- {_code(d.file)}: disk {_code(d.target)} ({d.format}, {_size(d.virtual_size)}"
+        f" virtual, was {_code(d.source)})"
+    )
+    if d.backing:
+        line += f"; holds only changed blocks, backing file {_code(d.backing)}"
+    return line
+
+
+def _files(m: Manifest) -> list[str]:
+    lines = ["", "## Files", ""] + [_disk_line(d) for d in m.disks]
+    if m.nvram:
+        lines.append(f"- {_code(m.nvram)}: UEFI variable store (NVRAM)")
+    if m.tpm:
+        lines.append(f"- {_code(m.tpm + '/')}: TPM state (swtpm)")
+    if m.memory:
+        lines.append(f"- {_code(m.memory)}: RAM state, in `virsh save` format")
+    lines += [
+        "- `domain.xml`: the domain definition at backup time",
+        "- `backup.json`: machine-readable description of this backup",
+        "- `SHA256SUMS`: checksums of every other file here",
+        "- `RESTORE.md`, `restore.sh`: these instructions and a script that follows them",
+    ]
+    for skip in m.skipped:
+        reason = " ".join(skip["reason"].split())
+        lines.append(f"- not backed up: disk {_code(skip['target'])} ({reason})")
+    return lines
+
+
+def _check_section(m: Manifest) -> list[str]:
+    lines = [
+        "",
+        "## Check the files",
+        "",
+        "```sh",
+        "cd /path/to/this/backup",
+        "sha256sum -c SHA256SUMS",
+        "```",
+        "",
+        "qcow2 images carry no data checksums; this is what detects bit rot.",
+    ]
+    if m.parent:
+        lines += [
+            f"This backup builds on {_code('../' + m.parent)}, which must pass the same check "
+            "(and so on down the chain). `sh restore.sh --check` checks the whole chain.",
+        ]
+    return lines
+
+
+def _disks_section(m: Manifest) -> list[str]:
+    lines = [
+        "",
+        "## Restore the disks",
+        "",
+        "The quick way: `sh restore.sh /var/lib/libvirt/images/restored` checks the files, then",
+        "converts every disk into that directory, and refuses to overwrite anything.",
+        "",
+        "By hand, from this directory (the restored file is a complete, standalone disk):",
+        "",
+        "```sh",
+        "DEST=/var/lib/libvirt/images/restored",
+    ]
+    for d in m.disks:
+        out = quote(f"{d.target}.{d.format}")
+        src = quote(f"./{d.file}")
+        lines.append(f'qemu-img convert -p -f {d.image_format} -O {d.format} {src} "$DEST"/{out}')
+    lines.append("```")
+    if any(d.backing for d in m.disks):
+        lines += [
+            "",
+            "The images of this incremental backup hold only the blocks that changed since the",
+            "backup it builds on; their backing file is named by a *relative* path. Converting",
+            "the top image reads the whole chain and writes a flattened disk, so keep the",
+            "backup directories of this VM side by side, as they are now.",
+        ]
+    return lines
+
+
+def _firmware_section(m: Manifest) -> list[str]:
+    if not (m.nvram or m.tpm):
+        return []
+    lines = ["", "## Firmware and TPM", ""]
+    if m.nvram:
+        nvram = quote(m.nvram)
+        target = quote(f"/var/lib/libvirt/qemu/nvram/{m.vm_name}_VARS.fd")
+        lines += ["```sh", f"cp {nvram} {target}", "```", ""]
+        lines.append("and point `<nvram>` in the domain XML at the copy.")
+    if m.tpm:
+        lines += [
+            "",
+            f"Copy the contents of {_code(m.tpm + '/')} to `/var/lib/libvirt/swtpm/<uuid>/` "
+            "(the UUID of the domain you define), owned by the swtpm user (often `tss`).",
+        ]
+    return lines
+
+
+def _define_section(m: Manifest) -> list[str]:
+    return [
+        "",
+        "## Define the domain",
+        "",
+        "Copy `domain.xml` and edit the copy: every `<disk>`'s `<source file=...>` must name",
+        "the restored file and `<driver type=...>` its format; fix the `<nvram>` path. If the",
+        "original VM still exists, also change `<name>`, delete `<uuid>` and every",
+        "`<mac address=...>` so the two do not clash. Then:",
+        "",
+        "```sh",
+        "virsh define domain-restored.xml",
+        f"virsh start {quote(m.vm_name)}",
+        "```",
+    ]
+
+
+def _memory_section(m: Manifest) -> list[str]:
+    if not m.memory:
+        return []
+    memory = quote(f"./{m.memory}")
+    return [
+        "",
+        "## Resume with RAM (optional)",
+        "",
+        "The RAM image matches the disks of this backup. To resume instead of booting:",
+        "",
+        "```sh",
+        f"virsh restore {memory} --xml domain-restored.xml",
+        "```",
+        "",
+        "Caveats: the disks must be the restored ones, unmodified since the restore, at the",
+        "paths the XML names (otherwise the guest's file systems get corrupted); the host's",
+        "QEMU must be able to load the state; the guest wakes with a clock jump and its",
+        "network connections gone. Never resume the same state twice on the same disks.",
+        "When in doubt, boot from the disks (like after a power cut) and skip this step.",
+    ]
+
+
+def restore_md(manifest: Manifest) -> str:
+    """Human instructions, written so an operator can restore with nothing but a shell."""
+    sections = [
+        _summary(manifest),
+        _files(manifest),
+        _check_section(manifest),
+        _disks_section(manifest),
+        _firmware_section(manifest),
+        _define_section(manifest),
+        _memory_section(manifest),
+    ]
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+# ---------------------------------------------------------------------------- restore.sh
+
+_SH_HEAD = """\
+#!/bin/sh
+# Restores the disks of one vmbackup backup without vmbackup. See RESTORE.md.
+#   restore.sh [DEST_DIR]  check this backup (and the ones it builds on), then convert
+#                          every disk into DEST_DIR (default: the current directory)
+#   restore.sh --check     only check this backup and the ones it builds on
+# Nothing existing is overwritten. Needs: sh, sha256sum, qemu-img.
+set -eu
+"""
+
+_SH_BODY = r"""
+die() { printf 'restore.sh: %s\n' "$*" >&2; exit 1; }
+usage() {
+    printf 'usage: %s [DEST_DIR] | --check\n' "$0" >&2
+    exit 2
+}
+
+cd_here() {
+    HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd -P)
+    cd -- "$HERE"
+}
+
+check_chain() {
+    depth=${VMBACKUP_CHECK_DEPTH:-0}
+    [ "$depth" -lt 1000 ] || die "backup chain too long or circular"
+    printf 'Checking %s\n' "$HERE"
+    sha256sum -c SHA256SUMS || die "checksum mismatch in $HERE: not restoring"
+    [ -n "$PARENT" ] || return 0
+    [ -f "../$PARENT/restore.sh" ] || die "the backup this one builds on is missing: ../$PARENT"
+    VMBACKUP_CHECK_DEPTH=$((depth + 1)) sh "../$PARENT/restore.sh" --check ||
+        die "the backup this one builds on failed its check: ../$PARENT"
+}
+
+refuse_existing() {
+    if [ -e "$1" ] || [ -L "$1" ]; then die "refusing to overwrite $1"; fi
+}
+
+# disk TARGET IMAGE IMAGE_FORMAT OUTPUT_FORMAT
+disk() {
+    out="$DEST/$1.$4"
+    if [ "$MODE" = preflight ]; then
+        [ -f "./$2" ] || die "image missing: $2"
+        refuse_existing "$out"
+        refuse_existing "$out.partial"
+        return 0
+    fi
+    printf 'Restoring disk %s -> %s\n' "$1" "$out"
+    PARTIAL="$out.partial"
+    qemu-img convert -p -f "$3" -O "$4" "./$2" "$PARTIAL"
+    refuse_existing "$out"
+    mv -- "$PARTIAL" "$out"
+    PARTIAL=
+}
+
+# extra NAME: a file or directory copied as is (NVRAM, TPM state)
+extra() {
+    if [ "$MODE" = preflight ]; then
+        [ -e "./$1" ] || die "missing: $1"
+        refuse_existing "$DEST/$1"
+        return 0
+    fi
+    printf 'Copying %s -> %s\n' "$1" "$DEST/$1"
+    refuse_existing "$DEST/$1"
+    cp -R -- "./$1" "$DEST/$1"
+}
+
+hints() {
+    printf '\nRestored backup of VM %s into %s\n' "$VM_NAME" "$DEST"
+    printf 'Next: copy %s, make each <disk> <source file=...> name the restored file\n' \
+        "$HERE/domain.xml"
+    printf '(and <driver type=...> its format, <nvram> the copied NVRAM), then run:\n'
+    printf '  virsh define <your copy of domain.xml>\n'
+    if [ -n "$MEMORY" ]; then
+        printf 'This backup has a RAM image (%s); see RESTORE.md before using virsh restore.\n' \
+            "$MEMORY"
+    fi
+}
+
+main() {
+    PARTIAL=
+    trap 'if [ -n "$PARTIAL" ]; then rm -f -- "$PARTIAL"; fi' EXIT
+    trap 'exit 130' HUP INT TERM
+    case "${1:-}" in
+        --check) [ $# -eq 1 ] || usage; cd_here; check_chain; exit 0 ;;
+        -h|--help) usage ;;
+        -*) usage ;;
+    esac
+    [ $# -le 1 ] || usage
+    mkdir -p -- "${1:-.}"
+    DEST=$(CDPATH= cd -- "${1:-.}" && pwd -P)
+    cd_here
+    [ "$DEST" != "$HERE" ] || die "restore into another directory, not into the backup"
+    command -v qemu-img >/dev/null 2>&1 || die "qemu-img is not installed"
+    printf 'Backup of VM %s (UUID %s)\n' "$VM_NAME" "$VM_UUID"
+    MODE=preflight
+    plan
+    check_chain
+    MODE=restore
+    plan
+    hints
+}
+
+main "$@"
+"""
+
+
+def _plan(m: Manifest) -> list[str]:
+    lines = ["plan() {", "    :"]
+    for d in m.disks:
+        args = (d.target, d.file, d.image_format, d.format)
+        lines.append("    disk " + " ".join(quote(a) for a in args))
+    for name in (m.nvram, m.tpm):
+        if name:
+            lines.append(f"    extra {quote(name)}")
+    lines.append("}")
+    return lines
+
+
+def restore_sh(manifest: Manifest) -> str:
+    """A POSIX sh script that checks, then flattens every disk into a chosen directory."""
+    values = [
+        f"VM_NAME={quote(manifest.vm_name)}",
+        f"VM_UUID={quote(manifest.vm_uuid)}",
+        f"PARENT={quote(manifest.parent or '')}",
+        f"MEMORY={quote(manifest.memory or '')}",
+        "",
+    ]
+    return _SH_HEAD + "\n".join(values + _plan(manifest)) + "\n" + _SH_BODY

@@ -1,0 +1,359 @@
+"""Tests for backups.restore: RESTORE.md text, and restore.sh run for real with sh and qemu-img."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from backups import qemu_img, restore
+from tests.test_archive import (
+    WHEN,
+    disk,
+    flip_byte,
+    full_filler,
+    incremental_filler,
+    manifest,
+    needs_tools,
+    publish_backup,
+    qemu_io,
+    raw_source,
+)
+
+HOSTILE_VM = 'it\'s a "vm" $(touch pwned)'
+HOSTILE_TARGET = "vd'a\"`touch pwned`$(touch pwned);x"
+
+
+def run_restore(backup: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    argv = ["sh", str(backup / "restore.sh"), *args]
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def nvram_filler(source: Path, **kwargs):
+    """A full backup that also carries an NVRAM file."""
+    convert = full_filler(source, **kwargs)
+
+    def fill(staging: Path) -> list[dict]:
+        (staging / "nvram.fd").write_bytes(b"\x01UEFI vars" * 100)
+        return convert(staging)
+
+    return fill
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return raw_source(tmp_path / "source.raw")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "backups"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def full(root: Path, source: Path) -> Path:
+    return publish_backup(root, "web", 4, nvram_filler(source), nvram="nvram.fd")
+
+
+@pytest.fixture
+def incremental(root: Path, full: Path) -> Path:
+    return publish_backup(
+        root,
+        "web",
+        5,
+        incremental_filler(full),
+        when=WHEN + timedelta(hours=1),
+        kind="incremental",
+        parent=full.name,
+        method="push",
+    )
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    path = tmp_path / "dest"
+    path.mkdir()
+    return path
+
+
+# ---------------------------------------------------------------------- restore.sh, real
+
+
+@needs_tools
+def test_it_restores_a_full_backup_into_the_given_directory(full, source, tmp_path):
+    dest = tmp_path / "new" / "dir"
+
+    result = run_restore(full, str(dest), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert qemu_img.compare(str(dest / "vda.raw"), "raw", str(source), "raw")
+    assert (dest / "vda.raw").stat().st_size == source.stat().st_size
+    assert (dest / "nvram.fd").read_bytes() == (full / "nvram.fd").read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == ["nvram.fd", "vda.raw"]
+    assert "virsh define" in result.stdout
+
+
+@needs_tools
+def test_it_restores_into_the_current_directory_by_default(full, source, dest):
+    result = run_restore(full, cwd=dest)
+
+    assert result.returncode == 0, result.stderr
+    assert qemu_img.compare(str(dest / "vda.raw"), "raw", str(source), "raw")
+
+
+@needs_tools
+def test_it_flattens_an_incremental_chain(incremental, source, dest, tmp_path):
+    expected = tmp_path / "expected.raw"
+    shutil.copyfile(source, expected)
+    qemu_io(expected, "raw", "write -P 0xcd 128k 64k")  # what incremental_filler changed
+
+    result = run_restore(incremental, str(dest), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    restored = str(dest / "vda.raw")
+    assert qemu_img.info(restored, "raw").backing_filename is None
+    assert qemu_img.compare(restored, "raw", str(expected), "raw")
+    assert Path(restored).stat().st_size == expected.stat().st_size
+    assert not qemu_img.compare(restored, "raw", str(source), "raw")
+
+
+@needs_tools
+def test_it_checks_the_whole_chain(incremental, full, tmp_path):
+    result = run_restore(incremental, "--check", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert f"Checking {incremental}" in result.stdout
+    assert f"Checking {full}" in result.stdout
+
+
+@needs_tools
+def test_it_quotes_hostile_names(root, source, dest, tmp_path):
+    target = HOSTILE_TARGET
+    backup = publish_backup(
+        root,
+        HOSTILE_VM,
+        4,
+        nvram_filler(source, target=target),
+        nvram="nvram.fd",
+        vm_uuid="$(touch pwned)",
+    )
+
+    result = run_restore(backup, str(dest), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert qemu_img.compare(str(dest / f"{target}.raw"), "raw", str(source), "raw")
+    assert HOSTILE_VM in result.stdout
+    assert list(tmp_path.rglob("pwned")) == []
+    assert not (Path.cwd() / "pwned").exists()
+
+
+@needs_tools
+def test_it_refuses_to_overwrite_an_existing_file(full, dest):
+    (dest / "vda.raw").write_text("keep me")
+
+    result = run_restore(full, str(dest), cwd=dest)
+
+    assert result.returncode != 0
+    assert "refusing to overwrite" in result.stderr
+    assert (dest / "vda.raw").read_text() == "keep me"
+    assert sorted(p.name for p in dest.iterdir()) == ["vda.raw"]
+
+
+@needs_tools
+def test_it_refuses_to_overwrite_copied_files_too(full, dest):
+    (dest / "nvram.fd").write_text("keep me")
+
+    result = run_restore(full, str(dest), cwd=dest)
+
+    assert result.returncode != 0
+    assert (dest / "nvram.fd").read_text() == "keep me"
+    assert not (dest / "vda.raw").exists()
+
+
+@needs_tools
+def test_it_aborts_on_a_checksum_mismatch(full, dest):
+    flip_byte(full / "vda.qcow2")
+
+    result = run_restore(full, str(dest), cwd=dest)
+
+    assert result.returncode != 0
+    assert "checksum mismatch" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
+@needs_tools
+def test_it_aborts_when_the_parent_backup_is_corrupt_or_gone(incremental, full, dest):
+    flip_byte(full / "vda.qcow2")
+    corrupt = run_restore(incremental, str(dest), cwd=dest)
+    shutil.rmtree(full)
+    gone = run_restore(incremental, str(dest), cwd=dest)
+
+    assert corrupt.returncode != 0 and "failed its check" in corrupt.stderr
+    assert gone.returncode != 0 and "is missing" in gone.stderr
+    assert list(dest.iterdir()) == []
+
+
+def fake_qemu_img(tmp_path: Path, body: str) -> dict:
+    """An environment whose PATH finds a qemu-img shim first; it logs its argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "qemu-img"
+    log = tmp_path / "argv.log"
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(log))}\n{body}\n')
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@needs_tools
+def test_it_runs_qemu_img_with_explicit_formats(full, dest, tmp_path):
+    real = shutil.which("qemu-img")
+    env = fake_qemu_img(tmp_path, f'exec {real} "$@"')
+
+    argv = ["sh", str(full / "restore.sh"), str(dest)]
+    result = subprocess.run(argv, cwd=dest, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    logged = (tmp_path / "argv.log").read_text().splitlines()
+    expected = "convert -p -f qcow2 -O raw ./vda.qcow2".split() + [f"{dest}/vda.raw.partial"]
+    assert logged == expected
+    assert (dest / "vda.raw").exists() and not (dest / "vda.raw.partial").exists()
+
+
+@needs_tools
+def test_it_removes_a_half_written_disk_when_qemu_img_fails(full, dest, tmp_path):
+    env = fake_qemu_img(tmp_path, 'for last; do :; done\necho junk > "$last"\nexit 1')
+
+    argv = ["sh", str(full / "restore.sh"), str(dest)]
+    result = subprocess.run(argv, cwd=dest, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode != 0
+    assert list(dest.iterdir()) == []
+
+
+@needs_tools
+def test_it_refuses_to_restore_into_the_backup_itself(full):
+    result = run_restore(full, cwd=full)
+
+    assert result.returncode != 0
+    assert "not into the backup" in result.stderr
+    assert not (full / "vda.raw").exists()
+
+
+@pytest.mark.parametrize("args", [["--force"], ["a", "b"], ["--check", "x"]])
+def test_it_rejects_bad_arguments(full, dest, args):
+    result = run_restore(full, *args, cwd=dest)
+
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
+# ------------------------------------------------------------------- restore.sh, text
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_it_generates_a_script_the_shell_can_parse(shell, tmp_path):
+    m = manifest(
+        vm_name=HOSTILE_VM,
+        disks=(disk(target=HOSTILE_TARGET, file="x'y.qcow2"),),
+        nvram="nv'ram.fd",
+        memory="memory.save",
+    )
+    script = tmp_path / "restore.sh"
+    script.write_text(restore.restore_sh(m))
+
+    result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=10)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_it_quotes_every_manifest_value_in_the_script():
+    m = manifest(
+        vm_name=HOSTILE_VM,
+        vm_uuid="u\nrm -rf /",
+        disks=(disk(target=HOSTILE_TARGET, file="a b.qcow2", format="qcow2"),),
+        nvram="nv'ram.fd",
+    )
+
+    script = restore.restore_sh(m)
+
+    assert script.startswith("#!/bin/sh\n")
+    assert "\nset -eu\n" in script
+    assert f"VM_NAME={shlex.quote(HOSTILE_VM)}\n" in script
+    assert f"VM_UUID={shlex.quote(m.vm_uuid)}\n" in script
+    quoted = " ".join(shlex.quote(a) for a in (HOSTILE_TARGET, "a b.qcow2", "qcow2", "qcow2"))
+    assert f"    disk {quoted}\n" in script
+    assert f"    extra {shlex.quote(m.nvram)}\n" in script
+    assert "rm -rf /\n" not in script.replace(shlex.quote(m.vm_uuid), "")
+
+
+def test_it_names_the_parent_only_for_incrementals():
+    full = restore.restore_sh(manifest())
+    incremental = restore.restore_sh(manifest(kind="incremental", parent="20261129T010000Z-3"))
+
+    assert "PARENT=''\n" in full
+    assert "PARENT=20261129T010000Z-3\n" in incremental
+
+
+# --------------------------------------------------------------------------- RESTORE.md
+
+
+def test_it_explains_checking_and_converting_each_disk():
+    m = manifest(
+        disks=(disk(), disk(target="vdb", file="vdb.raw", format="qcow2")),
+        consistency="crash-consistent",
+        nvram="nvram.fd",
+    )
+
+    text = restore.restore_md(m)
+
+    assert text.startswith("# Restore instructions: backup of VM `web`")
+    assert "sha256sum -c SHA256SUMS" in text
+    assert 'qemu-img convert -p -f qcow2 -O raw ./vda.qcow2 "$DEST"/vda.raw' in text
+    assert 'qemu-img convert -p -f raw -O qcow2 ./vdb.raw "$DEST"/vdb.qcow2' in text
+    assert "power cut" in text
+    assert "cp nvram.fd /var/lib/libvirt/qemu/nvram/web_VARS.fd" in text
+    assert "virsh define" in text
+    assert "virsh restore" not in text
+    assert "backing file" not in text
+
+
+def test_it_explains_incremental_chains():
+    backing = "../20261129T010000Z-3/vda.qcow2"
+    m = manifest(
+        kind="incremental",
+        parent="20261129T010000Z-3",
+        disks=(disk(backing=backing, backing_format="qcow2"),),
+    )
+
+    text = restore.restore_md(m)
+
+    assert "incremental on top of `20261129T010000Z-3`" in text
+    assert f"backing file `{backing}`" in text
+    assert "reads the whole chain" in text
+    assert "restore.sh --check" in text
+
+
+def test_it_explains_memory_restore_with_caveats():
+    text = restore.restore_md(manifest(memory="memory.save", consistency="with RAM"))
+
+    assert "virsh restore ./memory.save --xml domain-restored.xml" in text
+    assert "Caveats" in text
+    assert "`memory.save`: RAM state" in text
+
+
+def test_it_keeps_hostile_names_inside_code_spans():
+    m = manifest(vm_name="a ``b`` c", disks=(disk(target="x`y", file="x`y.qcow2"),))
+
+    text = restore.restore_md(m)
+
+    assert "VM ```a ``b`` c```" in text
+    assert "disk ``x`y``" in text
+    assert f"virsh start {shlex.quote(m.vm_name)}" in text
