@@ -5,6 +5,18 @@ from . import views
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("vms/<int:vm_id>/", views.vm_detail, name="vm_detail"),
+    path("vms/<int:vm_id>/backup/", views.vm_backup, name="vm_backup"),
+    path("runs/", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("runs/<int:run_id>/progress/", views.run_progress, name="run_progress"),
+    path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),
     path("backups/<int:backup_id>/", views.backup_detail, name="backup_detail"),
+    path("backups/<int:backup_id>/verify/", views.backup_verify, name="backup_verify"),
+    path("backups/<int:backup_id>/protect/", views.backup_protect, name="backup_protect"),
+    path("backups/<int:backup_id>/backup.json", views.backup_manifest, name="backup_manifest"),
+    path("backups/<int:backup_id>/RESTORE.md", views.backup_restore_md, name="backup_restore_md"),
+    path("backups/<int:backup_id>/restore.sh", views.backup_restore_sh, name="backup_restore_sh"),
+    path("policies/", views.policy_list, name="policy_list"),
+    path("policies/new/", views.policy_create, name="policy_create"),
+    path("policies/<int:policy_id>/", views.policy_edit, name="policy_edit"),
 ]

@@ -127,8 +127,9 @@ def _database(url: str | None) -> dict:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
-            # A file, not memory: tests that run a real worker process share it.
-            "TEST": {"NAME": name.with_name(name.stem + "-test.sqlite3")},
+            # A file, not memory: tests that run a real worker process share it. One per
+            # test process, so parallel test runs on one checkout do not collide.
+            "TEST": {"NAME": name.with_name(f"{name.stem}-test-{os.getpid()}.sqlite3")},
             "OPTIONS": {
                 # Writers take the lock at BEGIN, so a worker and the web process never
                 # deadlock upgrading read locks; WAL lets readers run beside the writer.
@@ -180,6 +181,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns on every request without it
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = True

@@ -1,0 +1,153 @@
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+from django_q.models import Schedule
+
+from backups import dashboard
+from backups.models import BackupPolicy, Kind, RunStatus, VirtualMachine
+from tests import test_views_support as support
+from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+
+URL = reverse("overview")
+
+
+def rows(response) -> dict[str, object]:
+    return {vm.name: vm for vm in response.context["vms"]}
+
+
+@pytest.mark.django_db
+def test_it_tells_a_newcomer_to_sync_when_no_host_is_known(viewer_client):
+    response = viewer_client.get(URL)
+    assert response.status_code == 200
+    assert b"vmbackup_sync" in response.content
+
+
+def test_it_tells_a_newcomer_to_define_a_vm_when_there_is_none(viewer_client, host):
+    response = viewer_client.get(URL)
+    assert b"make run DEMO=1" in response.content
+
+
+def test_it_tells_a_newcomer_to_create_a_policy(owner_client, vm):
+    response = owner_client.get(URL)
+    assert b"No backup policy yet" in response.content
+    assert reverse("policy_create").encode() in response.content
+
+
+def test_it_computes_each_protection_state(viewer_client, host, policy, vm):
+    def machine(name):
+        created = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name=name)
+        policy.vms.add(created)
+        return created
+
+    machine("never")
+    failing = machine("failing")
+    support.make_backup(failing, ago=timedelta(hours=3))
+    support.make_run(failing, RunStatus.SUCCEEDED, ago=timedelta(hours=3))
+    support.make_run(failing, RunStatus.FAILED, ago=timedelta(hours=1))
+    support.make_run(failing, RunStatus.CANCELLED, ago=timedelta(minutes=5))  # not a result
+    stale = machine("stale")
+    support.make_backup(stale, ago=timedelta(hours=50))
+    support.make_backup(vm, ago=timedelta(hours=2))
+    support.make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=2))
+    VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="unprotected")
+    VirtualMachine.objects.create(
+        host=host, uuid=support.uuid.uuid4(), name="gone", gone_at=timezone.now()
+    )
+
+    response = viewer_client.get(URL)
+
+    states = {name: row.protection for name, row in rows(response).items()}
+    assert states == {
+        "never": "never",
+        "failing": "failing",
+        "stale": "stale",
+        "web-1": "ok",
+        "unprotected": "unprotected",
+    }
+    assert list(states)[0] == "failing"  # problems first
+    assert rows(response)["failing"].last_run_status == RunStatus.CANCELLED
+
+
+def test_it_honours_the_stale_hours_setting(viewer_client, policy, vm, settings):
+    support.make_backup(vm, ago=timedelta(hours=10))
+    settings.VMBACKUP_STALE_HOURS = 6
+    assert rows(viewer_client.get(URL))["web-1"].protection == "stale"
+
+
+def test_it_ignores_a_disabled_policy(viewer_client, policy, vm):
+    BackupPolicy.objects.filter(pk=policy.pk).update(enabled=False)
+    assert rows(viewer_client.get(URL))["web-1"].protection == "unprotected"
+
+
+def test_it_shows_chain_length_storage_and_next_run(viewer_client, policy, vm):
+    full = support.make_backup(vm, ago=timedelta(days=3), size_bytes=100)
+    inc1 = support.make_backup(vm, ago=timedelta(days=2), kind=Kind.INCREMENTAL, parent=full)
+    support.make_backup(vm, ago=timedelta(days=1), kind=Kind.INCREMENTAL, parent=inc1)
+    support.make_backup(vm, ago=timedelta(days=9), size_bytes=5000, pruned_at=timezone.now())
+    soon = timezone.now() + timedelta(hours=5)
+    Schedule.objects.create(
+        name=dashboard.schedule_name(policy.pk), func="x", schedule_type="O", next_run=soon
+    )
+
+    row = rows(viewer_client.get(URL))["web-1"]
+
+    assert row.chain_length == 2
+    assert row.storage_bytes == 100 + 1000 + 1000  # the pruned one does not count
+    assert row.next_run == soon
+
+
+def test_it_filters_by_state_host_and_name(viewer_client, host, policy, vm):
+    other = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="db-1")
+    support.make_backup(other)
+    policy.vms.add(other)
+
+    assert list(rows(viewer_client.get(URL, {"state": "never"}))) == ["web-1"]
+    assert list(rows(viewer_client.get(URL, {"q": "DB"}))) == ["db-1"]
+    assert rows(viewer_client.get(URL, {"host": "nope"})) == {}
+    assert len(rows(viewer_client.get(URL, {"host": "hv1", "state": "bogus"}))) == 2
+
+
+def test_it_totals_per_host_and_root(viewer_client, policy, vm, settings, tmp_path):
+    settings.VMBACKUP_ROOT = str(tmp_path)
+    policy.destination = "/nonexistent/vmbackup-root"
+    policy.save()
+    support.make_backup(vm, path=f"{tmp_path}/web-1/a", size_bytes=300)
+    support.make_backup(vm, path="/nonexistent/vmbackup-root/web-1/b", size_bytes=40)
+
+    response = viewer_client.get(URL)
+
+    (total,) = response.context["host_totals"]
+    assert (total.name, total.vms, total.storage_bytes) == ("hv1", 1, 340)
+    roots = {r.root: r for r in response.context["root_totals"]}
+    assert roots[str(tmp_path)].used_bytes == 300
+    assert roots[str(tmp_path)].free_bytes is not None
+    assert roots["/nonexistent/vmbackup-root"].used_bytes == 40
+    assert roots["/nonexistent/vmbackup-root"].free_bytes is None
+    assert b"free space unknown" in response.content
+
+
+def test_it_survives_an_unreadable_worker_status(viewer_client, vm, monkeypatch):
+    def broken():
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr("django_q.status.Stat.get_all", broken)
+    response = viewer_client.get(URL)
+    assert response.context["workers"] is None
+    assert b"workers: unknown" in response.content
+
+
+@pytest.mark.parametrize("count", [10, 1000])
+def test_it_costs_the_same_queries_for_10_and_1000_vms(
+    viewer_client, host, count, django_assert_num_queries, monkeypatch
+):
+    monkeypatch.setattr(dashboard, "workers_online", lambda: 1)
+    support.populate(host, count)
+    # session, user, 2 x permissions, VMs, enabled policies, schedules, hosts, policy exists,
+    # root list, root usage
+    with django_assert_num_queries(11):
+        response = viewer_client.get(URL)
+    assert len(response.context["vms"]) == count
+    assert response.context["vms"][0].protection == "failing"
+    assert response.context["vms"][0].chain_length == 1

@@ -1,0 +1,167 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.urls import reverse
+
+from backups import cron
+from backups.models import BackupPolicy, Kind, VirtualMachine
+from tests import test_views_support as support
+from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+
+CREATE = reverse("policy_create")
+
+
+def edit(policy):
+    return reverse("policy_edit", args=[policy.pk])
+
+
+def form_data(vm=None, **changes) -> dict:
+    data = {
+        "name": "weekly",
+        "enabled": "on",
+        "schedule": "30 3 * * sun",
+        "method": "auto",
+        "compression": "none",
+        "exclude_disks": "",
+        "verify_after": "on",
+        "destination": "",
+        "full_every": "7",
+        "keep_last": "2",
+        "keep_hourly": "0",
+        "keep_daily": "0",
+        "keep_weekly": "0",
+        "keep_monthly": "0",
+        "keep_yearly": "0",
+        "notify_to": "",
+        "vms": [vm.pk] if vm else [],
+    }
+    data.update(changes)
+    return data
+
+
+def test_it_lists_policies_for_a_viewer(viewer_client, policy):
+    response = viewer_client.get(reverse("policy_list"))
+    assert b"nightly" in response.content
+    assert edit(policy).encode() not in response.content  # no link without change permission
+
+
+def test_it_creates_a_policy_with_vms(owner_client, vm):
+    response = owner_client.post(CREATE, form_data(vm, exclude_disks="vdb, sdc ,vdb"))
+    assert response["Location"] == reverse("policy_list")
+    created = BackupPolicy.objects.get(name="weekly")
+    assert list(created.vms.all()) == [vm]
+    assert created.exclude_disks == "vdb, sdc"
+
+
+def test_it_edits_a_policy(owner_client, policy, vm):
+    response = owner_client.post(edit(policy), form_data(name="nightly", keep_last="3"))
+    assert response.status_code == 302
+    policy.refresh_from_db()
+    assert policy.keep_last == 3
+    assert list(policy.vms.all()) == []
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("schedule", "61 * * * *", "minute: 61 is outside 0-59"),
+        ("schedule", "0 2 * *", "expected 5 fields"),
+        ("schedule", "0 2 * * funday", "not a number or a name"),
+        ("destination", "backups/vms", "Use an absolute path"),
+        ("destination", "/srv/../etc", "must not contain"),
+        ("exclude_disks", "vda; rm -rf /", "not valid"),
+        ("notify_to", "ops@example.com, nope", "Not an email address: nope"),
+    ],
+)
+def test_it_rejects_bad_input(owner_client, field, value, message):
+    response = owner_client.post(CREATE, form_data(**{field: value}))
+    assert response.status_code == 200
+    assert message in str(response.context["form"].errors[field])
+    if field == "schedule":
+        assert message in response.context["cron_error"]
+    assert not BackupPolicy.objects.exists()
+
+
+def test_it_previews_the_next_five_runs(owner_client, policy):
+    response = owner_client.get(edit(policy))
+    runs = response.context["next_runs"]
+    assert len(runs) == 5
+    assert all((r.hour, r.minute) == (2, 0) for r in runs)
+    assert runs == sorted(runs) and runs[1] - runs[0] == timedelta(days=1)
+
+
+def test_it_previews_without_saving(owner_client, policy):
+    response = owner_client.post(
+        edit(policy), form_data(name="nightly", schedule="*/15 * * * *", preview="1")
+    )
+    assert response.status_code == 200
+    runs = response.context["next_runs"]
+    assert runs[1] - runs[0] == timedelta(minutes=15)
+    policy.refresh_from_db()
+    assert policy.schedule == "0 2 * * *"
+
+
+def test_it_previews_retention_with_reasons(owner_client, policy, vm):
+    old_full = support.make_backup(vm, ago=timedelta(days=4))
+    support.make_backup(vm, ago=timedelta(days=3), kind=Kind.INCREMENTAL, parent=old_full)
+    protected = support.make_backup(vm, ago=timedelta(days=2), protected=True)
+    support.make_backup(vm, ago=timedelta(days=1))
+    newest = support.make_backup(vm, ago=timedelta(hours=1))
+    BackupPolicy.objects.filter(pk=policy.pk).update(
+        keep_last=2, keep_daily=0, keep_weekly=0, keep_monthly=0
+    )
+
+    response = owner_client.get(edit(policy))
+
+    (item,) = response.context["retention"]
+    verdicts = {b.pk: (keep, reason) for b, keep, reason in item["rows"]}
+    assert verdicts[newest.pk] == (True, "keep-last 1/2")
+    assert verdicts[protected.pk] == (True, "protected")
+    assert verdicts[old_full.pk] == (False, "pruned")
+    assert (item["kept"], item["pruned"]) == (3, 2)
+    assert b"keep-last 1/2" in response.content
+
+
+def test_it_previews_retention_for_the_vms_selected_in_the_form(owner_client, host, vm):
+    other = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="db-1")
+    support.make_backup(other)
+    response = owner_client.post(CREATE, form_data(other, preview="1"))
+    assert [item["vm"].name for item in response.context["retention"]] == ["db-1"]
+    assert not BackupPolicy.objects.exists()
+
+
+def test_it_needs_add_permission_to_create(operator_client):
+    assert operator_client.get(CREATE).status_code == 403
+    assert operator_client.post(CREATE, form_data()).status_code == 403
+
+
+# --- the cron parser behind the form ---------------------------------------------------------
+
+AFTER = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)  # a Thursday
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("0 2 * * *", ["2026-01-01 02:00", "2026-01-02 02:00"]),
+        ("*/20 * * * *", ["2026-01-01 00:20", "2026-01-01 00:40"]),
+        ("0 9 * * mon-fri", ["2026-01-01 09:00", "2026-01-02 09:00", "2026-01-05 09:00"]),
+        ("0 0 1,15 feb *", ["2026-02-01 00:00", "2026-02-15 00:00"]),
+        ("0 0 13 * 5", ["2026-01-02 00:00", "2026-01-09 00:00", "2026-01-13 00:00"]),
+        ("0 0 * * 7", ["2026-01-04 00:00"]),
+        ("5/30 1-3/2 * * *", ["2026-01-01 01:05", "2026-01-01 01:35", "2026-01-01 03:05"]),
+    ],
+)
+def test_it_computes_next_runs(expr, expected):
+    runs = cron.next_runs(expr, AFTER, len(expected))
+    assert [f"{r:%Y-%m-%d %H:%M}" for r in runs] == expected
+
+
+def test_it_gives_up_on_a_date_that_never_comes():
+    assert cron.next_runs("0 0 30 2 *", AFTER, 5) == []
+
+
+@pytest.mark.parametrize("expr", ["", "* * * * * *", "*/0 * * * *", "5-1 * * * *", "0 24 * * *"])
+def test_it_rejects_invalid_cron(expr):
+    with pytest.raises(cron.CronError):
+        cron.parse(expr)
