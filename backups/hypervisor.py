@@ -296,21 +296,30 @@ class Session:
         uuid: str,
         targets: dict[str, str],
         *,
+        all_targets: tuple[str, ...] = (),
         checkpoint: str | None = None,
         incremental: str | None = None,
         bitmap_disks: tuple[str, ...] = (),
     ) -> None:
         """Start a push-mode backup of ``targets`` (disk target -> qcow2 file QEMU creates).
 
-        ``checkpoint`` creates a checkpoint covering ``bitmap_disks`` (qcow2 only: libvirt
-        refuses bitmaps on raw); ``incremental`` copies only what changed since that one.
+        ``checkpoint`` creates a checkpoint with a bitmap in each of ``bitmap_disks`` (qcow2
+        only: libvirt refuses bitmaps on raw). ``incremental`` copies only what changed since
+        that checkpoint, on ``bitmap_disks``; the other disks are copied in full. Disks in
+        ``all_targets`` but not in ``targets`` are explicitly left out.
         """
         backup = ET.Element("domainbackup", mode="push")
-        if incremental:
-            ET.SubElement(backup, "incremental").text = incremental
         disks = ET.SubElement(backup, "disks")
+        for target in all_targets:
+            if target not in targets:
+                ET.SubElement(disks, "disk", name=target, backup="no")
         for target, path in targets.items():
             disk = ET.SubElement(disks, "disk", name=target, backup="yes", type="file")
+            if incremental and target in bitmap_disks:
+                disk.set("backupmode", "incremental")
+                disk.set("incremental", incremental)
+            elif incremental:
+                disk.set("backupmode", "full")
             ET.SubElement(disk, "target", file=path)
             ET.SubElement(disk, "driver", type="qcow2")
         checkpoint_xml = None
@@ -318,7 +327,7 @@ class Session:
             root = ET.Element("domaincheckpoint")
             ET.SubElement(root, "name").text = checkpoint
             cdisks = ET.SubElement(root, "disks")
-            for target in targets:
+            for target in dict.fromkeys([*all_targets, *targets]):
                 mode = "bitmap" if target in bitmap_disks else "no"
                 ET.SubElement(cdisks, "disk", name=target, checkpoint=mode)
             checkpoint_xml = ET.tostring(root, encoding="unicode")
@@ -418,13 +427,29 @@ class Session:
         self._call(cp.delete, flags, doing="delete checkpoint")
 
     def redefine_checkpoint(self, uuid: str, xml: str) -> None:
+        """Tell libvirt about a checkpoint again; it checks that the bitmaps exist."""
         dom = self._dom(uuid)
-        self._call(
-            dom.checkpointCreateXML,
-            xml,
-            libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
-            doing="redefine checkpoint",
+        flags = (
+            libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+            | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         )
+        self._call(dom.checkpointCreateXML, xml, flags, doing="redefine checkpoint")
+
+    def checkpoint_changed_bytes(self, uuid: str, name: str) -> dict[str, int]:
+        """Bytes dirtied since the checkpoint, per disk; fails when a bitmap is missing."""
+        dom = self._dom(uuid)
+        cp = self._call(dom.checkpointLookupByName, name, 0, doing="find checkpoint")
+        xml = self._call(
+            cp.getXMLDesc,
+            libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN,
+            doing="measure checkpoint",
+        )
+        root = ET.fromstring(xml)
+        return {
+            d.get("name", ""): int(d.get("size", "0"))
+            for d in root.findall("disks/disk")
+            if d.get("checkpoint") == "bitmap"
+        }
 
     # -- external snapshots --------------------------------------------------------------------
     def snapshot_disks(

@@ -35,6 +35,7 @@ class Image:
     source_format: str
     file: str  # name inside the staging dir
     virtual_size: int
+    backing: str | None = None  # "../<parent backup>/<file>" for an incremental image
 
 
 @dataclass
@@ -60,6 +61,11 @@ class Context:
     progress: Callable[[int, int], None] = lambda done, total: None
     image_done: Callable[[Path], None] = lambda path: None
     should_stop: Callable[[], bool] = lambda: False
+    # push only: the checkpoint this backup creates, the one it is incremental to, and the
+    # parent image (relative path) each incremental disk backs onto
+    checkpoint: str | None = None
+    incremental: str | None = None
+    backing: dict[str, str] = field(default_factory=dict)
 
     @property
     def uuid(self) -> str:
@@ -179,17 +185,52 @@ def _frozen(ctx: Context):
 
 
 def push(ctx: Context) -> Result:
-    """libvirt backup API, push mode: QEMU copies a point-in-time view into our files."""
+    """libvirt backup API, push mode: QEMU copies a point-in-time view into our files.
+
+    With a checkpoint, qcow2 disks get a dirty bitmap so the next backup can be incremental;
+    an incremental image is re-pointed (``rebase -u``) from the live disk, which libvirt
+    writes as its backing file, to the parent backup's image.
+    """
     targets = {d.target: str(ctx.staging / f"{d.target}.qcow2") for d in ctx.disks}
-    ctx.journal("backup-begin", targets=targets)
+    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
+    ctx.journal(
+        "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
+    )
     with _frozen(ctx) as consistency:
-        ctx.hv.backup_begin(ctx.uuid, targets)
+        ctx.hv.backup_begin(
+            ctx.uuid,
+            targets,
+            all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
+            checkpoint=ctx.checkpoint,
+            incremental=ctx.incremental,
+            bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
+        )
+    _wait_push(ctx)
+    images = []
+    for disk in ctx.disks:
+        out = Path(targets[disk.target])
+        _own(out)
+        backing = ctx.backing.get(disk.target) if ctx.incremental else None
+        if backing:
+            qemu_img.rebase(str(out), "qcow2", backing, "qcow2", unsafe=True)
+        ctx.image_done(out)
+        images.append(
+            Image(disk.target, disk.source, disk.format, out.name, disk.capacity or 0, backing)
+        )
+    ctx.progress(ctx.total, ctx.total)
+    return Result(consistency, images)
+
+
+def _wait_push(ctx: Context) -> None:
+    """Wait for the job; on any failure end it and drop the checkpoint it created."""
+    finished = False
     try:
         ctx.hv.wait_backup(
             ctx.uuid,
             on_progress=lambda done, total: ctx.progress(done, total or ctx.total),
             should_stop=ctx.should_stop,
         )
+        finished = True
     except hypervisor.HypervisorError as exc:
         if "cancelled" in str(exc):
             raise Cancelled("cancelled by user") from exc
@@ -197,14 +238,10 @@ def push(ctx: Context) -> Result:
     finally:
         if ctx.hv.backup_job_targets(ctx.uuid):
             ctx.hv.abort_job(ctx.uuid)
-    images = []
-    for disk in ctx.disks:
-        out = Path(targets[disk.target])
-        _own(out)
-        ctx.image_done(out)
-        images.append(Image(disk.target, disk.source, disk.format, out.name, disk.capacity or 0))
-    ctx.progress(ctx.total, ctx.total)
-    return Result(consistency, images)
+        if not finished and ctx.checkpoint:
+            with contextlib.suppress(hypervisor.HypervisorError):
+                ctx.hv.delete_checkpoint(ctx.uuid, ctx.checkpoint)
+                ctx.journal("checkpoint-dropped", checkpoint=ctx.checkpoint)
 
 
 def _own(path: Path) -> None:

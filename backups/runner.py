@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, hypervisor, methods, qemu_img
+from . import archive, chain, hypervisor, methods, qemu_img
 from .models import Backup, BackupRun, Kind, Method, RunStatus
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,31 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     if not os.path.isabs(root):
         raise Refused(f"backup root {root!r} is not an absolute path")
     os.makedirs(root, mode=0o755, exist_ok=True)
-    run.method, run.method_reason, run.kind = method, reason, Kind.FULL
-    run.save(update_fields=["method", "method_reason", "kind"])
-    run.log("preflight", method=method, reason=reason, skipped=skipped)
+    if method == Method.PUSH:
+        kind_plan = chain.plan(run.vm, policy, hv, disks)
+    else:
+        kind_plan = chain.Plan(Kind.FULL, f"{method} backups are always full")
+    run.method, run.method_reason = method, reason
+    run.kind, run.kind_reason = kind_plan.kind, kind_plan.reason
+    run.save(update_fields=["method", "method_reason", "kind", "kind_reason"])
+    run.log(
+        "preflight",
+        method=method,
+        reason=reason,
+        kind=run.kind,
+        kind_reason=run.kind_reason,
+        skipped=skipped,
+    )
     if not run.options.get("skip_space_check"):
         _check_space(run, root, disks, method)
-    return {"domain": domain, "disks": disks, "skipped": skipped, "method": method, "root": root}
+    return {
+        "domain": domain,
+        "disks": disks,
+        "skipped": skipped,
+        "method": method,
+        "root": root,
+        "plan": kind_plan,
+    }
 
 
 def _check_space(run, root: str, disks, method: str) -> None:
@@ -202,12 +221,13 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
             progress=rc.progress,
             image_done=hasher.add,
             should_stop=rc.should_stop,
+            **_chain_args(run, prepared),
         )
         rc.progress(0, ctx.total)
         result = methods.produce(prepared["method"], ctx)
         run.consistency = result.consistency
         run.save(update_fields=["consistency"])
-        extras = _copy_extras(hv, domain, staging, hasher)
+        extras = _copy_extras(hv, domain, staging, hasher, ctx.checkpoint)
         rc.journal("hash")
         sums = hasher.results()
     finally:
@@ -229,6 +249,9 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
         path=str(final),
         created_at=run.started_at,
         kind=manifest.kind,
+        parent=prepared["plan"].parent if prepared["plan"].incremental else None,
+        checkpoint=manifest.checkpoint or "",
+        checkpoint_xml=extras["checkpoint_xml"],
         method=manifest.method,
         consistency=manifest.consistency,
         size_bytes=_dir_size(final),
@@ -237,6 +260,10 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
         verified_at=timezone.now() if (not policy or policy.verify_after) else None,
     )
     rc.journal("published", path=str(final))
+    if manifest.checkpoint:
+        dropped = chain.drop_old_checkpoints(hv, domain.uuid, keep=manifest.checkpoint)
+        if dropped:
+            rc.journal("checkpoints-dropped", names=dropped)
     return final
 
 
@@ -250,9 +277,32 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _copy_extras(hv, domain, staging: Path, hasher: Hasher) -> dict:
-    """domain.xml (the persistent definition) and the UEFI variable store."""
-    extras = {"domain_xml": hv.inactive_xml(domain.uuid), "nvram": None}
+def _chain_args(run, prepared: dict) -> dict:
+    """Checkpoint and parent images for a push backup (nothing for other methods)."""
+    if prepared["method"] != Method.PUSH:
+        return {}
+    kind_plan = prepared["plan"]
+    args = {"checkpoint": chain.checkpoint_name(run.pk)}
+    if kind_plan.incremental:
+        parent = kind_plan.parent
+        files = {d["target"]: d["file"] for d in parent.manifest["disks"]}
+        args["incremental"] = parent.checkpoint
+        args["backing"] = {
+            d.target: chain.relative_backing(parent, files[d.target])
+            for d in prepared["disks"]
+            if d.format == "qcow2"
+        }
+    return args
+
+
+def _copy_extras(hv, domain, staging: Path, hasher: Hasher, checkpoint: str | None) -> dict:
+    """domain.xml (the persistent definition), the UEFI variable store, the checkpoint."""
+    extras = {"domain_xml": hv.inactive_xml(domain.uuid), "nvram": None, "checkpoint_xml": ""}
+    if checkpoint:
+        extras["checkpoint_xml"] = hv.checkpoint_xml(domain.uuid, checkpoint)
+        target = staging / "checkpoint.xml"
+        target.write_text(extras["checkpoint_xml"])
+        hasher.add(target)
     if domain.nvram and os.path.exists(domain.nvram):
         target = staging / "nvram.fd"
         shutil.copyfile(domain.nvram, target)
@@ -262,6 +312,7 @@ def _copy_extras(hv, domain, staging: Path, hasher: Hasher) -> dict:
 
 
 def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> archive.Manifest:
+    plan = prepared["plan"]
     disks = tuple(
         archive.DiskEntry(
             target=image.target,
@@ -271,6 +322,8 @@ def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> ar
             file=image.file,
             bytes=(Path(run.staging_path) / image.file).stat().st_size,
             sha256=sums[image.file],
+            backing=image.backing,
+            backing_format="qcow2" if image.backing else None,
         )
         for image in result.images
     )
@@ -280,7 +333,9 @@ def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> ar
         vm_uuid=domain.uuid,
         host=run.vm.host.name,
         method=prepared["method"],
-        kind=Kind.FULL,
+        kind=run.kind,
+        parent=os.path.basename(plan.parent.path) if plan.incremental else None,
+        checkpoint=extras["checkpoint_xml"] and chain.checkpoint_name(run.pk) or None,
         consistency=result.consistency,
         started=run.started_at.isoformat(),
         finished=timezone.now().isoformat(),

@@ -1,0 +1,127 @@
+"""Incremental chains: which backup an incremental builds on, or why it must be a full.
+
+A push backup creates a libvirt checkpoint (a persistent dirty bitmap in each qcow2 disk);
+the next push copies only blocks dirtied since then, into a qcow2 whose backing file is the
+parent backup's image by a relative path — an ordinary qcow2 chain. Anything that makes that
+chain doubtful (lost checkpoint, missing bitmap, changed disks, parent gone or corrupt, the
+policy's ``full_every``) falls back to a full backup, with the reason recorded on the run.
+Checkpoints are ours only when named ``vmbackup-<run id>``; no other is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import hypervisor
+from .models import Backup, Kind, Method, VerifyStatus
+
+CHECKPOINT_PREFIX = "vmbackup-"
+
+
+def checkpoint_name(run_id: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{run_id}"
+
+
+def is_ours(name: str) -> bool:
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    reason: str
+    parent: Backup | None = None
+
+    @property
+    def incremental(self) -> bool:
+        return self.kind == Kind.INCREMENTAL
+
+
+def _full(reason: str) -> Plan:
+    return Plan(Kind.FULL, reason)
+
+
+def chain_length(backup: Backup) -> int:
+    """Incrementals between ``backup`` and its full (0 for a full)."""
+    length, node = 0, backup
+    while node.parent_id is not None:
+        length += 1
+        node = node.parent
+    return length
+
+
+def plan(vm, policy, hv: hypervisor.Session, disks: list[hypervisor.DiskInfo]) -> Plan:
+    """Decide full or incremental for a push backup of ``disks`` (pre-flight, read-only)."""
+    parent = vm.backups.published().order_by("-created_at", "-id").first()
+    if parent is None:
+        return _full("first backup of this VM")
+    if parent.method != Method.PUSH or not parent.checkpoint:
+        return _full("the last backup has no checkpoint (not a push backup)")
+    if parent.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
+        return _full(f"the last backup is {parent.verify_status}")
+    if not Path(parent.path, "backup.json").is_file():
+        return _full("the last backup's directory is missing")
+    full_every = policy.full_every if policy else 7
+    if chain_length(parent) + 1 > full_every:
+        return _full(f"full_every={full_every} reached")
+    reason = _disks_changed(parent, disks)
+    if reason:
+        return _full(reason)
+    reason = _checkpoint_problem(vm, parent, hv, disks)
+    if reason:
+        return _full(reason)
+    return Plan(Kind.INCREMENTAL, f"changes since {parent.checkpoint}", parent)
+
+
+def _disks_changed(parent: Backup, disks: list[hypervisor.DiskInfo]) -> str | None:
+    before = {d["target"]: d for d in parent.manifest.get("disks", [])}
+    now = {d.target: d for d in disks}
+    if set(now) - set(before):
+        return "disk added: " + ", ".join(sorted(set(now) - set(before)))
+    if set(before) - set(now):
+        return "disk removed: " + ", ".join(sorted(set(before) - set(now)))
+    for target, disk in now.items():
+        if (disk.capacity or 0) != before[target]["virtual_size"]:
+            return f"disk {target} resized"
+        if disk.source != before[target]["source"]:
+            return f"disk {target} now has another source"
+    return None
+
+
+def _checkpoint_problem(vm, parent: Backup, hv, disks) -> str | None:
+    """Is the parent's checkpoint known to libvirt, with a consistent bitmap on each disk?
+
+    A running QEMU holds its bitmaps in memory (the qcow2 file shows them only after
+    close), so the check asks libvirt: a size query needs every bitmap to be present.
+    """
+    uuid = str(vm.uuid)
+    if parent.checkpoint not in hv.checkpoints(uuid):
+        if not parent.checkpoint_xml:
+            return f"checkpoint {parent.checkpoint} lost and not stored"
+        try:
+            hv.redefine_checkpoint(uuid, parent.checkpoint_xml)
+        except hypervisor.HypervisorError as exc:
+            return f"checkpoint {parent.checkpoint} lost and could not be redefined: {exc}"
+    try:
+        hv.checkpoint_changed_bytes(uuid, parent.checkpoint)
+    except hypervisor.HypervisorError as exc:
+        return f"checkpoint {parent.checkpoint} unusable: {exc}"
+    return None
+
+
+def relative_backing(parent: Backup, file: str) -> str:
+    return f"../{os.path.basename(parent.path)}/{file}"
+
+
+def drop_old_checkpoints(hv: hypervisor.Session, uuid: str, keep: str) -> list[str]:
+    """Delete our checkpoints other than ``keep``: only the newest is ever built on."""
+    dropped = []
+    for name in hv.checkpoints(uuid):
+        if is_ours(name) and name != keep:
+            with contextlib.suppress(hypervisor.HypervisorError):
+                hv.delete_checkpoint(uuid, name)
+                dropped.append(name)
+    return dropped

@@ -1,0 +1,149 @@
+"""Incremental push backups with checkpoints, against the real libvirtd and QEMU."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backups import archive, jobs, qemu_img
+from backups.models import BackupPolicy, RunStatus
+from tests.domains import DiskSpec, guest_write, make_dir, run
+
+pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
+
+
+def push(vm, policy=None):
+    r = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    jobs.run_backup(r.pk)
+    r.refresh_from_db()
+    assert r.status == RunStatus.SUCCEEDED, r.error
+    return r
+
+
+def write(domains, dom, index, command):
+    guest_write(domains.conn, dom.uuid, index, command)
+    guest_write(domains.conn, dom.uuid, index, "flush")
+
+
+def snapshot_copy(dom, target, dest: Path) -> Path:
+    """The disk's content now, taken beside the running guest (-U) after a flush."""
+    out = dest / f"{target}.ref.qcow2"
+    run(["qemu-img", "convert", "-U", "-f", dom.formats[target], "-O", "qcow2",
+         str(dom.disks[target]), str(out)])  # fmt: skip
+    return out
+
+
+def our_checkpoints(domains, dom):
+    return [c.getName() for c in domains.lookup(dom).listAllCheckpoints()]
+
+
+def test_it_restores_each_of_five_points_in_time_exactly(domains, backup_root, synced):
+    dom = domains.create(
+        [DiskSpec("vda", "qcow2", 64, [(0, 8, 0xA1)]), DiskSpec("vdb", "raw", 16, [(0, 1, 0xB1)])],
+        start=True,
+    )
+    vm = synced(dom)
+    writes = [
+        None,
+        "write -P 0xc2 1M 3M",
+        "write -z 0 2M",  # zeroed ranges must read as zeros, not the parent's data
+        "write -P 0xc4 40M 5M",
+        "write -z 41M 1M",
+    ]
+    points = []
+    for i, command in enumerate(writes):
+        if command:
+            write(domains, dom, 0, command)
+            write(domains, dom, 1, f"write -P {0xD0 + i} {i}M 1M")
+        refs = make_dir(dom.dir / f"ref{i}")
+        references = {t: snapshot_copy(dom, t, refs) for t in dom.disks}
+        r = push(vm)
+        assert r.kind == ("full" if i == 0 else "incremental"), r.kind_reason
+        points.append((r, references))
+
+    for r, references in points:
+        path = Path(r.backup.path)
+        for target, ref in references.items():
+            assert qemu_img.compare(str(ref), "qcow2", str(path / f"{target}.qcow2"), "qcow2")
+        assert archive.verify(path).ok
+    last = points[-1][0].backup
+    assert last.parent == points[-2][0].backup
+    manifest = archive.read_manifest(last.path)
+    vda = next(d for d in manifest.disks if d.target == "vda")
+    assert vda.backing == f"../{Path(points[-2][0].backup.path).name}/vda.qcow2"
+    vdb = next(d for d in manifest.disks if d.target == "vdb")
+    assert vdb.backing is None  # raw disks have no bitmap: copied whole every time
+    assert qemu_img.info(str(Path(last.path) / "vda.qcow2"), "qcow2").backing_filename == (
+        vda.backing
+    )
+    assert our_checkpoints(domains, dom) == [last.checkpoint]
+
+
+def test_it_is_much_smaller_than_the_full(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 64, [(0, 40, 0xA1)])], start=True)
+    vm = synced(dom)
+    full = push(vm)
+    write(domains, dom, 0, "write -P 0x5a 50M 2M")
+    inc = push(vm)
+    assert inc.kind == "incremental"
+    assert inc.backup.manifest["disks"][0]["bytes"] < 4 * 1024 * 1024
+    assert full.backup.manifest["disks"][0]["bytes"] > 40 * 1024 * 1024
+
+
+def test_it_falls_back_to_a_full_when_the_checkpoint_is_lost(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    first = push(vm)
+    domains.lookup(dom).checkpointLookupByName(first.backup.checkpoint).delete(0)
+    r = push(vm)
+    assert r.kind == "full"
+    assert f"checkpoint {first.backup.checkpoint} lost and could not be redefined" in (
+        r.kind_reason
+    )
+
+
+def test_it_redefines_a_checkpoint_libvirt_forgot(domains, backup_root, synced):
+    import libvirt
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    first = push(vm)
+    cp = domains.lookup(dom).checkpointLookupByName(first.backup.checkpoint)
+    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    write(domains, dom, 0, "write -P 0x77 2M 1M")
+    r = push(vm)
+    assert r.kind == "incremental", r.kind_reason
+
+
+def test_it_falls_back_to_a_full_when_the_parent_is_deleted(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    first = push(vm)
+    shutil.rmtree(first.backup.path)
+    r = push(vm)
+    assert (r.kind, r.kind_reason) == ("full", "the last backup's directory is missing")
+
+
+def test_it_falls_back_to_a_full_when_a_disk_is_added(domains, backup_root, synced):
+    import libvirt
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    push(vm)
+    extra = dom.dir / "vdc.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), "8M"])
+    xml = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{extra}'/><target dev='vdc' bus='virtio'/></disk>"
+    )
+    domains.lookup(dom).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    r = push(vm)
+    assert (r.kind, r.kind_reason) == ("full", "disk added: vdc")
+
+
+def test_it_makes_a_full_every_n(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    policy = BackupPolicy.objects.create(name="p", full_every=2, schedule="")
+    kinds = [push(vm, policy).kind for _ in range(4)]
+    assert kinds == ["full", "incremental", "incremental", "full"]
