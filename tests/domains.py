@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import libvirt
 URI = os.environ.get("VMBACKUP_TEST_URI", "qemu:///system")
 BASE = Path(os.environ.get("VMBACKUP_TEST_DIR", "/var/tmp/vmbackup-tests"))
 PREFIX = "vmbt-"
+OWNER_TAG = "vmbackup-tests pid="
 MiB = 1024 * 1024
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
@@ -81,6 +83,7 @@ def domain_xml(
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "uuid").text = dom_uuid
+    ET.SubElement(dom, "description").text = f"{OWNER_TAG}{os.getpid()}"
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
     ET.SubElement(dom, "vcpu").text = "1"
     os_node = ET.SubElement(dom, "os")
@@ -192,19 +195,40 @@ def remove_domain(conn, dom_uuid: str) -> None:
         pass
 
 
+def _owner_alive(xml: str) -> bool:
+    """Test domains carry their creator's pid: a sweep never takes a live run's domains."""
+    description = ET.fromstring(xml).findtext("description") or ""
+    pid = description.removeprefix(OWNER_TAG)
+    if not description.startswith(OWNER_TAG) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    return int(pid) != os.getpid()
+
+
 def sweep(uri: str = URI) -> None:
     """Remove leftovers of an earlier, killed test run (domains and files)."""
     conn = libvirt.open(uri)
+    keep_dirs = set()
     try:
         for dom in conn.listAllDomains():
-            if dom.name().startswith(PREFIX):
-                remove_domain(conn, dom.UUIDString())
+            if not dom.name().startswith(PREFIX):
+                continue
+            xml = dom.XMLDesc(0)
+            if _owner_alive(xml):
+                sources = ET.fromstring(xml).findall("devices/disk/source")
+                keep_dirs |= {Path(s.get("file", "")).parent.name for s in sources}
+                continue
+            remove_domain(conn, dom.UUIDString())
     finally:
         conn.close()
     if BASE.exists():
         for child in BASE.iterdir():
-            if child.name.startswith(PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
+            if child.name.startswith(PREFIX) and child.name not in keep_dirs:
+                if time.time() - child.stat().st_mtime > 3600:
+                    shutil.rmtree(child, ignore_errors=True)
 
 
 def hmp(conn, dom_uuid: str, command: str) -> str:
