@@ -111,6 +111,54 @@ def sync_inventory() -> str:
     return "; ".join(f"{h.name}: {inventory.sync_host(h).summary()}" for h in Host.objects.all())
 
 
+def run_policy(policy_id: int) -> str:
+    """A policy's schedule fired: one run per VM; a VM still busy gets a skipped run."""
+    from .models import BackupPolicy
+
+    policy = BackupPolicy.objects.get(pk=policy_id)
+    if not policy.enabled:
+        return "policy disabled"
+    started, skipped = 0, 0
+    for vm in policy.vms.present().select_related("host"):
+        try:
+            request_backup(vm, method=policy.method, trigger=Trigger.SCHEDULE, policy=policy)
+            started += 1
+        except RunActive as exc:
+            now = timezone.now()
+            BackupRun.objects.create(
+                vm=vm,
+                policy=policy,
+                trigger=Trigger.SCHEDULE,
+                method_requested=policy.method,
+                status=RunStatus.SKIPPED,
+                error=str(exc),
+                started_at=now,
+                finished_at=now,
+            )
+            skipped += 1
+    return f"{started} started, {skipped} skipped"
+
+
+def verify_pass(budget_seconds: int = 3600, budget_bytes: int | None = None) -> str:
+    """Re-verify stored backups, least recently verified first, within a budget."""
+    import time
+
+    from django.db.models import F
+
+    from . import verify
+
+    deadline = time.monotonic() + budget_seconds
+    done, read = 0, 0
+    queue = Backup.objects.published().select_related("vm")
+    for backup in queue.order_by(F("verified_at").asc(nulls_first=True), "created_at"):
+        if time.monotonic() > deadline or (budget_bytes is not None and read >= budget_bytes):
+            break
+        verify.verify_backup(backup)
+        done += 1
+        read += backup.size_bytes
+    return f"verified {done} backups ({read} bytes)"
+
+
 def reconcile() -> str:
     from . import reconcile as reconcile_mod
 

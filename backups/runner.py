@@ -88,6 +88,7 @@ def execute(run: BackupRun) -> str:
             rc.journal("staging", path=str(staging))
             final = _produce_and_publish(run, rc, hv, prepared, staging)
         staging = None
+        _prune_after(run)
         run.mark_succeeded()
         return f"published {final}"
     except methods.Cancelled as exc:
@@ -103,6 +104,22 @@ def execute(run: BackupRun) -> str:
     finally:
         if staging is not None:
             _discard(run, staging)
+
+
+def _prune_after(run: BackupRun) -> None:
+    """Apply the policy's retention while this run still holds the VM's one active slot,
+    so no other backup of the VM can read a chain while it is being folded."""
+    if run.policy is None:
+        return
+    from . import prune
+
+    try:
+        report = prune.prune_vm(run.vm, run.policy)
+        if report.deleted:
+            run.log("pruned", backups=report.deleted, rebased=report.rebased)
+    except Exception as exc:  # the backup itself succeeded; report, do not fail it
+        log.exception("pruning after run %s failed", run.pk)
+        run.log("prune-failed", error=str(exc))
 
 
 def _reason(exc: Exception) -> str:

@@ -12,6 +12,8 @@ $PY manage.py migrate --noinput >/dev/null
 $PY manage.py createcachetable >/dev/null
 $PY manage.py collectstatic --noinput >/dev/null
 $PY manage.py vmbackup_admin_user
+$PY manage.py vmbackup_schedules >/dev/null
+$PY manage.py vmbackup_reconcile || true
 [ "$DEMO" = 1 ] && $PY manage.py vmbackup_demo
 $PY manage.py vmbackup_sync || echo "run: inventory sync failed (see above); the dashboard still starts"
 

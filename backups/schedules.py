@@ -1,0 +1,74 @@
+"""Policies become django-q2 schedules; housekeeping jobs get schedules of their own.
+
+One ``Schedule`` per policy, named ``policy-<id>`` and kept with ``update_or_create`` so
+saving a policy twice never duplicates it. ``next_run`` is computed here: django-q2 would
+otherwise run a new cron schedule at once.
+"""
+
+from django.utils import timezone
+from django_q.models import Schedule
+
+from . import cron
+from .models import BackupPolicy
+
+HOUSEKEEPING = {
+    # name: (function, cron, args)
+    "vmbackup-reconcile": ("backups.jobs.reconcile", "*/10 * * * *", ""),
+    "vmbackup-sync": ("backups.jobs.sync_inventory", "*/15 * * * *", ""),
+    "vmbackup-verify": ("backups.jobs.verify_pass", "30 4 * * *", "3600"),
+}
+
+
+def name_for(policy: BackupPolicy) -> str:
+    return f"policy-{policy.pk}"
+
+
+def _next(expr: str):
+    return cron.next_runs(expr, timezone.localtime(), 1)[0]
+
+
+def sync_policy(policy: BackupPolicy) -> Schedule | None:
+    """Create, update or remove the schedule of one policy."""
+    name = name_for(policy)
+    if not (policy.enabled and policy.schedule.strip()):
+        Schedule.objects.filter(name=name).delete()
+        return None
+    existing = Schedule.objects.filter(name=name).first()
+    changed = existing is None or existing.cron != policy.schedule
+    defaults = {
+        "func": "backups.jobs.run_policy",
+        "args": str(policy.pk),
+        "schedule_type": Schedule.CRON,
+        "cron": policy.schedule,
+        "repeats": -1,
+    }
+    if changed:
+        defaults["next_run"] = _next(policy.schedule)
+    schedule, _ = Schedule.objects.update_or_create(name=name, defaults=defaults)
+    return schedule
+
+
+def remove_policy(policy: BackupPolicy) -> None:
+    Schedule.objects.filter(name=name_for(policy)).delete()
+
+
+def install_all() -> list[str]:
+    """Housekeeping schedules plus one per policy; idempotent."""
+    names = []
+    for name, (func, expr, args) in HOUSEKEEPING.items():
+        Schedule.objects.update_or_create(
+            name=name,
+            defaults={
+                "func": func,
+                "args": args or None,
+                "schedule_type": Schedule.CRON,
+                "cron": expr,
+                "repeats": -1,
+                "next_run": _next(expr),
+            },
+        )
+        names.append(name)
+    for policy in BackupPolicy.objects.all():
+        if sync_policy(policy):
+            names.append(name_for(policy))
+    return names

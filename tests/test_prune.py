@@ -1,0 +1,90 @@
+"""Chain-aware pruning on real incremental chains: what is kept stays restorable."""
+
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from backups import archive, qemu_img
+from backups.models import Backup, BackupPolicy
+from tests.domains import DiskSpec, make_dir
+from tests.test_incremental import push, snapshot_copy, write
+
+pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
+
+
+@pytest.fixture
+def chain(domains, backup_root, synced):
+    """Five backups (a full and four incrementals), one day apart, with a reference copy each."""
+    dom = domains.create([DiskSpec("vda", "qcow2", 32, [(0, 4, 0xA1)])], start=True)
+    vm = synced(dom)
+    policy = BackupPolicy.objects.create(name="p", schedule="", full_every=10, keep_last=0,
+                                         keep_daily=0, keep_weekly=0, keep_monthly=0)  # fmt: skip
+    policy.vms.add(vm)
+    points = []
+    for i in range(5):
+        if i:
+            write(domains, dom, 0, f"write -P {0xB0 + i} {i * 4}M 2M")
+        if i == 3:
+            write(domains, dom, 0, "write -z 0 1M")
+        ref = snapshot_copy(dom, "vda", make_dir(dom.dir / f"ref{i}"))
+        backup = push(vm, policy).backup
+        Backup.objects.filter(pk=backup.pk).update(
+            created_at=timezone.now() - timedelta(days=5 - i)
+        )
+        points.append((Backup.objects.get(pk=backup.pk), ref))
+    return vm, policy, points
+
+
+def assert_kept_restorable(points):
+    kept = 0
+    for backup, ref in points:
+        backup.refresh_from_db()
+        if backup.pruned_at:
+            assert not Path(backup.path).exists()
+            continue
+        kept += 1
+        assert archive.verify(backup.path).ok, archive.verify(backup.path).errors
+        image = str(Path(backup.path) / "vda.qcow2")
+        assert qemu_img.compare(str(ref), "qcow2", image, "qcow2")
+        if backup.parent_id:
+            assert backup.parent.pruned_at is None
+    return kept
+
+
+def prune(policy, dry_run=False) -> list[str]:
+    out = StringIO()
+    args = ["vmbackup_prune"] + (["--dry-run"] if dry_run else [])
+    call_command(*args, stdout=out)
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize(
+    "rules,protect,expected_kept",
+    [
+        ({"keep_last": 2}, [], 2),  # the full and two incrementals go: the 4th becomes a full
+        ({"keep_last": 1, "keep_daily": 1}, [0], 3),  # protected full keeps its place
+        ({"keep_last": 1}, [2], 2),  # a protected middle point: the newest rebases onto it
+    ],
+)
+def test_it_keeps_every_remaining_point_restorable(chain, rules, protect, expected_kept):
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(**rules)
+    for index in protect:
+        Backup.objects.filter(pk=points[index][0].pk).update(protected=True)
+    dry = prune(policy, dry_run=True)
+    planned = {int(line.split("\t")[2]) for line in dry if "\tprune\t" in line}
+
+    prune(policy)
+
+    pruned = set(Backup.objects.filter(pruned_at__isnull=False).values_list("pk", flat=True))
+    assert pruned == planned  # the dry run said exactly what happened
+    assert assert_kept_restorable(points) == expected_kept
+    newest = points[-1][0]
+    newest.refresh_from_db()
+    assert newest.pruned_at is None
+    if newest.parent_id is None:
+        assert archive.read_manifest(newest.path).kind == "full"

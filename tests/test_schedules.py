@@ -1,0 +1,76 @@
+"""Policies become django-q2 schedules; scheduled runs skip a busy VM."""
+
+import pytest
+from django_q.models import Schedule
+
+from backups import jobs, schedules
+from backups.models import BackupPolicy, BackupRun, Host, RunStatus, VirtualMachine
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def vm():
+    host = Host.objects.create(name="h", uri="test:///default")
+    return VirtualMachine.objects.create(
+        host=host, uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", name="web"
+    )
+
+
+def test_it_creates_one_schedule_per_policy_and_never_duplicates_it():
+    policy = BackupPolicy.objects.create(name="nightly", schedule="0 2 * * *")
+    policy.save()
+    policy.save()
+    found = Schedule.objects.filter(name=f"policy-{policy.pk}")
+    assert found.count() == 1
+    schedule = found.get()
+    assert (schedule.func, schedule.args, schedule.cron) == (
+        "backups.jobs.run_policy",
+        str(policy.pk),
+        "0 2 * * *",
+    )
+    assert (schedule.next_run.hour, schedule.next_run.minute) == (2, 0)
+
+
+def test_it_follows_cron_changes_and_removes_disabled_or_deleted_policies():
+    policy = BackupPolicy.objects.create(name="nightly", schedule="0 2 * * *")
+    policy.schedule = "15 3 * * *"
+    policy.save()
+    assert Schedule.objects.get(name=f"policy-{policy.pk}").cron == "15 3 * * *"
+    policy.enabled = False
+    policy.save()
+    assert not Schedule.objects.filter(name=f"policy-{policy.pk}").exists()
+    policy.enabled = True
+    policy.save()
+    policy.delete()
+    assert not Schedule.objects.filter(name__startswith="policy-").exists()
+
+
+def test_it_installs_housekeeping_idempotently():
+    schedules.install_all()
+    schedules.install_all()
+    names = set(Schedule.objects.values_list("name", flat=True))
+    assert {"vmbackup-reconcile", "vmbackup-sync", "vmbackup-verify"} <= names
+    assert Schedule.objects.count() == len(names)
+
+
+def test_it_records_a_skipped_run_when_the_vm_is_still_busy(vm, monkeypatch):
+    monkeypatch.setattr("backups.jobs.async_task", lambda *a, **k: None)
+    policy = BackupPolicy.objects.create(name="nightly", schedule="")
+    policy.vms.add(vm)
+    BackupRun.objects.create(vm=vm, status=RunStatus.RUNNING)
+    assert jobs.run_policy(policy.pk) == "0 started, 1 skipped"
+    skipped = BackupRun.objects.get(status=RunStatus.SKIPPED)
+    assert skipped.trigger == "schedule" and "already has an active backup" in skipped.error
+
+
+def test_it_starts_one_run_per_vm(vm, monkeypatch, django_capture_on_commit_callbacks):
+    sent = []
+    monkeypatch.setattr("backups.jobs.async_task", lambda *a, **k: sent.append(a))
+    policy = BackupPolicy.objects.create(name="nightly", schedule="", method="push")
+    policy.vms.add(vm)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.run_policy(policy.pk) == "1 started, 0 skipped"
+    run = BackupRun.objects.get()
+    assert (run.status, run.method_requested, run.policy) == ("queued", "push", policy)
+    assert sent == [("backups.jobs.run_backup", run.pk)]
