@@ -11,7 +11,8 @@ setup:
 run: setup
 	./scripts/run.sh $(ADDR) $(DEMO)
 
-test: setup
+test:
+	./scripts/setup-host.sh --test
 	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
 	.venv/bin/pytest $(PYTEST_ARGS)

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
           libvirt-dev pkg-config ovmf dnsmasq-base python3-venv)
-[ "${WITH_BROWSER:-0}" = 1 ] && PACKAGES+=(chromium)
+# the test suite also needs a browser (Debian's; browsers cannot be downloaded), mkfs.ext4 and
+# cpio for the guest-agent test guest
+[ "${1:-}" = "--test" ] && PACKAGES+=(chromium e2fsprogs cpio)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -22,6 +22,7 @@ BASE = Path(os.environ.get("VMBACKUP_TEST_DIR", "/var/tmp/vmbackup-tests"))
 PREFIX = "vmbt-"
 OWNER_TAG = "vmbackup-tests pid="
 MiB = 1024 * 1024
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
