@@ -228,9 +228,18 @@ class Session:
     def domains(self) -> list[DomainInfo]:
         """Every domain (running and defined), with its current definition."""
         try:
-            return [self._info(dom) for dom in self._conn.listAllDomains()]
+            listed = self._conn.listAllDomains()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot list domains on {self.uri}: {exc}") from exc
+        found = []
+        for dom in listed:
+            try:
+                found.append(self._info(dom))
+            except libvirt.libvirtError as exc:
+                # undefined between the listing and the read: it is simply gone
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(f"cannot read domain on {self.uri}: {exc}") from exc
+        return found
 
     def domain(self, uuid: str) -> DomainInfo:
         try:

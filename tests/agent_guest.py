@@ -22,7 +22,7 @@ from pathlib import Path
 
 import libvirt
 
-from tests.domains import BASE, PREFIX, DiskSpec, TestDomain, fill, make_dir, run
+from tests.domains import BASE, OWNER_TAG, PREFIX, DiskSpec, TestDomain, fill, make_dir, run
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build-agent-guest.sh"
@@ -79,6 +79,7 @@ def agent_domain_xml(
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "uuid").text = dom_uuid
+    ET.SubElement(dom, "description").text = f"{OWNER_TAG}{os.getpid()}"
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
     ET.SubElement(dom, "vcpu").text = "1"
     os_node = ET.SubElement(dom, "os")
