@@ -271,8 +271,9 @@ class Session:
         self._call(self._dom(uuid).create, doing="start domain")
 
     def shutdown(self, uuid: str) -> None:
-        """Ask the guest to shut down (ACPI); returns at once."""
-        self._call(self._dom(uuid).shutdown, doing="shut down domain")
+        """Ask the guest to shut down (guest agent, else ACPI button); returns at once."""
+        flags = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+        self._call(self._dom(uuid).shutdownFlags, flags, doing="shut down domain")
 
     def destroy(self, uuid: str) -> None:
         self._call(self._dom(uuid).destroy, doing="force off domain")

@@ -109,7 +109,7 @@ def choose(requested: str, domain: hypervisor.DomainInfo) -> tuple[str, str]:
     running = domain.state in {"running", "paused"}
     if requested != Method.AUTO:
         if requested == Method.OFFLINE:
-            return requested, "requested"
+            return requested, "requested" + ("" if not running else " (domain is running)")
         if not running:
             raise MethodError(f"method {requested} needs a running domain; it is {domain.state}")
         return requested, "requested"

@@ -34,6 +34,7 @@ class Report:
     overlays: list[str] = field(default_factory=list)
     jobs_aborted: list[str] = field(default_factory=list)
     thawed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -43,6 +44,7 @@ class Report:
             f"{len(self.overlays)} overlays merged",
             f"{len(self.jobs_aborted)} jobs aborted",
             f"{len(self.thawed)} guests thawed",
+            f"{len(self.restarted)} guests restarted",
             f"{len(self.partials)} partial dirs removed",
         ]
         if self.errors:
@@ -97,6 +99,10 @@ def _repair_run(run: BackupRun, report: Report) -> None:
                 if step.get("step") == "snapshot":
                     methods.commit_overlays(hv, uuid, step.get("overlays", {}), run.log)
                     report.overlays.extend(step.get("overlays", {}).values())
+            if "shutdown" in names and "restart" not in names:
+                if hv.domain(uuid).state == "shutoff":
+                    hv.start(uuid)
+                    report.restarted.append(run.vm.name)
             if "freeze" in names and names.count("thaw") < names.count("freeze"):
                 with contextlib.suppress(hypervisor.HypervisorError):
                     hv.thaw(uuid)

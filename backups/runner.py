@@ -80,13 +80,18 @@ def execute(run: BackupRun) -> str:
     try:
         with hypervisor.session(run.vm.host.uri) as hv:
             prepared = _preflight(run, hv)
-            staging = archive.staging_dir(
-                prepared["root"], run.vm.name, archive.stamp(run.started_at), run.pk
-            )
-            run.staging_path = str(staging)
-            run.save(update_fields=["staging_path"])
-            rc.journal("staging", path=str(staging))
-            final = _produce_and_publish(run, rc, hv, prepared, staging)
+            try:
+                staging = archive.staging_dir(
+                    prepared["root"], run.vm.name, archive.stamp(run.started_at), run.pk
+                )
+                run.staging_path = str(staging)
+                run.save(update_fields=["staging_path"])
+                rc.journal("staging", path=str(staging))
+                final = _produce_and_publish(run, rc, hv, prepared, staging)
+            finally:
+                if prepared.get("restart"):
+                    rc.journal("restart")
+                    hv.start(prepared["domain"].uuid)
         staging = None
         _prune_after(run)
         run.mark_succeeded()
@@ -185,7 +190,12 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     )
     if not run.options.get("skip_space_check"):
         _check_space(run, root, disks, method)
+    restart = False
+    if method == Method.OFFLINE and domain.state != "shutoff":
+        _shut_down(run, hv, domain, policy)
+        domain, restart = hv.domain(domain.uuid), True
     return {
+        "restart": restart,
         "domain": domain,
         "disks": disks,
         "skipped": skipped,
@@ -193,6 +203,20 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
         "root": root,
         "plan": kind_plan,
     }
+
+
+def _shut_down(run, hv, domain, policy) -> None:
+    """Offline backup of a running VM: only with the policy's consent, only gracefully."""
+    if not (policy and policy.shutdown_for_offline):
+        raise Refused(
+            f"{domain.name} is {domain.state}; the offline method needs it shut off "
+            "(allow 'shut down for offline' in its policy, or use push or snapshot)"
+        )
+    timeout = settings.VMBACKUP_SHUTDOWN_TIMEOUT
+    run.log("shutdown", timeout=timeout)
+    hv.shutdown(domain.uuid)
+    if not hv.wait_state(domain.uuid, "shutoff", timeout=timeout):
+        raise Refused(f"{domain.name} did not shut down within {timeout}s; not forcing it off")
 
 
 def _check_space(run, root: str, disks, method: str) -> None:

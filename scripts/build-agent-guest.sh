@@ -237,6 +237,13 @@ while true; do
 done
 INIT
 chmod 755 "$ROOT/init"
+# qemu-ga's guest-shutdown runs "/sbin/shutdown -h -P +0 ...": power off at once (no real init)
+cat >"$ROOT/sbin/shutdown" <<'SHUTDOWN'
+#!/bin/sh
+sync
+exec /bin/busybox poweroff -f
+SHUTDOWN
+chmod 755 "$ROOT/sbin/shutdown"
 
 # --- pack ------------------------------------------------------------------------------------
 cd "$ROOT"
