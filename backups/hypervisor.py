@@ -241,6 +241,13 @@ class Session:
                     raise HypervisorError(f"cannot read domain on {self.uri}: {exc}") from exc
         return found
 
+    def exists(self, uuid: str) -> bool:
+        try:
+            self._conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def domain(self, uuid: str) -> DomainInfo:
         try:
             return self._info(self._dom(uuid))

@@ -134,16 +134,22 @@ def _repair_host(host: Host, report: Report) -> None:
     try:
         with hypervisor.session(host.uri) as hv:
             for domain in hv.domains():
-                for target, overlay in _our_overlays(hv, domain).items():
-                    run_id = int(OVERLAY_RE.match(os.path.basename(overlay)).group(1))
-                    if run_id in active:
-                        continue
-                    methods.commit_overlays(
-                        hv, domain.uuid, {target: overlay}, lambda *a, **k: None
-                    )
-                    report.overlays.append(overlay)
-    except (hypervisor.HypervisorError, methods.MethodError) as exc:
+                try:
+                    _repair_domain(hv, domain, active, report)
+                except (hypervisor.HypervisorError, methods.MethodError) as exc:
+                    if hv.exists(domain.uuid):  # a domain undefined meanwhile needs nothing
+                        report.errors.append(f"{domain.name}: {exc}")
+    except hypervisor.HypervisorError as exc:
         report.errors.append(f"host {host.name}: {exc}")
+
+
+def _repair_domain(hv, domain, active: set[int], report: Report) -> None:
+    for target, overlay in _our_overlays(hv, domain).items():
+        run_id = int(OVERLAY_RE.match(os.path.basename(overlay)).group(1))
+        if run_id in active:
+            continue
+        methods.commit_overlays(hv, domain.uuid, {target: overlay}, lambda *a, **k: None)
+        report.overlays.append(overlay)
 
 
 def _our_overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict[str, str]:
