@@ -319,8 +319,13 @@ def _commit_one(hv: hypervisor.Session, uuid: str, target: str, overlay: str, jo
     live = {d.target: d.source for d in domain.disks}
     if domain.state in {"running", "paused"} and live.get(target) == overlay:
         journal("commit", target=target)
-        hv.commit_active(uuid, target)
-    elif domain.state == "shutoff" and hv.disk_source(uuid, target, inactive=True) == overlay:
+        try:
+            hv.commit_active(uuid, target)
+        except hypervisor.HypervisorError:
+            if hv.domain(uuid).state != "shutoff":
+                raise
+            domain = hv.domain(uuid)  # stopped mid-commit: finish offline below
+    if domain.state == "shutoff" and hv.disk_source(uuid, target, inactive=True) == overlay:
         journal("commit-offline", target=target)
         qemu_img.commit(overlay, "qcow2")
     if hv.disk_source(uuid, target, inactive=True) == overlay and base.backing_filename:

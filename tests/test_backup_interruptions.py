@@ -1,0 +1,90 @@
+"""A run interrupted from outside: cancelled by the user, the VM shut down mid-copy."""
+
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+from django.db import connection
+
+from backups import archive, jobs
+from backups.models import BackupRun, RunStatus
+from tests.domains import DiskSpec
+from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.django_db(transaction=True)]
+BIG = [DiskSpec("vda", "qcow2", 1024, [(0, 1000, 0x91)])]
+
+
+def run_in_background(vm, method):
+    run = jobs.request_backup(vm, method=method, enqueue=False)
+
+    def work():
+        try:
+            jobs.run_backup(run.pk)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return run, thread
+
+
+def wait_for_step(run, step, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if any(e.get("step") == step for e in run.journal):
+            return
+        if run.is_finished:
+            pytest.fail(f"run finished ({run.status}: {run.error}) before {step!r}")
+        time.sleep(0.05)
+    pytest.fail(f"no {step!r} step within {timeout}s")
+
+
+@pytest.mark.parametrize("method,step", [("push", "backup-begin"), ("snapshot", "copy")])
+def test_it_cancels_cleanly(method, step, domains, backup_root, synced):
+    dom = domains.create(BIG, start=True)
+    run, thread = run_in_background(synced(dom), method)
+    wait_for_step(run, step)
+    jobs.request_cancel(run)
+    thread.join(timeout=120)
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED, run.error
+    assert archive.list_partials(backup_root) == []
+    assert_vm_untouched(domains, dom, running=True)
+    assert domains.lookup(dom).listAllCheckpoints() == []
+
+
+def test_it_commits_the_overlay_back_when_the_vm_is_shut_down_mid_copy(
+    domains, backup_root, synced
+):
+    dom = domains.create(BIG, start=True)
+    run, thread = run_in_background(synced(dom), "snapshot")
+    wait_for_step(run, "copy")
+    domains.lookup(dom).destroy()  # the guest is gone; its definition points at our overlay
+    thread.join(timeout=120)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error  # the frozen base was still readable
+    steps = [e["step"] for e in run.journal]
+    assert "commit-offline" in steps
+    assert_vm_untouched(domains, dom, running=False)
+    inactive = domains.lookup(dom).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert f"file='{dom.disks['vda']}'" in inactive and ".overlay." not in inactive
+    assert_images_equal(dom, Path(run.backup.path))
+
+
+def test_it_fails_cleanly_when_the_vm_is_shut_down_during_a_push(domains, backup_root, synced):
+    dom = domains.create(BIG, start=True)
+    run, thread = run_in_background(synced(dom), "push")
+    wait_for_step(run, "backup-begin")
+    time.sleep(0.2)
+    domains.lookup(dom).destroy()
+    thread.join(timeout=120)
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED
+    assert run.error  # the reason libvirt gave, not an empty "failed"
+    assert archive.list_partials(backup_root) == []
+    assert BackupRun.objects.active().count() == 0
+    assert_vm_untouched(domains, dom, running=False)
