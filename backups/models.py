@@ -249,6 +249,7 @@ class BackupRun(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         permissions = [("run_backup", "Can start and cancel backups")]
+        indexes = [models.Index(fields=["vm", "-created_at"], name="run_vm_recent")]
         constraints = [
             # One active run per VM, enforced where it cannot race: in the database.
             models.UniqueConstraint(
@@ -362,6 +363,7 @@ class Backup(models.Model):
             ("restore_backup", "Can restore backups"),
             ("verify_backup", "Can verify backups"),
         ]
+        indexes = [models.Index(fields=["vm", "-created_at"], name="backup_vm_recent")]
 
     def __str__(self):
         return f"{self.vm} @ {self.created_at:%Y-%m-%d %H:%M}"
