@@ -133,6 +133,9 @@ class Domains:
         token = uuidlib.uuid4().hex[:8]
         name = name or f"{PREFIX}{token}"
         directory = make_dir(BASE / f"{PREFIX}{token}")
+        dom_uuid = str(uuidlib.uuid4())
+        domain = TestDomain(name=name, uuid=dom_uuid, dir=directory, disks={}, formats={})
+        self.created.append(domain)  # first: teardown removes the directory whatever fails
         paths: dict[str, tuple[Path, str]] = {}
         for spec in disks if disks is not None else default_disks():
             path = directory / f"{spec.target}.{spec.fmt}"
@@ -140,17 +143,10 @@ class Domains:
             fill(path, spec.fmt, spec.patterns)
             paths[spec.target] = (path, spec.fmt)
         nvram_path = directory / "VARS.fd" if nvram else None
-        dom_uuid = str(uuidlib.uuid4())
         xml = domain_xml(name, dom_uuid, paths, cdrom=cdrom, nvram=nvram_path, agent=agent)
-        domain = TestDomain(
-            name=name,
-            uuid=dom_uuid,
-            dir=directory,
-            disks={t: p for t, (p, _f) in paths.items()},
-            formats={t: f for t, (_p, f) in paths.items()},
-            nvram=nvram_path,
-        )
-        self.created.append(domain)
+        domain.disks.update({t: p for t, (p, _f) in paths.items()})
+        domain.formats.update({t: f for t, (_p, f) in paths.items()})
+        domain.nvram = nvram_path
         dom = self.conn.defineXML(xml)
         if start:
             dom.create()
