@@ -1,8 +1,10 @@
 """Queries and small computations behind the dashboard pages.
 
 Everything per VM is computed with annotations and prefetches, so a page costs the same
-number of queries for ten VMs as for a thousand (pinned by the view tests). Nothing here
-talks to libvirt or qemu-img; the only local I/O is ``shutil.disk_usage`` of backup roots.
+number of queries for ten VMs as for a thousand (pinned by the view tests). The overview
+reads a few cheap facts of every VM (for its totals, filters and sort) and the rest only for
+the page of VMs it shows. Nothing here talks to libvirt or qemu-img; the only local I/O is
+``shutil.disk_usage`` of backup roots.
 """
 
 import shutil
@@ -11,9 +13,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core.paginator import Paginator
 from django.db.models import (
     Count,
     DateTimeField,
+    Exists,
+    F,
     OuterRef,
     Prefetch,
     Q,
@@ -46,6 +51,7 @@ STATE_LABELS = {
 RESULT_STATUSES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.INTERRUPTED)
 FAILED_STATUSES = (RunStatus.FAILED, RunStatus.INTERRUPTED)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PER_PAGE = 100  # VMs in the overview's table; rendering a row costs more than its queries
 
 
 def stale_after() -> timedelta:
@@ -64,14 +70,51 @@ def _per_vm(queryset, value):
     )
 
 
-def vms_with_facts(queryset=None):
-    """Present VMs annotated with everything the overview shows, in a fixed number of queries."""
-    published = Backup.objects.published()
+def _latest_runs():
+    """Finished runs of the outer VM, newest first (an index seek on ``run_vm_recent``)."""
     finished = BackupRun.objects.exclude(status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
-    latest_run = finished.filter(vm=OuterRef("pk")).order_by("-created_at", "-id")
-    latest_result = latest_run.filter(status__in=RESULT_STATUSES)
+    return finished.filter(vm=OuterRef("pk")).order_by("-created_at", "-id")
+
+
+def protection_rows(queryset=None):
+    """One ``values()`` row per present VM with only what the protection state, the filters,
+    the sort and the totals need.
+
+    The overview reads this for every VM, so it is kept to cheap per-VM index seeks and builds
+    no model instances; the rows of the page shown get the rest from ``vms_with_facts``.
+    """
+    published = Backup.objects.published()
+    enabled = BackupPolicy.vms.through.objects.filter(
+        virtualmachine=OuterRef("pk"), backuppolicy__enabled=True
+    )
+    queryset = queryset if queryset is not None else VirtualMachine.objects.present()
+    return (
+        queryset.order_by()
+        .values("pk", "name", host_name=F("host__name"))
+        .annotate(
+            has_policy=Exists(enabled),
+            last_success_at=Subquery(
+                published.filter(vm=OuterRef("pk"))
+                .order_by("-created_at", "-id")
+                .values("created_at")[:1]
+            ),
+            storage_bytes=Coalesce(_per_vm(published, Sum("size_bytes")), 0),
+            last_result_status=Subquery(
+                _latest_runs().filter(status__in=RESULT_STATUSES).values("status")[:1]
+            ),
+        )
+    )
+
+
+def vms_with_facts(queryset):
+    """VMs (a page of them: the subqueries are not free) with the facts only their rows show.
+
+    The chain's full is correlated to the outer VM, not to each backup, so that SQLite looks it
+    up once per VM instead of once per backup (7x faster).
+    """
+    published = Backup.objects.published()
     last_full = (
-        published.filter(vm=OuterRef("vm"), kind=Kind.FULL)
+        published.filter(vm=OuterRef(OuterRef("pk")), kind=Kind.FULL)
         .order_by("-created_at", "-id")
         .values("created_at")[:1]
     )
@@ -79,7 +122,7 @@ def vms_with_facts(queryset=None):
         kind=Kind.INCREMENTAL,
         created_at__gt=Coalesce(Subquery(last_full), Value(_EPOCH, DateTimeField())),
     )
-    queryset = queryset if queryset is not None else VirtualMachine.objects.present()
+    latest_run = _latest_runs()
     return (
         queryset.select_related("host")
         .prefetch_related(
@@ -90,30 +133,24 @@ def vms_with_facts(queryset=None):
             )
         )
         .annotate(
-            last_success_at=Subquery(
-                published.filter(vm=OuterRef("pk"))
-                .order_by("-created_at", "-id")
-                .values("created_at")[:1]
-            ),
-            storage_bytes=Coalesce(_per_vm(published, Sum("size_bytes")), 0),
             backup_count=Coalesce(_per_vm(published, Count("pk")), 0),
             chain_length=Coalesce(_per_vm(chain, Count("pk")), 0),
             last_run_id=Subquery(latest_run.values("pk")[:1]),
             last_run_status=Subquery(latest_run.values("status")[:1]),
             last_run_finished_at=Subquery(latest_run.values("finished_at")[:1]),
-            last_result_status=Subquery(latest_result.values("status")[:1]),
         )
     )
 
 
-def protection_state(vm, now: datetime) -> str:
-    if not vm.enabled_policies:
+def protection_state(row: dict, now: datetime) -> str:
+    """The state of a ``protection_rows`` row."""
+    if not row["has_policy"]:
         return UNPROTECTED
-    if vm.last_result_status in FAILED_STATUSES:
+    if row["last_result_status"] in FAILED_STATUSES:
         return FAILING
-    if vm.last_success_at is None:
+    if row["last_success_at"] is None:
         return NEVER
-    if now - vm.last_success_at > stale_after():
+    if now - row["last_success_at"] > stale_after():
         return STALE
     return OK
 
@@ -147,13 +184,15 @@ class Total:
         return self.states[FAILING] + self.states[STALE] + self.states[NEVER]
 
 
-def host_totals(vms) -> list[Total]:
+def host_totals(rows) -> list[Total]:
     totals: dict[str, Total] = {}
-    for vm in vms:
-        total = totals.setdefault(vm.host.name, Total(vm.host.name))
+    for row in rows:
+        total = totals.get(row["host_name"])
+        if total is None:
+            total = totals[row["host_name"]] = Total(row["host_name"])
         total.vms += 1
-        total.storage_bytes += vm.storage_bytes
-        total.states[vm.protection] += 1
+        total.storage_bytes += row["storage_bytes"]
+        total.states[row["protection"]] += 1
     return sorted(totals.values(), key=lambda t: t.name)
 
 
@@ -213,32 +252,66 @@ def workers_online() -> int | None:
         return None
 
 
-def sort_key(vm) -> tuple:
-    return (STATES.index(vm.protection), vm.name.lower(), vm.pk)
+_RANK = {state: rank for rank, state in enumerate(STATES)}
 
 
-def overview(*, state: str = "", host: str = "", q: str = "") -> dict:
-    """Everything the overview page shows; totals cover all present VMs, the table the filter."""
-    now = timezone.now()
-    vms = list(vms_with_facts())
-    for vm in vms:
-        vm.protection = protection_state(vm, now)
+def sort_key(row: dict) -> tuple:
+    return (_RANK[row["protection"]], row["name"].lower(), row["pk"])
+
+
+def page_vms(rows: list[dict], now: datetime) -> list[VirtualMachine]:
+    """Model instances for the rows of one page, in their order, with every fact shown.
+
+    What the protection state rests on is copied from the rows, so that a row never shows
+    facts that disagree with the state it was sorted and counted by.
+    """
+    page = VirtualMachine.objects.filter(pk__in=[row["pk"] for row in rows])
+    by_pk = {vm.pk: vm for vm in vms_with_facts(page)}
+    vms = []
+    for row in rows:
+        vm = by_pk.get(row["pk"])
+        if vm is None:  # deleted since the rows were read
+            continue
+        vm.protection = row["protection"]
         vm.protection_label = STATE_LABELS[vm.protection]
+        vm.last_success_at = row["last_success_at"]
         vm.last_success_age = now - vm.last_success_at if vm.last_success_at else None
+        finished = vm.last_run_finished_at
+        vm.last_run_age = now - finished if finished else None
+        vm.last_result_status = row["last_result_status"]
+        vm.storage_bytes = row["storage_bytes"]
+        vm.policy_names = ", ".join(p.name for p in vm.enabled_policies)
+        vms.append(vm)
+    attach_next_runs(vms)
+    return vms
+
+
+def overview(*, state: str = "", host: str = "", q: str = "", page=None) -> dict:
+    """Everything the overview page shows: totals cover all present VMs, the table one page
+    (``PER_PAGE``, problems first) of those the filters select."""
+    now = timezone.now()
+    rows = list(protection_rows())
+    for row in rows:
+        row["protection"] = protection_state(row, now)
+    needle = q.lower()
     shown = [
-        vm
-        for vm in vms
-        if (not state or vm.protection == state)
-        and (not host or vm.host.name == host)
-        and (not q or q.lower() in vm.name.lower())
+        row
+        for row in rows
+        if (not state or row["protection"] == state)
+        and (not host or row["host_name"] == host)
+        and (not needle or needle in row["name"].lower())
     ]
     shown.sort(key=sort_key)
-    attach_next_runs(shown)
+    page = Paginator(shown, PER_PAGE).get_page(page)
+    state_counts = dict.fromkeys(STATES, 0)
+    for row in rows:
+        state_counts[row["protection"]] += 1
     return {
-        "vms": shown,
-        "vm_count": len(vms),
-        "host_totals": host_totals(vms),
-        "state_counts": {s: sum(1 for vm in vms if vm.protection == s) for s in STATES},
+        "page": page,
+        "vms": page_vms(page.object_list, now),
+        "vm_count": len(rows),
+        "host_totals": host_totals(rows),
+        "state_counts": state_counts,
     }
 
 

@@ -39,7 +39,7 @@ def overview(request):
     state = state if state in dashboard.STATES else ""
     host = request.GET.get("host", "")
     q = request.GET.get("q", "").strip()
-    context = dashboard.overview(state=state, host=host, q=q)
+    context = dashboard.overview(state=state, host=host, q=q, page=request.GET.get("page"))
     context.update(
         filters={"state": state, "host": host, "q": q},
         filtered=bool(state or host or q),

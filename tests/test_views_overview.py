@@ -1,6 +1,7 @@
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.template import Context, Template
 from django.urls import reverse
 from django.utils import timezone
 from django_q.models import Schedule
@@ -139,16 +140,77 @@ def test_it_survives_an_unreadable_worker_status(viewer_client, vm, monkeypatch)
     assert b"workers: unknown" in response.content
 
 
+def test_it_pages_the_table_problems_first_with_totals_over_all_vms(
+    viewer_client, host, policy, vm, monkeypatch
+):
+    monkeypatch.setattr(dashboard, "PER_PAGE", 2)
+    for name in ("a-ok", "b-ok", "c-failing"):
+        machine = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name=name)
+        policy.vms.add(machine)
+        support.make_backup(machine, ago=timedelta(hours=2))
+    support.make_run(machine, RunStatus.FAILED)
+    VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="z-unprotected")
+
+    pages = [list(rows(viewer_client.get(URL, {"page": n}))) for n in (1, 2, 3)]
+
+    assert pages == [["c-failing", "web-1"], ["z-unprotected", "a-ok"], ["b-ok"]]
+    response = viewer_client.get(URL, {"page": 2})
+    assert response.context["vm_count"] == 5
+    assert response.context["state_counts"] == {
+        "failing": 1,
+        "stale": 0,
+        "never": 1,
+        "unprotected": 1,
+        "ok": 2,
+    }
+    assert [(t.name, t.vms, t.storage_bytes) for t in response.context["host_totals"]] == [
+        ("hv1", 5, 3000)
+    ]
+    assert b"page 2 of 3" in response.content
+    assert list(rows(viewer_client.get(URL, {"page": "99"}))) == ["b-ok"]  # the last page
+    assert list(rows(viewer_client.get(URL, {"page": "x"}))) == ["c-failing", "web-1"]
+
+
+def test_it_keeps_the_filters_in_the_page_links(viewer_client, host, monkeypatch):
+    monkeypatch.setattr(dashboard, "PER_PAGE", 2)
+    support.populate(host, 6)  # runs: succeeded, failed, interrupted, succeeded, ...
+    filters = {"state": "failing", "q": "VM-0"}
+
+    first = viewer_client.get(URL, filters)
+    second = viewer_client.get(URL, {**filters, "page": 2})
+
+    assert list(rows(first)) == ["vm-00001", "vm-00002"]
+    assert list(rows(second)) == ["vm-00004", "vm-00005"]
+    assert b'href="?state=failing&amp;q=VM-0&amp;page=2"' in first.content
+    assert b'href="?state=failing&amp;q=VM-0&amp;page=1"' in second.content
+    assert b"VMs 3\xe2\x80\x934 of 4" in second.content
+
+
+def test_it_shows_no_pager_for_a_single_page(viewer_client, policy, vm):
+    response = viewer_client.get(URL)
+    assert b'class="pager"' not in response.content
+
+
 @pytest.mark.parametrize("count", [10, 1000])
 def test_it_costs_the_same_queries_for_10_and_1000_vms(
     viewer_client, host, count, django_assert_num_queries, monkeypatch
 ):
     monkeypatch.setattr(dashboard, "workers_online", lambda: 1)
     support.populate(host, count)
-    # session, user, 2 x permissions, VMs, enabled policies, schedules, hosts, policy exists,
-    # root list, root usage
-    with django_assert_num_queries(11):
-        response = viewer_client.get(URL)
-    assert len(response.context["vms"]) == count
+    # session, user, 2 x permissions, protection facts of all VMs, VMs of the page, their
+    # enabled policies, schedules, hosts, policy exists, root list, root usage
+    with django_assert_num_queries(12):
+        response = viewer_client.get(URL, {"page": 2})
+    page = response.context["page"]
+    assert page.paginator.count == count
+    assert len(response.context["vms"]) == min(count, dashboard.PER_PAGE)
+    assert response.context["vm_count"] == count
     assert response.context["vms"][0].protection == "failing"
     assert response.context["vms"][0].chain_length == 1
+
+
+def test_it_prints_times_like_the_date_filter_in_the_current_time_zone():
+    template = Template('{% load vmbackup %}{{ t|stamp }}|{{ t|date:"Y-m-d H:i" }}|{{ n|stamp }}')
+    context = Context({"t": datetime(2026, 1, 31, 23, 30, tzinfo=UTC), "n": None})
+    with timezone.override("Europe/Berlin"):
+        assert template.render(context) == "2026-02-01 00:30|2026-02-01 00:30|"

@@ -1,6 +1,6 @@
 """Small display filters for the dashboard templates."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django import template
 
@@ -28,6 +28,15 @@ def age(value: timedelta | None) -> str:
     if seconds < 2 * 86400:
         return f"{seconds // 3600} h"
     return f"{seconds // 86400} d"
+
+
+@register.filter(expects_localtime=True)
+def stamp(value: datetime | None) -> str:
+    """Like ``date:"Y-m-d H:i"`` (the template converts to local time first) at a fraction of
+    its cost: the overview prints up to three per row."""
+    if value is None:
+        return ""
+    return value.strftime("%Y-%m-%d %H:%M")
 
 
 @register.filter
