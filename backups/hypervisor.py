@@ -193,6 +193,23 @@ class Session:
             raise HypervisorError(f"cannot connect to {self.uri}: {exc}") from exc
         return self
 
+    def reconnect(self, timeout: float = 60) -> None:
+        """Open the connection again after libvirtd went away (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+        while True:
+            try:
+                self._conn = libvirt.open(self.uri)
+                self._callback = self._conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
+                )
+                return
+            except libvirt.libvirtError as exc:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"libvirtd did not come back: {exc}") from exc
+                time.sleep(0.5)
+
     def _on_job_completed(self, _conn, dom, params, _opaque) -> None:
         """Keep the completed job's stats: only they carry the failure reason (errmsg)."""
         self._completed[dom.UUIDString()] = dict(params)
@@ -387,8 +404,16 @@ class Session:
         device") travels in the job-completed event, which the event loop stores for us.
         """
         deadline = time.monotonic() + timeout
+        reconnected = False
         while True:
-            progress = self.job_progress(uuid)
+            try:
+                progress = self.job_progress(uuid)
+            except HypervisorError:
+                if self._conn.isAlive():
+                    raise
+                self.reconnect()  # libvirtd restarted: QEMU's job went on without it
+                reconnected = True
+                continue
             if not progress.active:
                 break
             if on_progress:
@@ -411,6 +436,11 @@ class Session:
         )
         failed = stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED
         errmsg = params.get("errmsg") or stats.get("errmsg")
+        if failed and reconnected and not errmsg:
+            raise HypervisorError(
+                "libvirtd restarted during the backup job and its outcome is unknown; "
+                "the copy is discarded"
+            )
         if failed or errmsg:
             raise HypervisorError(f"backup job failed: {errmsg or 'no reason given by libvirt'}")
 

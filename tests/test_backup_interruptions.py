@@ -1,5 +1,6 @@
 """A run interrupted from outside: cancelled by the user, the VM shut down mid-copy."""
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -88,3 +89,43 @@ def test_it_fails_cleanly_when_the_vm_is_shut_down_during_a_push(domains, backup
     assert archive.list_partials(backup_root) == []
     assert BackupRun.objects.active().count() == 0
     assert_vm_untouched(domains, dom, running=False)
+
+
+def restart_libvirtd():
+    """Kill libvirtd (its guests keep running) and start it again, as after a crash."""
+    import signal
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "libvirtd did not stop"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
+    while subprocess.run(["virsh", "-c", "qemu:///system", "version"],
+                         capture_output=True).returncode != 0:  # fmt: skip
+        assert time.monotonic() < deadline + 30, "libvirtd did not come back"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_it_survives_a_libvirtd_restart_during_a_push(domains, backup_root, synced):
+    dom = domains.create(BIG, start=True)
+    run, thread = run_in_background(synced(dom), "push")
+    wait_for_step(run, "backup-begin")
+    while not run.bytes_done and not run.is_finished:  # QEMU is copying
+        time.sleep(0.05)
+        run.refresh_from_db()
+    restart_libvirtd()
+    domains.conn = libvirt.open(domains.uri)  # the fixture's own connection died too
+    thread.join(timeout=180)
+    run.refresh_from_db()
+    assert run.is_finished
+    if run.status == RunStatus.SUCCEEDED:
+        assert_images_equal(dom, Path(run.backup.path))
+    else:
+        assert run.status == RunStatus.FAILED and run.error
+    assert archive.list_partials(backup_root) == []
+    assert_vm_untouched(domains, dom, running=True)
