@@ -404,7 +404,7 @@ class Session:
         device") travels in the job-completed event, which the event loop stores for us.
         """
         deadline = time.monotonic() + timeout
-        reconnected = False
+        reconnected, pause = False, 0.02
         while True:
             try:
                 progress = self.job_progress(uuid)
@@ -424,7 +424,8 @@ class Session:
             if time.monotonic() > deadline:
                 self.abort_job(uuid)
                 raise HypervisorError(f"backup job did not finish within {timeout:.0f}s")
-            time.sleep(interval)
+            time.sleep(pause)
+            pause = min(pause * 1.5, interval)  # small incrementals end in a fraction of a second
         # the event may trail the job's end by a moment
         for _ in range(20):
             if uuid in self._completed:

@@ -1,0 +1,252 @@
+"""Helpers shared by the benchmark scripts: Django bootstrap, scratch directories, test disks,
+timing statistics and signal handling. Nothing here imports Django or the project at module
+level, so a script can set the environment first."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CHUNK = 8 * MiB
+
+
+def project_on_path() -> None:
+    """``python bench/x.py`` puts bench/ on sys.path, not the project: add it."""
+    if str(PROJECT) not in sys.path:
+        sys.path.insert(0, str(PROJECT))
+
+
+def setup_django(scratch: Path) -> None:
+    """Settings from the project, but a throwaway SQLite database and data dir in `scratch`."""
+    project_on_path()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "vmbackup_site.settings")
+    os.environ["VMBACKUP_SQLITE_PATH"] = str(scratch / "bench.sqlite3")
+    os.environ["VMBACKUP_DATA_DIR"] = str(scratch / "data")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0)
+
+
+def close_django() -> None:
+    """Close the database connections so the SQLite file can be removed."""
+    try:
+        from django.db import connections
+
+        connections.close_all()
+    except Exception:  # Django never got set up: nothing to close
+        pass
+
+
+def bench_dir(prefix: str = "vmbackup-bench") -> Path:
+    """/var/tmp/<prefix>-<random>, mode 0755 so QEMU (libvirt-qemu) can traverse it."""
+    path = Path("/var/tmp") / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return path
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="vmbackup-bench-db-"))
+
+
+def subdir(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir(mode=0o755, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+WORDS = (
+    "the a of and to in is it that was for on are with as his they be at one have this from "
+    "or had by hot word but what some we can out other were all there when up use your how "
+    "said an each she which do their time if will way about many then them write would like "
+    "so these her long make thing see him two has look more day could go come did number "
+    "sound no most people my over know water than call first who may down side been now find "
+    "backup disk image machine virtual copy block cluster snapshot restore verify checksum"
+).split()
+
+
+def text_block(size: int = MiB, seed: int = 1) -> bytes:
+    """About `size` bytes of English-like lines (a sentence per line), exactly `size` long."""
+    rng = random.Random(seed)
+    lines, total = [], 0
+    while total < size:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
+        line = (" ".join(words).capitalize() + ".\n").encode()
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)[:size]
+
+
+def build_raw(path: Path, size: int) -> dict[str, int]:
+    """A sparse raw file: first half random, next quarter repeated text, last quarter a hole.
+
+    The MBR boot signature is never left in place, so a guest without an OS does not try to
+    boot random bytes. Returns the byte counts of each part.
+    """
+    if size % (4 * CHUNK):
+        raise ValueError(f"size must be a multiple of {4 * CHUNK} bytes")
+    random_part, text_part = size // 2, size // 4
+    text = text_block(CHUNK)
+    with open(path, "wb") as f:
+        for offset in range(0, random_part, CHUNK):
+            chunk = bytearray(os.urandom(CHUNK))
+            if offset == 0 and chunk[510:512] == b"\x55\xaa":
+                chunk[510] = 0
+            f.write(chunk)
+        for _ in range(0, text_part, CHUNK):
+            f.write(text)
+        f.truncate(size)  # the last quarter stays a hole
+    return {"random": random_part, "text": text_part, "hole": size - random_part - text_part}
+
+
+def run(argv: list[str], timeout: float = 1800) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def timed(argv: list[str], timeout: float = 1800) -> float:
+    """Wall-clock seconds of one command (it must succeed)."""
+    start = time.perf_counter()
+    run(argv, timeout)
+    return time.perf_counter() - start
+
+
+def cached_fraction(path: Path) -> float | None:
+    """Share of `path`'s allocated pages in the page cache (util-linux fincore), or None."""
+    if not shutil.which("fincore"):
+        return None
+    try:
+        out = run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)], 30)
+        resident = int(out.split()[0])
+    except (RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+    allocated = os.stat(path).st_blocks * 512
+    return min(resident / allocated, 1.0) if allocated else None
+
+
+def read_through(path: Path) -> None:
+    """Read a file once so it is in the page cache (nothing is ever dropped)."""
+    buf = bytearray(CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def prefault(nbytes: int) -> float:
+    """Touch `nbytes` of anonymous memory and free it again; returns the seconds it took.
+
+    On a VM whose balloon reports free pages to the host (virtio-balloon free page
+    reporting, as here), memory freed a few seconds ago is handed back to the host and the
+    next write into fresh page cache faults it in again: up to ~2 s of extra system time for
+    1.5 GiB, at random. Touching the memory right before a measurement puts every measured
+    command in the same state, as warm as the page cache it reads.
+    """
+    start = time.perf_counter()
+    buf = bytearray(nbytes)  # zero-filled: every page is written
+    del buf
+    return time.perf_counter() - start
+
+
+def foreign_activity(own: tuple[str, ...]) -> dict[str, int]:
+    """Other people's QEMU guests and test runs, which share our 2 cores and skew timings."""
+    found = {"qemu": 0, "pytest": 0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline.split(" ", 1)[0] and not any(n in cmdline for n in own):
+            found["qemu"] += 1
+        elif "pytest" in cmdline and str(os.getpid()) != entry.name:
+            found["pytest"] += 1
+    return found
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over `seconds` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def settle() -> None:
+    """Flush dirty pages left by the previous measurement so it does not slow the next one.
+    (sync(2) writes back; it does not evict anything from the page cache.)"""
+    os.sync()
+
+
+def iso(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def first_step(journal: list[dict], step: str) -> datetime:
+    for entry in journal:
+        if entry.get("step") == step:
+            return iso(entry["at"])
+    raise KeyError(f"journal has no {step!r} step: {[e.get('step') for e in journal]}")
+
+
+def span(journal: list[dict], start: str, end: str) -> float:
+    """Seconds from the first `start` step to the first `end` step of a run's journal."""
+    return (first_step(journal, end) - first_step(journal, start)).total_seconds()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every ``finally`` cleanup runs."""
+
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Let cleanup finish even when Ctrl-C is pressed again."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
