@@ -43,8 +43,8 @@ class Hasher:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.futures: dict[str, Future] = {}
 
-    def add(self, path: Path) -> None:
-        self.futures[path.name] = self.pool.submit(archive.hash_file, path)
+    def add(self, path: Path, name: str | None = None) -> None:
+        self.futures[name or path.name] = self.pool.submit(archive.hash_file, path)
 
     def results(self) -> dict[str, str]:
         return {name: future.result() for name, future in self.futures.items()}
@@ -338,18 +338,38 @@ def _chain_args(run, prepared: dict) -> dict:
 
 def _copy_extras(hv, domain, staging: Path, hasher: Hasher, checkpoint: str | None) -> dict:
     """domain.xml (the persistent definition), the UEFI variable store, the checkpoint."""
-    extras = {"domain_xml": hv.inactive_xml(domain.uuid), "nvram": None, "checkpoint_xml": ""}
+    extras = {
+        "domain_xml": hv.inactive_xml(domain.uuid),
+        "nvram": None,
+        "tpm": None,
+        "checkpoint_xml": "",
+    }
     if checkpoint:
         extras["checkpoint_xml"] = hv.checkpoint_xml(domain.uuid, checkpoint)
         target = staging / "checkpoint.xml"
         target.write_text(extras["checkpoint_xml"])
         hasher.add(target)
+    if domain.tpm and domain.tpm.backend == "emulator":
+        extras["tpm"] = _copy_tpm(domain.uuid, staging, hasher)
     if domain.nvram and os.path.exists(domain.nvram):
         target = staging / "nvram.fd"
         shutil.copyfile(domain.nvram, target)
         hasher.add(target)
         extras["nvram"] = target.name
     return extras
+
+
+def _copy_tpm(uuid: str, staging: Path, hasher: Hasher) -> str | None:
+    """The emulated TPM's state (keys, sealed secrets): without it a restored VM that
+    used the TPM (BitLocker, LUKS with TPM unlock) cannot unlock its disks."""
+    source = Path(settings.VMBACKUP_SWTPM_DIR) / uuid
+    if not source.is_dir():
+        return None
+    target = staging / "tpm"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock", "*.pid", "*.sock"))
+    for path in sorted(p for p in target.rglob("*") if p.is_file()):
+        hasher.add(path, name=str(path.relative_to(staging)))
+    return "tpm"
 
 
 def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> archive.Manifest:
@@ -384,6 +404,7 @@ def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> ar
         disks=disks,
         skipped=tuple(prepared["skipped"]),
         nvram=extras["nvram"],
+        tpm=extras["tpm"],
         memory=result.memory,
     )
 

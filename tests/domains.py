@@ -79,6 +79,7 @@ def domain_xml(
     cdrom: bool = False,
     nvram: Path | None = None,
     agent: bool = False,
+    tpm: bool = False,
     memory_mib: int = 64,
 ) -> str:
     dom = ET.Element("domain", type="qemu")
@@ -105,6 +106,9 @@ def domain_xml(
         ET.SubElement(disk, "driver", name="qemu", type="raw")
         ET.SubElement(disk, "target", dev="sdc", bus="sata")
         ET.SubElement(disk, "readonly")
+    if tpm:
+        tpm_node = ET.SubElement(devices, "tpm", model="tpm-crb")
+        ET.SubElement(tpm_node, "backend", type="emulator", version="2.0")
     if agent:
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
@@ -129,6 +133,7 @@ class Domains:
         cdrom: bool = False,
         nvram: bool = False,
         agent: bool = False,
+        tpm: bool = False,
     ) -> TestDomain:
         token = uuidlib.uuid4().hex[:8]
         name = name or f"{PREFIX}{token}"
@@ -143,7 +148,7 @@ class Domains:
             fill(path, spec.fmt, spec.patterns)
             paths[spec.target] = (path, spec.fmt)
         nvram_path = directory / "VARS.fd" if nvram else None
-        xml = domain_xml(name, dom_uuid, paths, cdrom=cdrom, nvram=nvram_path, agent=agent)
+        xml = domain_xml(name, dom_uuid, paths, cdrom=cdrom, nvram=nvram_path, agent=agent, tpm=tpm)
         domain.disks.update({t: p for t, (p, _f) in paths.items()})
         domain.formats.update({t: f for t, (_p, f) in paths.items()})
         domain.nvram = nvram_path
@@ -187,6 +192,7 @@ def remove_domain(conn, dom_uuid: str) -> None:
             | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | libvirt.VIR_DOMAIN_UNDEFINE_TPM
         )
     except libvirt.libvirtError:
         pass

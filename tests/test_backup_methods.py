@@ -122,3 +122,13 @@ def test_it_copies_uefi_nvram(domains, backup_root, synced):
     dom.nvram.write_bytes(b"\x01" * 4096)
     run = backup(synced(dom), "offline")
     assert (Path(run.backup.path) / "nvram.fd").read_bytes() == b"\x01" * 4096
+
+
+def test_it_copies_the_emulated_tpm_state(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x15)])], start=True, tpm=True)
+    run = backup(synced(dom), "push")
+    state = Path("/var/lib/libvirt/swtpm", dom.uuid, "tpm2", "tpm2-00.permall")
+    copied = Path(run.backup.path, "tpm", "tpm2", "tpm2-00.permall")
+    assert copied.read_bytes() == state.read_bytes()
+    assert run.backup.manifest["tpm"] == "tpm"
+    assert_restorable(dom, Path(run.backup.path), dom.dir)
