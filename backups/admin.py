@@ -1,6 +1,7 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
-from .models import Backup, BackupPolicy, BackupRun, Disk, Host, VirtualMachine
+from . import jobs
+from .models import Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
 
 
 @admin.register(Host)
@@ -38,6 +39,20 @@ class VirtualMachineAdmin(admin.ModelAdmin):
         "gone_at",
     ]
     inlines = [DiskInline]
+    actions = ["back_up_now"]
+
+    @admin.action(description="Back up now", permissions=["run_backup"])
+    def back_up_now(self, request, queryset):
+        """The same job as the dashboard's button; a VM already busy is reported, not queued."""
+        for vm in queryset.select_related("host"):
+            try:
+                run = jobs.request_backup(vm, trigger=Trigger.ADMIN)
+                self.message_user(request, f"{vm.name}: backup queued (run {run.pk})")
+            except jobs.RunActive as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+
+    def has_run_backup_permission(self, request):
+        return request.user.has_perm("backups.run_backup")
 
 
 @admin.register(BackupPolicy)
@@ -70,4 +85,15 @@ class BackupAdmin(admin.ModelAdmin):
     ]
     list_filter = ["kind", "method", "verify_status", "protected"]
     search_fields = ["vm__name", "path"]
+    actions = ["verify_now"]
+
+    @admin.action(description="Verify now", permissions=["verify_backup"])
+    def verify_now(self, request, queryset):
+        for backup in queryset.select_related("vm__host"):
+            jobs.request_verify(backup)
+        self.message_user(request, f"{queryset.count()} verification(s) queued")
+
+    def has_verify_backup_permission(self, request):
+        return request.user.has_perm("backups.verify_backup")
+
     readonly_fields = [f.name for f in Backup._meta.fields if f.name not in {"id", "protected"}]
