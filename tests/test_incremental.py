@@ -147,3 +147,19 @@ def test_it_makes_a_full_every_n(domains, backup_root, synced):
     policy = BackupPolicy.objects.create(name="p", full_every=2, schedule="")
     kinds = [push(vm, policy).kind for _ in range(4)]
     assert kinds == ["full", "incremental", "incremental", "full"]
+
+
+def test_it_never_deletes_a_checkpoint_it_did_not_create(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    push(vm)
+    domains.lookup(dom).checkpointCreateXML(
+        "<domaincheckpoint><name>theirs</name>"
+        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+    )
+    write(domains, dom, 0, "write -P 0x66 3M 1M")
+    last = push(vm)
+    push(vm)
+    names = our_checkpoints(domains, dom)
+    assert "theirs" in names
+    assert last.backup.checkpoint not in names  # ours, superseded: dropped

@@ -74,3 +74,25 @@ def test_it_starts_one_run_per_vm(vm, monkeypatch, django_capture_on_commit_call
     run = BackupRun.objects.get()
     assert (run.status, run.method_requested, run.policy) == ("queued", "push", policy)
     assert sent == [("backups.jobs.run_backup", run.pk)]
+
+
+def test_it_verifies_least_recently_verified_first_within_a_byte_budget(vm):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from backups.models import Backup
+
+    def make(name, verified_ago):
+        verified = timezone.now() - verified_ago if verified_ago is not None else None
+        return Backup.objects.create(
+            vm=vm, path=f"/nonexistent/{name}", size_bytes=100, verified_at=verified
+        )
+
+    recent = make("recent", timedelta(hours=1))
+    never = make("never", None)
+    old = make("old", timedelta(days=30))
+    assert jobs.verify_pass(budget_seconds=60, budget_bytes=200) == "verified 2 backups (200 bytes)"
+    statuses = {b.path.rsplit("/", 1)[1]: b.verify_status for b in Backup.objects.all()}
+    assert statuses == {"never": "missing", "old": "missing", "recent": "unverified"}
+    assert recent.pk and never.pk and old.pk
