@@ -18,6 +18,12 @@ from dataclasses import dataclass
 
 import libvirt
 
+from . import domain_xml
+from .domain_xml import DiskInfo as DiskInfo  # re-exported: callers see one boundary
+from .domain_xml import DomainInfo as DomainInfo
+from .domain_xml import TpmInfo as TpmInfo
+from .domain_xml import parse_domain_xml
+
 
 class HypervisorError(Exception):
     """A libvirt call failed; the message is libvirt's, prefixed with what we were doing."""
@@ -35,106 +41,6 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
 }
-AGENT_CHANNEL = "org.qemu.guest_agent.0"
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    target: str
-    device: str  # disk | cdrom | floppy | lun
-    source_type: str  # file | block | network | volume | ""
-    source: str  # path (file/block), "" when empty (e.g. an ejected cdrom) or network
-    format: str  # qcow2 | raw | ...
-    bus: str
-    readonly: bool
-    shareable: bool
-    alias: str = ""  # e.g. virtio-disk0 (running domains only)
-    backing: bool = False  # the source has a backing chain (libvirt's <backingStore>)
-    capacity: int | None = None  # virtual size in bytes, when libvirt could tell
-
-
-@dataclass(frozen=True)
-class TpmInfo:
-    model: str
-    backend: str  # emulator | passthrough
-    version: str
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    uuid: str
-    name: str
-    state: str
-    persistent: bool
-    disks: tuple[DiskInfo, ...]
-    loader: str
-    nvram: str
-    tpm: TpmInfo | None
-    has_agent_channel: bool
-    xml: str
-
-
-def _text(node: ET.Element | None, attr: str, default: str = "") -> str:
-    return default if node is None else node.get(attr, default)
-
-
-def _parse_disk(disk: ET.Element) -> DiskInfo:
-    source = disk.find("source")
-    source_type = disk.get("type", "")
-    if source_type == "file":
-        path = _text(source, "file")
-    elif source_type == "block":
-        path = _text(source, "dev")
-    elif source_type == "volume":
-        path = _text(source, "volume")
-    else:
-        path = _text(source, "name")
-    backing = disk.find("backingStore")
-    return DiskInfo(
-        target=_text(disk.find("target"), "dev"),
-        device=disk.get("device", "disk"),
-        source_type=source_type,
-        source=path,
-        format=_text(disk.find("driver"), "type"),
-        bus=_text(disk.find("target"), "bus"),
-        readonly=disk.find("readonly") is not None,
-        shareable=disk.find("shareable") is not None,
-        alias=_text(disk.find("alias"), "name"),
-        backing=backing is not None and backing.find("source") is not None,
-    )
-
-
-def parse_domain_xml(xml: str, state: str = "other", persistent: bool = True) -> DomainInfo:
-    """Read what a backup needs to know from a domain definition (pure; unit-tested)."""
-    root = ET.fromstring(xml)
-    os_node = root.find("os")
-    loader = os_node.find("loader") if os_node is not None else None
-    nvram = os_node.find("nvram") if os_node is not None else None
-    tpm_node = root.find("devices/tpm")
-    tpm = None
-    if tpm_node is not None:
-        backend = tpm_node.find("backend")
-        tpm = TpmInfo(
-            model=tpm_node.get("model", ""),
-            backend=_text(backend, "type"),
-            version=_text(backend, "version"),
-        )
-    has_agent = any(
-        _text(channel.find("target"), "name") == AGENT_CHANNEL
-        for channel in root.findall("devices/channel")
-    )
-    return DomainInfo(
-        uuid=root.findtext("uuid", "").strip(),
-        name=root.findtext("name", "").strip(),
-        state=state,
-        persistent=persistent,
-        disks=tuple(_parse_disk(d) for d in root.findall("devices/disk")),
-        loader=(loader.text or "").strip() if loader is not None else "",
-        nvram=(nvram.text or "").strip() if nvram is not None else "",
-        tpm=tpm,
-        has_agent_channel=has_agent,
-        xml=xml,
-    )
 
 
 @dataclass(frozen=True)
@@ -342,34 +248,17 @@ class Session:
         that checkpoint, on ``bitmap_disks``; the other disks are copied in full. Disks in
         ``all_targets`` but not in ``targets`` are explicitly left out.
         """
-        backup = ET.Element("domainbackup", mode="push")
-        disks = ET.SubElement(backup, "disks")
-        for target in all_targets:
-            if target not in targets:
-                ET.SubElement(disks, "disk", name=target, backup="no")
-        for target, path in targets.items():
-            disk = ET.SubElement(disks, "disk", name=target, backup="yes", type="file")
-            if incremental and target in bitmap_disks:
-                disk.set("backupmode", "incremental")
-                disk.set("incremental", incremental)
-            elif incremental:
-                disk.set("backupmode", "full")
-            ET.SubElement(disk, "target", file=path)
-            ET.SubElement(disk, "driver", type="qcow2")
+        backup = domain_xml.backup_xml(targets, all_targets, incremental, bitmap_disks)
         checkpoint_xml = None
         if checkpoint:
-            root = ET.Element("domaincheckpoint")
-            ET.SubElement(root, "name").text = checkpoint
-            cdisks = ET.SubElement(root, "disks")
-            for target in dict.fromkeys([*all_targets, *targets]):
-                mode = "bitmap" if target in bitmap_disks else "no"
-                ET.SubElement(cdisks, "disk", name=target, checkpoint=mode)
-            checkpoint_xml = ET.tostring(root, encoding="unicode")
+            checkpoint_xml = domain_xml.checkpoint_xml(
+                checkpoint, [*all_targets, *targets], bitmap_disks
+            )
         self._completed.pop(uuid, None)
         dom = self._dom(uuid)
         self._call(
             dom.backupBegin,
-            ET.tostring(backup, encoding="unicode"),
+            backup,
             checkpoint_xml,
             0,
             doing="start backup job",
@@ -514,18 +403,9 @@ class Session:
         Disks not listed are excluded; ``memory_file`` also saves the RAM state (the
         guest pauses while it is written), so the set of images restores to a running VM.
         """
-        snap = ET.Element("domainsnapshot")
-        ET.SubElement(snap, "name").text = f"vmbackup-{int(time.time())}"
-        if memory_file:
-            ET.SubElement(snap, "memory", snapshot="external", file=memory_file)
-        disks = ET.SubElement(snap, "disks")
-        for target in all_targets:
-            if target in overlays:
-                disk = ET.SubElement(disks, "disk", name=target, snapshot="external")
-                ET.SubElement(disk, "driver", type="qcow2")
-                ET.SubElement(disk, "source", file=overlays[target])
-            else:
-                ET.SubElement(disks, "disk", name=target, snapshot="no")
+        snap = domain_xml.snapshot_xml(
+            f"vmbackup-{int(time.time())}", overlays, all_targets, memory_file
+        )
         flags = (
             libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
@@ -537,7 +417,7 @@ class Session:
         dom = self._dom(uuid)
         self._call(
             dom.snapshotCreateXML,
-            ET.tostring(snap, encoding="unicode"),
+            snap,
             flags,
             doing="create external snapshot",
         )
@@ -608,21 +488,8 @@ class Session:
             libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE,
             doing="read definition",
         )
-        root = ET.fromstring(xml)
-        for disk in root.findall("devices/disk"):
-            if _text(disk.find("target"), "dev") != target:
-                continue
-            source = disk.find("source")
-            source.set("dev" if disk.get("type") == "block" else "file", path)
-            driver = disk.find("driver")
-            if driver is not None:
-                driver.set("type", fmt)
-            backing = disk.find("backingStore")
-            if backing is not None:
-                disk.remove(backing)
-        self._call(
-            self._conn.defineXML, ET.tostring(root, encoding="unicode"), doing="redefine domain"
-        )
+        new_xml = domain_xml.with_disk_source(xml, target, path, fmt)
+        self._call(self._conn.defineXML, new_xml, doing="redefine domain")
 
     # -- guest agent -----------------------------------------------------------------------------
     def agent_responds(self, uuid: str, timeout: int = 5) -> bool:

@@ -32,6 +32,11 @@ if [ "$(id -u)" = 0 ]; then
   if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
     chown root:kvm /dev/kvm && chmod 660 /dev/kvm
   fi
+  # swtpm's local CA must belong to the user libvirt runs swtpm as (tss); a first run as
+  # root leaves root-owned files that make every later TPM start fail
+  if [ -d /var/lib/swtpm-localca ] && getent passwd tss >/dev/null; then
+    chown -R tss:root /var/lib/swtpm-localca
+  fi
   pgrep -x virtlogd >/dev/null || virtlogd -d
   if ! pgrep -x libvirtd >/dev/null; then
     echo "setup: starting libvirtd"

@@ -66,3 +66,29 @@ def test_it_reads_firmware_tpm_and_agent():
     assert info.nvram == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
     assert info.tpm is not None and info.tpm.version == "2.0"
     assert info.has_agent_channel
+
+
+def test_it_builds_an_incremental_backup_xml_per_disk():
+    import xml.etree.ElementTree as ET
+
+    from backups.domain_xml import backup_xml
+
+    xml = backup_xml(
+        {"vda": "/b/.x.partial/vda.qcow2", "vdb": "/b/.x.partial/vdb.qcow2"},
+        ["vda", "vdb", "vdc"],
+        "vmbackup-7",
+        ["vda"],
+    )
+    disks = {d.get("name"): d for d in ET.fromstring(xml).findall("disks/disk")}
+    assert disks["vda"].get("backupmode") == "incremental"
+    assert disks["vda"].get("incremental") == "vmbackup-7"
+    assert disks["vdb"].get("backupmode") == "full"  # raw: no bitmap, copied whole
+    assert disks["vdc"].get("backup") == "no"  # excluded disks are named, not defaulted
+    assert disks["vda"].find("target").get("file") == "/b/.x.partial/vda.qcow2"
+
+
+def test_it_escapes_names_in_generated_xml():
+    from backups.domain_xml import snapshot_xml
+
+    xml = snapshot_xml("s", {"vda": '/v/it\'s <a> & "b".qcow2'}, ["vda"], None)
+    assert "&lt;a&gt; &amp;" in xml

@@ -1,0 +1,193 @@
+"""Domain, backup, checkpoint and snapshot XML: read and written with ElementTree, never by
+formatting strings, and without libvirt so it can be tested as plain data.
+
+``hypervisor`` re-exports the dataclasses; everything else goes through it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    target: str
+    device: str  # disk | cdrom | floppy | lun
+    source_type: str  # file | block | network | volume | ""
+    source: str  # path (file/block), "" when empty (e.g. an ejected cdrom) or network
+    format: str  # qcow2 | raw | ...
+    bus: str
+    readonly: bool
+    shareable: bool
+    alias: str = ""  # e.g. virtio-disk0 (running domains only)
+    backing: bool = False  # the source has a backing chain (libvirt's <backingStore>)
+    capacity: int | None = None  # virtual size in bytes, when libvirt could tell
+
+
+@dataclass(frozen=True)
+class TpmInfo:
+    model: str
+    backend: str  # emulator | passthrough
+    version: str
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    state: str
+    persistent: bool
+    disks: tuple[DiskInfo, ...]
+    loader: str
+    nvram: str
+    tpm: TpmInfo | None
+    has_agent_channel: bool
+    xml: str
+
+
+def _text(node: ET.Element | None, attr: str, default: str = "") -> str:
+    return default if node is None else node.get(attr, default)
+
+
+def _parse_disk(disk: ET.Element) -> DiskInfo:
+    source = disk.find("source")
+    source_type = disk.get("type", "")
+    if source_type == "file":
+        path = _text(source, "file")
+    elif source_type == "block":
+        path = _text(source, "dev")
+    elif source_type == "volume":
+        path = _text(source, "volume")
+    else:
+        path = _text(source, "name")
+    backing = disk.find("backingStore")
+    return DiskInfo(
+        target=_text(disk.find("target"), "dev"),
+        device=disk.get("device", "disk"),
+        source_type=source_type,
+        source=path,
+        format=_text(disk.find("driver"), "type"),
+        bus=_text(disk.find("target"), "bus"),
+        readonly=disk.find("readonly") is not None,
+        shareable=disk.find("shareable") is not None,
+        alias=_text(disk.find("alias"), "name"),
+        backing=backing is not None and backing.find("source") is not None,
+    )
+
+
+def parse_domain_xml(xml: str, state: str = "other", persistent: bool = True) -> DomainInfo:
+    """Read what a backup needs to know from a domain definition (pure; unit-tested)."""
+    root = ET.fromstring(xml)
+    os_node = root.find("os")
+    loader = os_node.find("loader") if os_node is not None else None
+    nvram = os_node.find("nvram") if os_node is not None else None
+    tpm_node = root.find("devices/tpm")
+    tpm = None
+    if tpm_node is not None:
+        backend = tpm_node.find("backend")
+        tpm = TpmInfo(
+            model=tpm_node.get("model", ""),
+            backend=_text(backend, "type"),
+            version=_text(backend, "version"),
+        )
+    has_agent = any(
+        _text(channel.find("target"), "name") == AGENT_CHANNEL
+        for channel in root.findall("devices/channel")
+    )
+    return DomainInfo(
+        uuid=root.findtext("uuid", "").strip(),
+        name=root.findtext("name", "").strip(),
+        state=state,
+        persistent=persistent,
+        disks=tuple(_parse_disk(d) for d in root.findall("devices/disk")),
+        loader=(loader.text or "").strip() if loader is not None else "",
+        nvram=(nvram.text or "").strip() if nvram is not None else "",
+        tpm=tpm,
+        has_agent_channel=has_agent,
+        xml=xml,
+    )
+
+
+def _to_string(root: ET.Element) -> str:
+    return ET.tostring(root, encoding="unicode")
+
+
+def backup_xml(
+    targets: dict[str, str],
+    all_targets: Iterable[str],
+    incremental: str | None,
+    bitmap_disks: Iterable[str],
+) -> str:
+    """Push-mode ``<domainbackup>``: each target gets a qcow2 file; other disks are left out.
+
+    Incremental per disk: qcow2 disks (with a bitmap) copy what changed since the checkpoint,
+    the others are copied in full.
+    """
+    bitmap_disks = set(bitmap_disks)
+    backup = ET.Element("domainbackup", mode="push")
+    disks = ET.SubElement(backup, "disks")
+    for target in all_targets:
+        if target not in targets:
+            ET.SubElement(disks, "disk", name=target, backup="no")
+    for target, path in targets.items():
+        disk = ET.SubElement(disks, "disk", name=target, backup="yes", type="file")
+        if incremental and target in bitmap_disks:
+            disk.set("backupmode", "incremental")
+            disk.set("incremental", incremental)
+        elif incremental:
+            disk.set("backupmode", "full")
+        ET.SubElement(disk, "target", file=path)
+        ET.SubElement(disk, "driver", type="qcow2")
+    return _to_string(backup)
+
+
+def checkpoint_xml(name: str, targets: Iterable[str], bitmap_disks: Iterable[str]) -> str:
+    """A checkpoint with a bitmap on ``bitmap_disks`` and none on the other ``targets``."""
+    bitmap_disks = set(bitmap_disks)
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    disks = ET.SubElement(root, "disks")
+    for target in dict.fromkeys(targets):
+        mode = "bitmap" if target in bitmap_disks else "no"
+        ET.SubElement(disks, "disk", name=target, checkpoint=mode)
+    return _to_string(root)
+
+
+def snapshot_xml(
+    name: str, overlays: dict[str, str], all_targets: Iterable[str], memory_file: str | None
+) -> str:
+    """External snapshot of the disks in ``overlays`` (others excluded), RAM optional."""
+    snap = ET.Element("domainsnapshot")
+    ET.SubElement(snap, "name").text = name
+    if memory_file:
+        ET.SubElement(snap, "memory", snapshot="external", file=memory_file)
+    disks = ET.SubElement(snap, "disks")
+    for target in all_targets:
+        if target in overlays:
+            disk = ET.SubElement(disks, "disk", name=target, snapshot="external")
+            ET.SubElement(disk, "driver", type="qcow2")
+            ET.SubElement(disk, "source", file=overlays[target])
+        else:
+            ET.SubElement(disks, "disk", name=target, snapshot="no")
+    return _to_string(snap)
+
+
+def with_disk_source(xml: str, target: str, path: str, fmt: str) -> str:
+    """The definition with one disk pointed at ``path`` (its backing chain dropped)."""
+    root = ET.fromstring(xml)
+    for disk in root.findall("devices/disk"):
+        if _text(disk.find("target"), "dev") != target:
+            continue
+        source = disk.find("source")
+        source.set("dev" if disk.get("type") == "block" else "file", path)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", fmt)
+        backing = disk.find("backingStore")
+        if backing is not None:
+            disk.remove(backing)
+    return _to_string(root)
