@@ -44,7 +44,8 @@ class Hasher:
         self.futures: dict[str, Future] = {}
 
     def add(self, path: Path, name: str | None = None) -> None:
-        self.futures[name or path.name] = self.pool.submit(archive.hash_file, path)
+        future = self.pool.submit(archive.hash_file, path, flush=True)
+        self.futures[name or path.name] = future
 
     def results(self) -> dict[str, str]:
         return {name: future.result() for name, future in self.futures.items()}
@@ -277,7 +278,7 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
     archive.write_metadata(staging, manifest, extras["domain_xml"], sums)
     if not policy or policy.verify_after:
         rc.journal("verify")
-        checked = archive.verify(staging)
+        checked = archive.verify(staging, hashed=sums)
         if not checked.ok:
             raise methods.MethodError("verification failed: " + "; ".join(checked.errors))
     rc.journal("publish")

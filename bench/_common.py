@@ -153,21 +153,6 @@ def read_through(path: Path) -> None:
             pass
 
 
-def prefault(nbytes: int) -> float:
-    """Touch `nbytes` of anonymous memory and free it again; returns the seconds it took.
-
-    On a VM whose balloon reports free pages to the host (virtio-balloon free page
-    reporting, as here), memory freed a few seconds ago is handed back to the host and the
-    next write into fresh page cache faults it in again: up to ~2 s of extra system time for
-    1.5 GiB, at random. Touching the memory right before a measurement puts every measured
-    command in the same state, as warm as the page cache it reads.
-    """
-    start = time.perf_counter()
-    buf = bytearray(nbytes)  # zero-filled: every page is written
-    del buf
-    return time.perf_counter() - start
-
-
 def foreign_activity(own: tuple[str, ...]) -> dict[str, int]:
     """Other people's QEMU guests and test runs, which share our 2 cores and skew timings."""
     found = {"qemu": 0, "pytest": 0}

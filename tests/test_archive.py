@@ -566,3 +566,19 @@ def test_it_refuses_to_update_with_another_backups_manifest(root: Path):
 
     with pytest.raises(ArchiveError, match="another backup"):
         archive.update_after_rebase(published, manifest(run_id=5))
+
+
+def test_it_trusts_fresh_digests_only_for_the_files_named(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    backup = publish_backup(root, "web", 1, full_filler(raw_source(tmp_path / "src.raw")))
+    sums = archive.read_sums(backup)
+    image = next(n for n in sums if n.endswith(".qcow2"))
+    assert archive.verify(backup, hashed={image: sums[image]}).ok
+    wrong = archive.verify(backup, hashed={image: "0" * 64})
+    assert f"{image}: checksum mismatch" in wrong.errors
+    (backup / "RESTORE.md").write_text("tampered")  # not named: still re-hashed
+    assert (
+        "RESTORE.md: checksum mismatch"
+        in archive.verify(backup, hashed={image: sums[image]}).errors
+    )

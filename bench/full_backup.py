@@ -1,0 +1,437 @@
+"""Full backup vs bare ``qemu-img convert``, side by side, in interleaved rounds.
+
+    cd /work/main && .venv/bin/python bench/full_backup.py [--size-gib 2] [--rounds 3]
+
+Builds one qcow2 disk (half random, a quarter text, a quarter hole), gives an identical copy to
+two TCG domains (one shut off for ``offline``, one running for ``push``) and, in each round,
+times in turn: bare convert of the shut-off disk, our offline backup, bare convert ``-U`` of the
+running disk (for reference) and our push backup. Backups run in-process through
+``jobs.request_backup`` + ``jobs.run_backup``, exactly as a worker runs them.
+
+Figures: copy phase from the run journal (first ``copy`` / ``backup-begin`` step to the ``hash``
+step), total from ``started_at`` to ``finished_at`` (pre-flight, copy, hashing, metadata,
+verify, fsync + publish). Ratios are against the median of all bare converts (both disks).
+Every read is from a warm page cache (nothing is dropped); no writeback carries over from one
+measurement to the next (bare outputs are deleted unflushed, backups fsync their own). See
+bench/README.md. The last line is ``ratio_offline=<a> ratio_push=<b> ratio_with_verify=<c>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import _common as c
+
+URI = "qemu:///system"
+TARGETS = {"ratio_offline": 1.2, "ratio_push": 1.8, "ratio_with_verify": 2.5}
+# phases of a run, as (label, journal step or "started"/"finished", next boundary)
+OFFLINE_PHASES = (
+    ("preflight", "started", "copy"),
+    ("copy", "copy", "hash"),
+    ("hash+meta", "hash", "verify"),
+    ("verify", "verify", "publish"),
+    ("publish", "publish", "published"),
+    ("finish", "published", "finished"),
+)
+PUSH_PHASES = (("preflight", "started", "backup-begin"), ("copy", "backup-begin", "hash"))
+PUSH_PHASES += OFFLINE_PHASES[2:]
+
+
+@dataclass
+class RunFigures:
+    copy: float
+    total: float
+    phases: dict[str, float]
+    bytes_written: int
+    job: float | None = None  # push: libvirt's own job time (time_elapsed)
+    after_job: float | None = None  # push: job-completed event -> "hash" step (our tail)
+
+
+class JobWatch:
+    """Notes when libvirt reports a domain job finished: where QEMU's copy ends and the
+    runner's own waiting and bookkeeping begin. Read-only: a second connection's events."""
+
+    def __init__(self, uri: str):
+        import libvirt
+
+        from backups import hypervisor
+
+        hypervisor.ensure_event_loop()  # before open(), or this connection gets no events
+        self.conn = libvirt.open(uri)
+        self.events: dict[str, tuple[datetime, float]] = {}
+        self.callback = self.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._completed, None
+        )
+
+    def _completed(self, _conn, dom, params, _opaque) -> None:
+        elapsed = params.get("time_elapsed", 0) / 1000
+        self.events[dom.UUIDString()] = (datetime.now(UTC), elapsed)
+
+    def pop(self, uuid: str, wait: float = 2.0) -> tuple[datetime, float] | None:
+        deadline = time.monotonic() + wait
+        while uuid not in self.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.events.pop(uuid, None)
+
+    def close(self) -> None:
+        try:
+            self.conn.domainEventDeregisterAny(self.callback)
+        finally:
+            self.conn.close()
+
+
+@dataclass
+class Round:
+    bare: float = 0.0
+    bare_u: float = 0.0
+    offline: RunFigures | None = None
+    push: RunFigures | None = None
+    cached: dict[str, float | None] = field(default_factory=dict)
+    others: dict[str, int] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gib", type=float, default=2.0, help="virtual disk size, 2-4 GiB")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60,
+        metavar="SECONDS",
+        help="wait up to this long for other guests/tests to stop before measuring",
+    )
+    args = parser.parse_args(argv)
+    if not 2 <= args.size_gib <= 4:
+        parser.error("--size-gib must be between 2 and 4")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def phase_times(run, phases) -> dict[str, float]:
+    """Seconds per phase from the journal; 'started'/'finished' are the run's own stamps."""
+    marks = {"started": run.started_at, "finished": run.finished_at}
+    for entry in run.journal:
+        marks.setdefault(entry["step"], c.iso(entry["at"]))
+    return {label: (marks[b] - marks[a]).total_seconds() for label, a, b in phases}
+
+
+class Bench:
+    def __init__(self, root: Path, bare_dir: Path, domains, size: int, watch: JobWatch):
+        self.root = root
+        self.bare_dir = bare_dir
+        self.domains = domains
+        self.size = size
+        self.watch = watch
+
+    # -- setup -------------------------------------------------------------------------------
+    def build(self, work: Path) -> None:
+        from backups import inventory
+        from backups.models import BackupPolicy, Host, VirtualMachine
+        from tests.domains import DiskSpec
+
+        raw = work / "source.raw"
+        start = time.perf_counter()
+        parts = c.build_raw(raw, self.size)
+        say(
+            f"disk: {self.size / c.GiB:g} GiB virtual = {parts['random'] // c.MiB} MiB random"
+            f" + {parts['text'] // c.MiB} MiB text + {parts['hole'] // c.MiB} MiB hole"
+            f" (raw written in {time.perf_counter() - start:.1f} s)"
+        )
+        size_mib = self.size // c.MiB
+        self.doms = {}
+        token = work.name.rsplit("-", 1)[-1]
+        for role in ("off", "on"):
+            dom = self.domains.create(
+                [DiskSpec("vda", "qcow2", size_mib)], name=f"vmbench-{token}-{role}"
+            )
+            disk = dom.disks["vda"]
+            c.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
+            self.doms[role] = dom
+        raw.unlink()
+        self.domains.lookup(self.doms["on"]).create()
+        self.src = {role: dom.disks["vda"] for role, dom in self.doms.items()}
+        allocated = self.src["off"].stat().st_blocks * 512
+        say(f"source qcow2: {allocated / c.MiB:.0f} MiB allocated ({self.src['off']})")
+        host = Host.objects.create(name="bench", uri=URI)
+        inventory.sync_host(host)
+        self.vms = {
+            role: VirtualMachine.objects.get(host=host, uuid=dom.uuid)
+            for role, dom in self.doms.items()
+        }
+        if self.vms["on"].state != "running" or self.vms["off"].state != "shutoff":
+            raise RuntimeError(f"unexpected domain states: {self.vms}")
+        self.policy = BackupPolicy.objects.create(
+            name="bench-verify", method="offline", verify_after=True
+        )
+        for path in self.src.values():
+            c.read_through(path)  # warm the cache once; nothing is ever dropped
+        c.settle()
+        busy = c.cpu_busy(2.0)
+        say(f"CPU busy with our idle guest running, before measuring: {100 * busy:.0f}%")
+        # Untimed, right before round 1: after an idle pause the first convert runs slow
+        # (memory freed a while ago has been handed back to the host; see README).
+        self.bare("off", "warmup")
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"guest={dom.name}," for dom in self.doms.values())
+
+    # -- measurements ------------------------------------------------------------------------
+    def bare(self, role: str, tag: str) -> float:
+        out = self.bare_dir / f"{tag}-{role}.qcow2"
+        share = ["-U"] if role == "on" else []
+        argv = ["qemu-img", "convert", *share, "-f", "qcow2", "-O", "qcow2"]
+        seconds = c.timed([*argv, str(self.src[role]), str(out)])
+        out.unlink()
+        return seconds
+
+    def backup(self, role: str, method: str, policy) -> RunFigures:
+        from backups import jobs
+        from backups.models import RunStatus, Trigger
+
+        vm = self.vms[role]
+        run = jobs.request_backup(
+            vm, method=method, trigger=Trigger.COMMAND, policy=policy, enqueue=False
+        )
+        self.watch.events.pop(str(vm.uuid), None)
+        outcome = jobs.run_backup(run.pk)
+        run.refresh_from_db()
+        if run.status != RunStatus.SUCCEEDED:
+            raise RuntimeError(f"{method} backup failed: {outcome}; {run.error}")
+        first = "copy" if method == "offline" else "backup-begin"
+        phases = phase_times(run, OFFLINE_PHASES if method == "offline" else PUSH_PHASES)
+        figures = RunFigures(
+            copy=c.span(run.journal, first, "hash"),
+            total=(run.finished_at - run.started_at).total_seconds(),
+            phases=phases,
+            bytes_written=run.bytes_written,
+        )
+        event = self.watch.pop(str(vm.uuid)) if method == "push" else None
+        if event is not None:
+            figures.job = event[1]
+            figures.after_job = (c.first_step(run.journal, "hash") - event[0]).total_seconds()
+        published = Path(run.backup.path)
+        if published.parent.parent != self.root:
+            raise RuntimeError(f"backup published outside the bench root: {published}")
+        shutil.rmtree(published)
+        return figures
+
+    def round(self, number: int) -> Round:
+        r = Round()
+        r.cached = {role: c.cached_fraction(path) for role, path in self.src.items()}
+        r.others = c.foreign_activity(self.names())
+        r.bare = self.bare("off", f"r{number}")
+        r.offline = self.backup("off", "offline", self.policy)
+        r.bare_u = self.bare("on", f"r{number}")
+        r.push = self.backup("on", "push", None)
+        return r
+
+
+# -- reporting -------------------------------------------------------------------------------
+COLUMNS = (
+    ("bare", "bare", 6),
+    ("bare_u", "bare-U", 6),
+    ("off_copy", "off.copy", 8),
+    ("off_total", "off.total", 9),
+    ("push_copy", "push.copy", 9),
+    ("push_total", "push.tot", 8),
+)
+RATIOS = (("off_copy", "r.off", 5), ("push_copy", "r.push", 6), ("off_total", "r.verify", 8))
+HEADER = " ".join(
+    [f"{'round':>5} {'cache':>5} {'others':>6}"]
+    + [f"{title:>{width}}" for _key, title, width in COLUMNS]
+    + ["|"]
+    + [f"{title:>{width}}" for _key, title, width in RATIOS]
+)
+
+
+def row(label: str, bare: float, r: dict[str, float], cache: str = "", others: str = "") -> str:
+    """One line of seconds; ratios against `bare` (the round's or the pooled median)."""
+    return " ".join(
+        [f"{label:>5} {cache:>5} {others:>6}"]
+        + [f"{r[key]:{width}.2f}" for key, _title, width in COLUMNS]
+        + ["|"]
+        + [f"{r[key] / bare:{width}.2f}" for key, _title, width in RATIOS]
+    )
+
+
+def figures(r: Round) -> dict[str, float]:
+    return {
+        "bare": r.bare,
+        "bare_u": r.bare_u,
+        "off_copy": r.offline.copy,
+        "off_total": r.offline.total,
+        "push_copy": r.push.copy,
+        "push_total": r.push.total,
+    }
+
+
+def cache_label(cached: dict[str, float | None]) -> str:
+    values = [v for v in cached.values() if v is not None]
+    return "n/a" if not values else f"{100 * min(values):.0f}%"
+
+
+def report_round(number: int, r: Round) -> None:
+    others = f"{r.others['qemu']}q{r.others['pytest']}p"
+    say(row(str(number), c.median([r.bare, r.bare_u]), figures(r), cache_label(r.cached), others))
+
+
+def phase_line(name: str, runs: list[RunFigures]) -> str:
+    labels = list(runs[0].phases)
+    parts = [f"{label} {c.median([f.phases[label] for f in runs]):.2f}" for label in labels]
+    return f"  {name:<8} " + ", ".join(parts)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {c.median(values):.2f} / {max(values):.2f}"
+
+
+def report(rounds: list[Round], size: int, elapsed: float) -> None:
+    per_round = [figures(r) for r in rounds]
+    med = {key: c.median([f[key] for f in per_round]) for key in per_round[0]}
+    bare_samples = [r.bare for r in rounds] + [r.bare_u for r in rounds]
+    bare = c.median(bare_samples)
+    say()
+    say(HEADER)
+    say(row("med", bare, med))
+    say()
+    say("spread, min / median / max (s):")
+    say(f"  bare convert (both disks, {len(bare_samples)} samples): {spread(bare_samples)}")
+    for key, label in (("off_copy", "offline copy"), ("push_copy", "push copy")):
+        say(f"  {label}: {spread([f[key] for f in per_round])}")
+    say(f"  offline total: {spread([f['off_total'] for f in per_round])}")
+    say("phases of a run (journal, medians, s):")
+    say(phase_line("offline", [r.offline for r in rounds]))
+    say(phase_line("push", [r.push for r in rounds]))
+    jobs = [r.push for r in rounds if r.push.job is not None]
+    if jobs:
+        job = c.median([f.job for f in jobs])
+        tail = c.median([f.after_job for f in jobs])
+        say(
+            f"  push copy = libvirt/QEMU job {job:.2f} ({job / bare:.2f}x bare)"
+            f" + job end -> 'hash' step {tail:.2f} (runner: 0.5 s polling, job stats, chown)"
+        )
+    written, pushed = rounds[-1].offline.bytes_written, rounds[-1].push.bytes_written
+    say(
+        f"images: offline {written / c.MiB:.0f} MiB, push {pushed / c.MiB:.0f} MiB;"
+        f" bare convert ran at {written / c.MiB / bare:.0f} MiB/s (median);"
+        f" push copy vs bare -U alone {med['push_copy'] / med['bare_u']:.2f}x,"
+        f" offline copy vs bare alone {med['off_copy'] / med['bare']:.2f}x"
+    )
+    say(
+        "cache: every run read its source from a warm page cache (nothing dropped; 'cache' is"
+        " the resident share of the sources before each round). Outputs go to the page cache;"
+        " the backup runs fsync theirs (publish), bare convert does not."
+    )
+    best = {key: min(f[key] for f in per_round) for key in per_round[0]}
+    best_bare = min(bare_samples)
+    say(
+        "ratios of minimums (least disturbed samples; noise only ever adds time):"
+        f" offline {best['off_copy'] / best_bare:.2f}, push {best['push_copy'] / best_bare:.2f},"
+        f" with verify {best['off_total'] / best_bare:.2f}"
+    )
+    ratios = {
+        "ratio_offline": med["off_copy"] / bare,
+        "ratio_push": med["push_copy"] / bare,
+        "ratio_with_verify": med["off_total"] / bare,
+    }
+    verdict = ", ".join(
+        f"{name} {value:.2f} {'<=' if value <= TARGETS[name] else '>'} {TARGETS[name]}"
+        for name, value in ratios.items()
+    )
+    busy = [r for r in rounds if any(r.others.values())]
+    if busy:
+        say(
+            f"WARNING: other guests/test runs were active in {len(busy)} of {len(rounds)} rounds"
+            " ('others': q = foreign QEMU processes, p = pytest processes): figures are noisy"
+        )
+    say(f"targets: {verdict}")
+    say(f"{len(rounds)} rounds, {size / c.GiB:g} GiB disk, {elapsed:.0f} s in all")
+    say(" ".join(f"{name}={value:.2f}" for name, value in ratios.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = int(args.size_gib * c.GiB) // (4 * c.CHUNK) * (4 * c.CHUNK)
+    started = time.perf_counter()
+    work = c.bench_dir()
+    scratch = c.scratch_dir()
+    domains = watch = None
+    rounds: list[Round] = []
+    try:
+        with c.interrupts_as_keyboard():
+            c.setup_django(scratch)
+            from django.conf import settings
+
+            from tests import domains as domains_mod
+
+            domains_mod.BASE = work  # domain dirs live in our scratch dir, not the tests'
+            root = c.subdir(work, "root")
+            settings.VMBACKUP_ROOT = str(root)
+            domains = domains_mod.Domains(URI)
+            wait_quiet(args.wait_quiet)
+            watch = JobWatch(URI)
+            bench = Bench(root, c.subdir(work, "bare"), domains, size, watch)
+            bench.build(work)
+            say(f"backup root {root}; {args.rounds} rounds of bare, offline, bare -U, push")
+            say(HEADER)
+            for number in range(1, args.rounds + 1):
+                rounds.append(bench.round(number))
+                report_round(number, rounds[-1])
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        with c.uninterruptible():
+            cleanup(domains, watch, work, scratch)
+    report(rounds, size, time.perf_counter() - started)
+    return 0
+
+
+def wait_quiet(limit: float) -> None:
+    """Wait (up to `limit` s) until no other guest or test run is using the 2 cores."""
+    deadline = time.monotonic() + limit
+    while True:
+        others = c.foreign_activity(())
+        busy = c.cpu_busy(2.0)
+        quiet = not any(others.values()) and busy < 0.15
+        if quiet or time.monotonic() >= deadline:
+            state = "quiet" if quiet else "NOT quiet (measuring anyway)"
+            say(
+                f"machine {state}: CPU {100 * busy:.0f}% busy,"
+                f" {others['qemu']} other QEMU, {others['pytest']} pytest processes"
+            )
+            return
+        time.sleep(3)
+
+
+def cleanup(domains, watch: JobWatch | None, work: Path, scratch: Path) -> None:
+    """Domains (destroyed, undefined, their dirs removed), backups, bare outputs, database."""
+    if watch is not None:
+        try:
+            watch.close()
+        except Exception as exc:
+            print(f"cleanup: closing the event connection failed: {exc}", file=sys.stderr)
+    if domains is not None:
+        try:
+            domains.close()
+        except Exception as exc:  # keep going: the directories must still go
+            print(f"cleanup: removing domains failed: {exc}", file=sys.stderr)
+    c.close_django()
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
