@@ -16,6 +16,7 @@ test:
 	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
 	.venv/bin/pytest $(PYTEST_ARGS)
+	./scripts/test-postgres.sh
 
 lint:
 	.venv/bin/ruff format --check . && .venv/bin/ruff check .
