@@ -53,15 +53,24 @@ def chain_length(backup: Backup) -> int:
     return length
 
 
-def plan(vm, policy, hv: hypervisor.Session, disks: list[hypervisor.DiskInfo]) -> Plan:
-    """Decide full or incremental for a push backup of ``disks`` (pre-flight, read-only)."""
-    parent = vm.backups.published().order_by("-created_at", "-id").first()
+def plan(
+    vm, policy, hv: hypervisor.Session, disks: list[hypervisor.DiskInfo], directory: Path
+) -> Plan:
+    """Decide full or incremental for a push backup of ``disks`` (pre-flight, read-only).
+
+    Chains never cross policies or directories: the parent is the newest backup made under
+    the same policy into the same ``<root>/<vm>/`` directory (the backing path is relative),
+    so one policy's retention never folds or deletes what another's chain needs.
+    """
+    siblings = vm.backups.published().filter(policy=policy).order_by("-created_at", "-id")
+    parent = next((b for b in siblings if Path(b.path).parent == directory), None)
     if parent is None:
-        return _full("first backup of this VM")
+        return _full("first backup of this VM here" + (f" under {policy}" if policy else ""))
     if parent.method != Method.PUSH or not parent.checkpoint:
         return _full("the last backup has no checkpoint (not a push backup)")
-    if parent.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
-        return _full(f"the last backup is {parent.verify_status}")
+    broken = _broken_ancestor(parent)
+    if broken:
+        return _full(broken)
     if not Path(parent.path, "backup.json").is_file():
         return _full("the last backup's directory is missing")
     full_every = policy.full_every if policy else 7
@@ -74,6 +83,19 @@ def plan(vm, policy, hv: hypervisor.Session, disks: list[hypervisor.DiskInfo]) -
     if reason:
         return _full(reason)
     return Plan(Kind.INCREMENTAL, f"changes since {parent.checkpoint}", parent)
+
+
+def _broken_ancestor(parent: Backup) -> str | None:
+    """A corrupt or missing backup anywhere up the chain makes it unrestorable."""
+    node, depth = parent, 0
+    while node is not None:
+        if node.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
+            what = (
+                "the last backup" if depth == 0 else f"an earlier backup of the chain ({node.pk})"
+            )
+            return f"{what} is {node.verify_status}"
+        node, depth = node.parent, depth + 1
+    return None
 
 
 def _disks_changed(parent: Backup, disks: list[hypervisor.DiskInfo]) -> str | None:
@@ -116,11 +138,20 @@ def relative_backing(parent: Backup, file: str) -> str:
     return f"../{os.path.basename(parent.path)}/{file}"
 
 
-def drop_old_checkpoints(hv: hypervisor.Session, uuid: str, keep: str) -> list[str]:
-    """Delete our checkpoints other than ``keep``: only the newest is ever built on."""
+def needed_checkpoints(vm) -> set[str]:
+    """The checkpoint of the newest backup of each chain (per policy and directory): the
+    only ones a next incremental can build on."""
+    newest: dict[tuple, Backup] = {}
+    for backup in vm.backups.published().order_by("created_at", "id"):
+        newest[(backup.policy_id, str(Path(backup.path).parent))] = backup
+    return {b.checkpoint for b in newest.values() if b.checkpoint}
+
+
+def drop_old_checkpoints(hv: hypervisor.Session, uuid: str, keep: set[str]) -> list[str]:
+    """Delete our checkpoints not in ``keep``: each bitmap costs every guest write."""
     dropped = []
     for name in hv.checkpoints(uuid):
-        if is_ours(name) and name != keep:
+        if is_ours(name) and name not in keep:
             with contextlib.suppress(hypervisor.HypervisorError):
                 hv.delete_checkpoint(uuid, name)
                 dropped.append(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class Context:
     should_stop: Callable[[], bool] = lambda: False
     # push only: the checkpoint this backup creates, the one it is incremental to, and the
     # parent image (relative path) each incremental disk backs onto
+    exclusive: bool = False  # read the sources with the image lock (offline)
+    timeout: float = 24 * 3600  # one disk copy; the job's own timeout bounds the run
     checkpoint: str | None = None
     incremental: str | None = None
     backing: dict[str, str] = field(default_factory=dict)
@@ -152,6 +155,10 @@ def _convert_all(ctx: Context, sources: dict[str, str]) -> list[Image]:
             "qcow2",
             compression=ctx.compression,
             progress=progress.disk(size),
+            # offline: take the image lock, so the VM cannot start (and write) mid-copy;
+            # snapshot: the base is read while QEMU holds it, which is why it is frozen
+            force_share=not ctx.exclusive,
+            timeout=ctx.timeout,
         )
         progress.finished(size)
         ctx.image_done(out)
@@ -163,6 +170,7 @@ def offline(ctx: Context) -> Result:
     """The domain is shut off: its disks are quiet, a plain convert is consistent."""
     if ctx.hv.domain(ctx.uuid).state != "shutoff":
         raise MethodError("offline backup needs the domain shut off")
+    ctx.exclusive = True
     images = _convert_all(ctx, {d.target: d.source for d in ctx.disks})
     if ctx.hv.domain(ctx.uuid).state != "shutoff":
         raise MethodError("the domain was started during the offline backup; copy discarded")
@@ -171,17 +179,37 @@ def offline(ctx: Context) -> Result:
 
 @contextlib.contextmanager
 def _frozen(ctx: Context):
-    """Freeze guest filesystems when the agent answers; always thaw. Yields the label."""
+    """Freeze guest filesystems when the agent answers; always thaw. Yields the label.
+
+    A freeze that times out may still have frozen the guest, so a failed freeze is followed
+    by a thaw too; a thaw is retried before giving up (reconcile retries it later).
+    """
     if not (ctx.domain.has_agent_channel and ctx.hv.agent_responds(ctx.uuid)):
         yield Consistency.CRASH
         return
     ctx.journal("freeze")
-    ctx.hv.freeze(ctx.uuid)
+    try:
+        ctx.hv.freeze(ctx.uuid)
+    except hypervisor.HypervisorError:
+        _thaw(ctx)
+        raise
     try:
         yield Consistency.FROZEN
     finally:
-        ctx.hv.thaw(ctx.uuid)
-        ctx.journal("thaw")
+        _thaw(ctx)
+
+
+def _thaw(ctx: Context, attempts: int = 3) -> None:
+    for attempt in range(attempts):
+        try:
+            ctx.hv.thaw(ctx.uuid)
+            ctx.journal("thaw")
+            return
+        except hypervisor.HypervisorError as exc:
+            if attempt == attempts - 1:
+                ctx.journal("thaw-failed", error=str(exc))
+                raise
+            time.sleep(1)
 
 
 def push(ctx: Context) -> Result:
@@ -196,15 +224,19 @@ def push(ctx: Context) -> Result:
     ctx.journal(
         "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
     )
-    with _frozen(ctx) as consistency:
-        ctx.hv.backup_begin(
-            ctx.uuid,
-            targets,
-            all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
-            checkpoint=ctx.checkpoint,
-            incremental=ctx.incremental,
-            bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
-        )
+    try:
+        with _frozen(ctx) as consistency:
+            ctx.hv.backup_begin(
+                ctx.uuid,
+                targets,
+                all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
+                checkpoint=ctx.checkpoint,
+                incremental=ctx.incremental,
+                bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
+            )
+    except hypervisor.HypervisorError:
+        _end_push(ctx)  # e.g. the thaw failed after the job had started
+        raise
     _wait_push(ctx)
     images = []
     for disk in ctx.disks:
@@ -236,10 +268,22 @@ def _wait_push(ctx: Context) -> None:
             raise Cancelled("cancelled by user") from exc
         raise
     finally:
+        if not finished:
+            _end_push(ctx)
+
+
+def _end_push(ctx: Context) -> None:
+    """A push that will not be published: end its job, drop the checkpoint it created."""
+    with contextlib.suppress(hypervisor.HypervisorError):
         if ctx.hv.backup_job_targets(ctx.uuid):
             ctx.hv.abort_job(ctx.uuid)
-        if not finished and ctx.checkpoint:
-            with contextlib.suppress(hypervisor.HypervisorError):
+    drop_checkpoint(ctx)
+
+
+def drop_checkpoint(ctx: Context) -> None:
+    if ctx.checkpoint:
+        with contextlib.suppress(hypervisor.HypervisorError):
+            if ctx.checkpoint in ctx.hv.checkpoints(ctx.uuid):
                 ctx.hv.delete_checkpoint(ctx.uuid, ctx.checkpoint)
                 ctx.journal("checkpoint-dropped", checkpoint=ctx.checkpoint)
 

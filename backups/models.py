@@ -294,26 +294,33 @@ class BackupRun(models.Model):
             fields.append("bytes_total")
         BackupRun.objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
 
-    def _finish(self, status: str, error: str = "") -> None:
-        self.status = status
-        self.error = error
-        self.finished_at = timezone.now()
-        self.save(update_fields=["status", "error", "finished_at"])
+    def _finish(self, status: str, error: str = "") -> bool:
+        """End the run unless something else ended it first (reconcile, a cancel): the first
+        outcome recorded stands. Returns whether this call recorded it."""
+        now = timezone.now()
+        done = BackupRun.objects.filter(pk=self.pk, status__in=ACTIVE_STATUSES).update(
+            status=status, error=error, finished_at=now
+        )
+        if done:
+            self.status, self.error, self.finished_at = status, error, now
+        else:
+            self.refresh_from_db(fields=["status", "error", "finished_at"])
+        return bool(done)
 
-    def mark_succeeded(self) -> None:
-        self._finish(RunStatus.SUCCEEDED)
+    def mark_succeeded(self) -> bool:
+        return self._finish(RunStatus.SUCCEEDED)
 
-    def mark_failed(self, reason: str) -> None:
-        self._finish(RunStatus.FAILED, reason)
+    def mark_failed(self, reason: str) -> bool:
+        return self._finish(RunStatus.FAILED, reason)
 
-    def mark_cancelled(self, reason: str = "cancelled by user") -> None:
-        self._finish(RunStatus.CANCELLED, reason)
+    def mark_cancelled(self, reason: str = "cancelled by user") -> bool:
+        return self._finish(RunStatus.CANCELLED, reason)
 
-    def mark_interrupted(self, reason: str) -> None:
-        self._finish(RunStatus.INTERRUPTED, reason)
+    def mark_interrupted(self, reason: str) -> bool:
+        return self._finish(RunStatus.INTERRUPTED, reason)
 
-    def mark_skipped(self, reason: str) -> None:
-        self._finish(RunStatus.SKIPPED, reason)
+    def mark_skipped(self, reason: str) -> bool:
+        return self._finish(RunStatus.SKIPPED, reason)
 
 
 class VerifyStatus(models.TextChoices):
@@ -337,6 +344,14 @@ class Backup(models.Model):
     )
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    policy = models.ForeignKey(
+        BackupPolicy,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="backups",
+        help_text="the policy whose retention owns this backup (none: kept until removed)",
     )
     path = models.CharField(max_length=1024, unique=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)

@@ -52,7 +52,9 @@ def policy_of(policy: BackupPolicy) -> retention.Policy:
 
 
 def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
-    backups = {b.pk: b for b in vm.backups.published().order_by("created_at", "id")}
+    # only this policy's own backups: a VM in two policies keeps both retentions apart
+    owned = vm.backups.published().filter(policy=policy).order_by("created_at", "id")
+    backups = {b.pk: b for b in owned}
     points = [
         retention.Point(b.pk, b.created_at, b.parent_id, b.protected) for b in backups.values()
     ]
@@ -87,7 +89,11 @@ def fold(child: Backup, new_parent: Backup | None) -> None:
         if new_parent and disk.target in parent_files:
             backing = f"../{Path(new_parent.path).name}/{parent_files[disk.target]}"
         qemu_img.rebase(
-            str(Path(child.path, disk.file)), "qcow2", backing, "qcow2" if backing else None
+            str(Path(child.path, disk.file)),
+            "qcow2",
+            backing,
+            "qcow2" if backing else None,
+            timeout=settings.Q_TIMEOUT,
         )
         disks.append(
             dataclasses.replace(disk, backing=backing, backing_format="qcow2" if backing else None)

@@ -62,6 +62,7 @@ def is_dead(run: BackupRun, stale_after: int) -> bool:
             return True
         except PermissionError:
             pass
+        return False  # its worker is alive here: slow, not dead
     beat = run.heartbeat_at or run.started_at
     return beat is None or beat < timezone.now() - timedelta(seconds=stale_after)
 
@@ -69,14 +70,50 @@ def is_dead(run: BackupRun, stale_after: int) -> bool:
 def reconcile(stale_after: int | None = None) -> Report:
     report = Report()
     stale_after = settings.VMBACKUP_STALE_AFTER if stale_after is None else stale_after
-    running = BackupRun.objects.filter(status=RunStatus.RUNNING).select_related("vm__host")
-    for run in running:
-        if is_dead(run, stale_after):
+    running = BackupRun.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
+    for run_id in list(running):
+        # read each run just before judging it: repairing the previous ones may take minutes
+        run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
+        if run.status == RunStatus.RUNNING and is_dead(run, stale_after):
             _repair_run(run, report)
+    _repair_finished(report, stale_after)
     for host in Host.objects.all():
         _repair_host(host, report)
     _remove_orphan_partials(report)
     return report
+
+
+def _unmatched(steps: list[str], begin: str, end: str) -> bool:
+    return steps.count(begin) > steps.count(end)
+
+
+def _repair_finished(report: Report, stale_after: int) -> None:
+    """Runs that ended (failed, refused, cancelled, interrupted) with a guest still frozen
+    or shut down by us: thaw or start it, once, within a window after the run ended."""
+    since = timezone.now() - timedelta(seconds=max(stale_after, 60) * 12)
+    ended = BackupRun.objects.filter(
+        status__in=[RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED],
+        finished_at__gte=since,
+    ).select_related("vm__host")
+    for run in ended:
+        steps = [s.get("step") for s in _journal_steps(run)]
+        thaw = _unmatched(steps, "freeze", "thaw") and "repaired-thaw" not in steps
+        restart = "shutdown" in steps and not {"restart", "repaired-restart"} & set(steps)
+        if not (thaw or restart) or run.vm.runs.active().exists():
+            continue
+        try:
+            with hypervisor.session(run.vm.host.uri) as hv:
+                uuid = str(run.vm.uuid)
+                if thaw:
+                    hv.thaw(uuid)
+                    run.log("repaired-thaw")
+                    report.thawed.append(run.vm.name)
+                if restart and hv.domain(uuid).state == "shutoff":
+                    hv.start(uuid)
+                    run.log("repaired-restart")
+                    report.restarted.append(run.vm.name)
+        except hypervisor.HypervisorError as exc:
+            report.errors.append(f"run {run.pk}: {exc}")
 
 
 def _journal_steps(run: BackupRun) -> list[dict]:
@@ -102,10 +139,12 @@ def _repair_run(run: BackupRun, report: Report) -> None:
             if "shutdown" in names and "restart" not in names:
                 if hv.domain(uuid).state == "shutoff":
                     hv.start(uuid)
+                    run.log("repaired-restart")
                     report.restarted.append(run.vm.name)
-            if "freeze" in names and names.count("thaw") < names.count("freeze"):
+            if _unmatched(names, "freeze", "thaw"):
                 with contextlib.suppress(hypervisor.HypervisorError):
                     hv.thaw(uuid)
+                    run.log("repaired-thaw")
                     report.thawed.append(run.vm.name)
     except (hypervisor.HypervisorError, methods.MethodError) as exc:
         report.errors.append(f"run {run.pk}: {exc}")
@@ -122,6 +161,11 @@ def _repair_run(run: BackupRun, report: Report) -> None:
 
 def _root_of(run: BackupRun) -> str:
     return run.policy.root if run.policy else settings.VMBACKUP_ROOT
+
+
+def _still_active(run_id: int) -> bool:
+    """Asked again right before acting: a run may have started since the first look."""
+    return BackupRun.objects.active().filter(pk=run_id).exists()
 
 
 def _active_run_ids() -> set[int]:
@@ -146,7 +190,7 @@ def _repair_host(host: Host, report: Report) -> None:
 def _repair_domain(hv, domain, active: set[int], report: Report) -> None:
     for target, overlay in _our_overlays(hv, domain).items():
         run_id = int(OVERLAY_RE.match(os.path.basename(overlay)).group(1))
-        if run_id in active:
+        if run_id in active or _still_active(run_id):
             continue
         methods.commit_overlays(hv, domain.uuid, {target: overlay}, lambda *a, **k: None)
         report.overlays.append(overlay)
@@ -177,7 +221,7 @@ def _remove_orphan_partials(report: Report) -> None:
     for root in _roots():
         for partial in archive.list_partials(root):
             match = PARTIAL_RE.match(partial.name)
-            if match and int(match.group(1)) in active:
+            if match and (int(match.group(1)) in active or _still_active(int(match.group(1)))):
                 continue
             try:
                 archive.discard(partial, root)

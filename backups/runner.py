@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -74,8 +75,43 @@ class RunContext:
         return BackupRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
 
 
+class Heartbeat:
+    """Beats for the whole run, whatever phase it is in (hashing, a long commit, a shutdown
+    wait): reconcile must never mistake a slow run for a dead one."""
+
+    def __init__(self, run_id: int, every: float):
+        self.run_id, self.every = run_id, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"beat-{run_id}", daemon=True)
+
+    def _beat(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self.stop.wait(self.every):
+                BackupRun.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
+        finally:
+            connection.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
 def execute(run: BackupRun) -> str:
     """Run a claimed backup to its end; returns a one-line outcome for django-q2."""
+    every = max(1.0, min(30.0, settings.VMBACKUP_STALE_AFTER / 5))
+    with Heartbeat(run.pk, every):
+        return _execute(run)
+
+
+def _execute(run: BackupRun) -> str:
     rc = RunContext(run)
     staging: Path | None = None
     try:
@@ -91,8 +127,8 @@ def execute(run: BackupRun) -> str:
                 final = _produce_and_publish(run, rc, hv, prepared, staging)
             finally:
                 if prepared.get("restart"):
+                    hv.start(prepared["domain"].uuid)  # if this fails, reconcile retries
                     rc.journal("restart")
-                    hv.start(prepared["domain"].uuid)
         staging = None
         _prune_after(run)
         run.mark_succeeded()
@@ -175,7 +211,8 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
         raise Refused(f"backup root {root!r} is not an absolute path")
     os.makedirs(root, mode=0o755, exist_ok=True)
     if method == Method.PUSH:
-        kind_plan = chain.plan(run.vm, policy, hv, disks)
+        directory = archive.vm_dir(root, domain.name)
+        kind_plan = chain.plan(run.vm, policy, hv, disks, directory)
     else:
         kind_plan = chain.Plan(Kind.FULL, f"{method} backups are always full")
     run.method, run.method_reason = method, reason
@@ -236,10 +273,16 @@ def _check_space(run, root: str, disks, method: str) -> None:
             f"not enough space at {root}: need about {_mib(needed)} MiB, {_mib(free)} MiB free"
         )
     if method in (Method.SNAPSHOT, Method.MEMORY):
+        reserve = settings.VMBACKUP_OVERLAY_RESERVE_MIB * 1024 * 1024
         for disk in disks:
             where = settings.VMBACKUP_OVERLAY_DIR or os.path.dirname(disk.source)
-            if shutil.disk_usage(where).free < SPACE_MARGIN:
-                raise Refused(f"not enough space for snapshot overlays at {where}")
+            free = shutil.disk_usage(where).free
+            if free < reserve:
+                # a full overlay pauses the guest (QEMU's default on ENOSPC): refuse instead
+                raise Refused(
+                    f"not enough space for snapshot overlays at {where}: {_mib(free)} MiB free, "
+                    f"VMBACKUP_OVERLAY_RESERVE_MIB={settings.VMBACKUP_OVERLAY_RESERVE_MIB}"
+                )
 
 
 def _mib(n: int) -> int:
@@ -247,47 +290,79 @@ def _mib(n: int) -> int:
 
 
 def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path) -> Path:
-    policy = run.policy
-    hasher = Hasher(staging)
-    domain = prepared["domain"]
+    ctx = _context(run, rc, hv, prepared, staging)
     try:
-        ctx = methods.Context(
-            hv=hv,
-            domain=domain,
-            disks=prepared["disks"],
-            staging=staging,
-            run_id=run.pk,
-            compression=policy.compression if policy else "none",
-            overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
-            journal=rc.journal,
-            progress=rc.progress,
-            image_done=hasher.add,
-            should_stop=rc.should_stop,
-            **_chain_args(run, prepared),
-        )
+        manifest, extras = _produce_and_check(run, rc, ctx, prepared)
+        rc.journal("publish")
+        final = archive.publish(staging)
+    except BaseException:
+        methods.drop_checkpoint(ctx)  # nothing was published: nothing may build on it
+        raise
+    _record(run, rc, prepared, manifest, extras, final)
+    if manifest.checkpoint:
+        try:
+            keep = chain.needed_checkpoints(run.vm) | {manifest.checkpoint}
+            dropped = chain.drop_old_checkpoints(hv, ctx.uuid, keep=keep)
+            if dropped:
+                rc.journal("checkpoints-dropped", names=dropped)
+        except hypervisor.HypervisorError as exc:  # the backup stands; the next run tidies
+            rc.journal("checkpoints-not-dropped", error=str(exc))
+    return final
+
+
+def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.Context:
+    return methods.Context(
+        hv=hv,
+        domain=prepared["domain"],
+        disks=prepared["disks"],
+        staging=staging,
+        run_id=run.pk,
+        compression=run.policy.compression if run.policy else "none",
+        overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
+        timeout=settings.Q_TIMEOUT,
+        journal=rc.journal,
+        progress=rc.progress,
+        should_stop=rc.should_stop,
+        **_chain_args(run, prepared),
+    )
+
+
+def _produce_and_check(run, rc: RunContext, ctx: methods.Context, prepared: dict):
+    """Images, extras, hashes, metadata and the post-backup check, all in staging."""
+    hasher = Hasher(ctx.staging)
+    ctx.image_done = hasher.add
+    try:
         rc.progress(0, ctx.total)
         result = methods.produce(prepared["method"], ctx)
         run.consistency = result.consistency
         run.save(update_fields=["consistency"])
-        extras = _copy_extras(hv, domain, staging, hasher, ctx.checkpoint)
+        extras = _copy_extras(ctx.hv, ctx.domain, ctx.staging, hasher, ctx.checkpoint)
         rc.journal("hash")
         sums = hasher.results()
     finally:
         hasher.close()
-    manifest = _manifest(run, domain, prepared, result, sums, extras)
-    archive.write_metadata(staging, manifest, extras["domain_xml"], sums)
-    if not policy or policy.verify_after:
+    manifest = _manifest(run, ctx.domain, prepared, result, sums, extras)
+    archive.write_metadata(ctx.staging, manifest, extras["domain_xml"], sums)
+    if _verifies(run):
         rc.journal("verify")
-        checked = archive.verify(staging, hashed=sums)
+        checked = archive.verify(ctx.staging, hashed=sums)
         if not checked.ok:
             raise methods.MethodError("verification failed: " + "; ".join(checked.errors))
-    rc.journal("publish")
-    final = archive.publish(staging)
+    return manifest, extras
+
+
+def _verifies(run) -> bool:
+    return not run.policy or run.policy.verify_after
+
+
+def _record(run, rc: RunContext, prepared: dict, manifest, extras, final: Path) -> None:
     run.bytes_written = sum(e.bytes for e in manifest.disks)
     run.save(update_fields=["bytes_written"])
+    verified = _verifies(run)
     Backup.objects.create(
         vm=run.vm,
         run=run,
+        policy=run.policy,
         path=str(final),
         created_at=run.started_at,
         kind=manifest.kind,
@@ -298,15 +373,10 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
         consistency=manifest.consistency,
         size_bytes=_dir_size(final),
         manifest=json_manifest(manifest),
-        verify_status="ok" if (not policy or policy.verify_after) else "unverified",
-        verified_at=timezone.now() if (not policy or policy.verify_after) else None,
+        verify_status="ok" if verified else "unverified",
+        verified_at=timezone.now() if verified else None,
     )
     rc.journal("published", path=str(final))
-    if manifest.checkpoint:
-        dropped = chain.drop_old_checkpoints(hv, domain.uuid, keep=manifest.checkpoint)
-        if dropped:
-            rc.journal("checkpoints-dropped", names=dropped)
-    return final
 
 
 def json_manifest(manifest) -> dict:

@@ -163,3 +163,20 @@ def test_it_never_deletes_a_checkpoint_it_did_not_create(domains, backup_root, s
     names = our_checkpoints(domains, dom)
     assert "theirs" in names
     assert last.backup.checkpoint not in names  # ours, superseded: dropped
+
+
+def test_it_never_chains_across_policies_or_directories(domains, backup_root, synced, tmp_path):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    elsewhere = make_dir(backup_root / "nas")
+    nas = BackupPolicy.objects.create(name="nas", schedule="", destination=str(elsewhere))
+    assert push(vm, nas).kind == "full"
+    manual = push(vm)  # no policy: VMBACKUP_ROOT, its own chain
+    assert (manual.kind, manual.kind_reason) == ("full", "first backup of this VM here")
+    assert push(vm, nas).kind == "incremental"
+    domains.lookup(dom).destroy()
+    domains.lookup(dom).rename(dom.name + "-new", 0)  # a new name is a new directory
+    domains.lookup(dom).create()
+    renamed = push(vm, nas)
+    assert renamed.kind == "full"
+    assert Path(renamed.backup.path).parent.name == dom.name + "-new"

@@ -88,3 +88,22 @@ def test_it_keeps_every_remaining_point_restorable(chain, rules, protect, expect
     assert newest.pruned_at is None
     if newest.parent_id is None:
         assert archive.read_manifest(newest.path).kind == "full"
+
+
+def test_it_prunes_only_the_policys_own_backups(domains, backup_root, synced):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
+    vm = synced(dom)
+    keep_all = {"keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+    daily = BackupPolicy.objects.create(name="daily", schedule="", keep_last=1, **keep_all)
+    monthly = BackupPolicy.objects.create(
+        name="monthly", schedule="", keep_last=5, destination=str(make_dir(backup_root / "nas")),
+        **keep_all,
+    )  # fmt: skip
+    daily.vms.add(vm)
+    monthly.vms.add(vm)
+    other = push(vm, monthly).backup
+    push(vm, daily)
+    push(vm, daily)  # its prune removes the first daily one only
+    other.refresh_from_db()
+    assert other.pruned_at is None and Path(other.path).is_dir()
+    assert Backup.objects.filter(policy=daily, pruned_at__isnull=True).count() == 1

@@ -70,6 +70,8 @@ VMBACKUP_LIBVIRT_URI = env("VMBACKUP_LIBVIRT_URI", "qemu:///system")
 VMBACKUP_ROOT = env("VMBACKUP_ROOT", "/var/backups/vms")
 # Where external snapshot overlays are written (None: next to each disk).
 VMBACKUP_OVERLAY_DIR = env("VMBACKUP_OVERLAY_DIR", "") or None
+# Free space required where snapshot overlays go (a full overlay pauses the guest).
+VMBACKUP_OVERLAY_RESERVE_MIB = envint("VMBACKUP_OVERLAY_RESERVE_MIB", 1024)
 # Where libvirt keeps emulated TPM state (swtpm), one directory per domain UUID.
 VMBACKUP_SWTPM_DIR = env("VMBACKUP_SWTPM_DIR", "/var/lib/libvirt/swtpm")
 # A run whose heartbeat is older than this is considered dead by reconcile.

@@ -1,0 +1,56 @@
+"""A slow run is never mistaken for a dead one; the first recorded outcome stands."""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from backups import reconcile, runner
+from backups.models import BackupRun, Host, RunStatus, VirtualMachine
+
+
+@pytest.fixture
+def vm(db):
+    host = Host.objects.create(name="h", uri="test:///default")
+    return VirtualMachine.objects.create(
+        host=host, uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", name="web"
+    )
+
+
+def running(vm, worker: str, beat_ago: timedelta) -> BackupRun:
+    beat = timezone.now() - beat_ago
+    return BackupRun.objects.create(
+        vm=vm, status=RunStatus.RUNNING, worker=worker, heartbeat_at=beat, started_at=beat
+    )
+
+
+def test_it_leaves_a_run_whose_worker_is_alive_here_even_without_heartbeat(vm):
+    run = running(vm, f"{socket.gethostname()}:{os.getpid()}", timedelta(hours=2))
+    assert reconcile.is_dead(run, stale_after=60) is False
+
+
+def test_it_judges_other_hosts_runs_by_their_heartbeat(vm):
+    fresh = running(vm, "elsewhere:123", timedelta(seconds=10))
+    assert reconcile.is_dead(fresh, stale_after=60) is False
+    fresh.heartbeat_at = timezone.now() - timedelta(minutes=5)
+    assert reconcile.is_dead(fresh, stale_after=60) is True
+
+
+def test_it_keeps_the_first_recorded_outcome(vm):
+    run = running(vm, "elsewhere:123", timedelta(seconds=1))
+    BackupRun.objects.get(pk=run.pk).mark_interrupted("worker stopped")
+    assert run.mark_failed("late failure") is False
+    run.refresh_from_db()
+    assert (run.status, run.error) == ("interrupted", "worker stopped")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_beats_while_the_run_works_on(vm):
+    run = running(vm, "elsewhere:123", timedelta(hours=1))
+    with runner.Heartbeat(run.pk, every=0.05):
+        time.sleep(0.3)
+    run.refresh_from_db()
+    assert run.heartbeat_at > timezone.now() - timedelta(seconds=5)
