@@ -20,7 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, hypervisor, methods
+from . import archive, hypervisor, methods, notify
 from .models import BackupPolicy, BackupRun, Host, RunStatus
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ def _repair_run(run: BackupRun, report: Report) -> None:
         except archive.ArchiveError as exc:
             report.errors.append(f"run {run.pk}: {exc}")
     run.log("reconcile", errors=report.errors)
-    run.mark_interrupted("worker stopped during the run (repaired by reconcile)")
+    if run.mark_interrupted("worker stopped during the run (repaired by reconcile)"):
+        notify.run_finished(run)
     report.interrupted.append(run.pk)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, chain, hypervisor, methods, qemu_img
+from . import archive, chain, hypervisor, methods, notify, qemu_img
 from .models import Backup, BackupRun, Kind, Method, RunStatus
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,12 @@ def _execute(run: BackupRun) -> str:
         return "cancelled"
     except Refused as exc:
         run.mark_failed(f"refused: {exc}")
+        notify.run_finished(run)
         return f"refused: {exc}"
     except Exception as exc:  # every failure is recorded as data on the run
         log.exception("run %s failed", run.pk)
         run.mark_failed(_reason(exc))
+        notify.run_finished(run)
         return f"failed: {_reason(exc)}"
     finally:
         if staging is not None:

@@ -79,6 +79,18 @@ VMBACKUP_STALE_AFTER = envint("VMBACKUP_STALE_AFTER", 300)
 # Seconds to wait for a guest to shut down (offline method) before refusing.
 VMBACKUP_SHUTDOWN_TIMEOUT = envint("VMBACKUP_SHUTDOWN_TIMEOUT", 300)
 
+# Failure mail (a policy's notify_to); any SMTP server, or set EMAIL_BACKEND.
+EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env("EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("EMAIL_PORT", 25)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 20)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "vmbackup@localhost")
+# The dashboard's address, for links in mail (e.g. https://backup.example.com).
+VMBACKUP_URL = env("VMBACKUP_URL", "")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
