@@ -328,8 +328,36 @@ class Progress:
     elapsed: timedelta | None
 
 
+COPY_STARTS = ("copy", "backup-begin")
+COPY_ENDS = ("hash",)
+
+
+def _copy_window(run: BackupRun, now: datetime) -> timedelta | None:
+    """How long bytes have been copied: the rate must not count pre-flight, hashing or
+    verification, or a fast copy would read as a slow one."""
+    start = end = None
+    for entry in run.journal or ():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if start is None and step in COPY_STARTS:
+            start = _parse_time(entry.get("at"))
+        elif start is not None and step in COPY_ENDS:
+            end = _parse_time(entry.get("at"))
+            break
+    start = start or run.started_at
+    if start is None:
+        return None
+    return max((end or run.finished_at or now) - start, timedelta(0))
+
+
+def _parse_time(value) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def progress(run: BackupRun, now: datetime | None = None) -> Progress:
-    """Rate and ETA from the bytes copied since the run started; None while unknown."""
+    """Rate and ETA from the bytes copied during the copy phase; None while unknown."""
     now = now or timezone.now()
     done, total = run.bytes_done, run.bytes_total
     percent = min(100, round(100 * done / total)) if total else None
@@ -337,8 +365,9 @@ def progress(run: BackupRun, now: datetime | None = None) -> Progress:
     if run.started_at:
         elapsed = max((run.finished_at or now) - run.started_at, timedelta(0))
     rate = None
-    if elapsed and elapsed.total_seconds() > 0 and done:
-        rate = done / elapsed.total_seconds()
+    copying = _copy_window(run, now)
+    if copying and copying.total_seconds() > 0 and done:
+        rate = done / copying.total_seconds()
     eta = None
     if rate and total and not run.is_finished:
         eta = timedelta(seconds=round(max(total - done, 0) / rate))

@@ -39,7 +39,7 @@ def test_it_returns_200_from_the_partial_while_running(viewer_client, vm, monkey
         started_at=now - timedelta(seconds=100),
         bytes_done=50 * 2**20,
         bytes_total=200 * 2**20,
-        journal=[{"at": now.isoformat(), "step": "copy", "disk": "vda"}],
+        journal=[{"at": (now - timedelta(seconds=100)).isoformat(), "step": "copy", "disk": "vda"}],
     )
 
     response = viewer_client.get(progress_url(run), headers={"HX-Request": "true"})
@@ -52,6 +52,23 @@ def test_it_returns_200_from_the_partial_while_running(viewer_client, vm, monkey
     assert "about 5m00s left" in content
     assert "disk=vda" in content
     assert "<html" not in content  # a fragment, not a page
+
+
+def test_it_counts_the_rate_over_the_copy_only(viewer_client, vm, monkeypatch):
+    now = timezone.now()
+    monkeypatch.setattr("backups.dashboard.timezone.now", lambda: now)
+    at = lambda seconds: (now - timedelta(seconds=seconds)).isoformat()  # noqa: E731
+    run = support.make_run(
+        vm,
+        RunStatus.SUCCEEDED,
+        started_at=now - timedelta(seconds=100),
+        finished_at=now,
+        bytes_done=80 * 2**20,
+        bytes_total=80 * 2**20,
+        journal=[{"at": at(90), "step": "copy"}, {"at": at(80), "step": "hash"}],
+    )
+    content = viewer_client.get(progress_url(run)).content.decode()
+    assert "8.0 MiB/s" in content  # 80 MiB in the 10 s of copying, not over 100 s
 
 
 @pytest.mark.parametrize("status", [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED])
