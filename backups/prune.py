@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, qemu_img, retention
+from . import archive, archive_check, qemu_img, retention
 from .models import Backup, BackupPolicy, Kind
 
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
@@ -104,7 +104,7 @@ def fold(child: Backup, new_parent: Backup | None) -> None:
         parent=Path(new_parent.path).name if new_parent else None,
         kind=Kind.INCREMENTAL if new_parent else Kind.FULL,
     )
-    archive.update_after_rebase(child.path, manifest)
+    archive_check.update_after_rebase(child.path, manifest)
     child.parent = new_parent
     child.kind = manifest.kind
     child.manifest = json.loads(archive.read_manifest(child.path).to_json())

@@ -20,7 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, chain, hypervisor, methods, notify, qemu_img
+from . import archive, archive_check, chain, hypervisor, methods, notify, qemu_img
 from .models import Backup, BackupRun, Kind, Method, RunStatus
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ def _produce_and_check(run, rc: RunContext, ctx: methods.Context, prepared: dict
     archive.write_metadata(ctx.staging, manifest, extras["domain_xml"], sums)
     if _verifies(run):
         rc.journal("verify")
-        checked = archive.verify(ctx.staging, hashed=sums)
+        checked = archive_check.verify(ctx.staging, hashed=sums)
         if not checked.ok:
             raise methods.MethodError("verification failed: " + "; ".join(checked.errors))
     return manifest, extras

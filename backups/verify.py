@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import archive
+from . import archive_check
 from .models import Backup, VerifyStatus
 
 
@@ -14,7 +14,7 @@ def verify_backup(backup: Backup) -> str:
         backup.verify_error = f"{path} does not exist"
         backup.save(update_fields=["verify_status", "verify_error"])
         return f"missing: {path}"
-    result = archive.verify(path)
+    result = archive_check.verify(path)
     backup.mark_verified(result.ok, "; ".join(result.errors))
     return f"{'ok' if result.ok else 'corrupt'}: {path}" + (
         "" if result.ok else " (" + "; ".join(result.errors) + ")"

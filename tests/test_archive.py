@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, qemu_img
+from backups import archive, archive_check, qemu_img
 from backups.archive import ArchiveError, DiskEntry, Manifest
 
 KIB = 1024
@@ -461,7 +461,7 @@ def test_it_writes_sums_that_sha256sum_accepts_and_verify_passes(chain):
         assert result.returncode == 0, result.stdout + result.stderr
         listed = set(archive.read_sums(backup))
         assert listed == {"vda.qcow2", "domain.xml", "backup.json", "RESTORE.md", "restore.sh"}
-        verified = archive.verify(backup)
+        verified = archive_check.verify(backup)
         assert verified.ok, verified.errors
         assert verified.checked_files == 5
         assert verified.bytes == sum((backup / name).stat().st_size for name in listed)
@@ -474,7 +474,7 @@ def test_it_reports_a_flipped_byte_that_qemu_img_check_misses(chain):
     flip_byte(image)
 
     assert qemu_img.check(str(image), "qcow2").ok
-    result = archive.verify(full)
+    result = archive_check.verify(full)
     assert not result.ok
     assert result.errors == ("vda.qcow2: checksum mismatch",)
     assert sha256sum_check(full).returncode != 0
@@ -487,7 +487,7 @@ def test_it_reports_missing_unlisted_and_tampered_files(chain):
     (full / "stray.txt").write_text("hello")
     (full / "restore.sh").write_text("#!/bin/sh\nrm -rf /\n")
 
-    result = archive.verify(full, check_images=False)
+    result = archive_check.verify(full, check_images=False)
 
     assert set(result.errors) == {
         "domain.xml: missing",
@@ -501,8 +501,8 @@ def test_it_reports_a_broken_backing_chain(chain):
     _source, full, incr = chain
     shutil.rmtree(full)
 
-    assert archive.verify(incr, check_images=False).ok
-    result = archive.verify(incr)
+    assert archive_check.verify(incr, check_images=False).ok
+    result = archive_check.verify(incr)
     assert not result.ok
     assert len(result.errors) == 1 and result.errors[0].startswith("vda.qcow2:")
 
@@ -511,11 +511,11 @@ def test_it_reports_a_missing_or_malformed_sums_file(root: Path):
     published = publish_backup(root, "web", 4, data_filler)
     sums = published / "SHA256SUMS"
     sums.write_text(sums.read_text() + "garbage\n")
-    assert "malformed" in archive.verify(published).errors[0]
+    assert "malformed" in archive_check.verify(published).errors[0]
     sums.write_text(f"{'a' * 64}  ../../etc/passwd\n")
-    assert not archive.verify(published).ok
+    assert not archive_check.verify(published).ok
     sums.unlink()
-    result = archive.verify(published)
+    result = archive_check.verify(published)
     assert (result.ok, result.checked_files, result.bytes) == (False, 0, 0)
     assert "cannot read SHA256SUMS" in result.errors[0]
 
@@ -536,7 +536,7 @@ def test_it_keeps_sha256sum_passing_after_a_rebase(chain):
         disks=(dataclasses.replace(old.disks[0], backing=None, backing_format=None),),
     )
 
-    archive.update_after_rebase(incr, folded)
+    archive_check.update_after_rebase(incr, folded)
     shutil.rmtree(full)
 
     result = sha256sum_check(incr)
@@ -546,7 +546,7 @@ def test_it_keeps_sha256sum_passing_after_a_rebase(chain):
     assert stored.disks[0].sha256 == archive.hash_file(image)
     assert stored.disks[0].bytes == image.stat().st_size
     assert "PARENT=''" in (incr / "restore.sh").read_text()
-    assert archive.verify(incr).ok, archive.verify(incr).errors
+    assert archive_check.verify(incr).ok, archive_check.verify(incr).errors
     assert not list(incr.glob(".*"))
 
 
@@ -555,17 +555,17 @@ def test_it_does_not_rehash_images_whose_entry_is_unchanged(chain):
     _source, full, _incr = chain
     flip_byte(full / "vda.qcow2")  # rot, not a rebase
 
-    archive.update_after_rebase(full, archive.read_manifest(full))
+    archive_check.update_after_rebase(full, archive.read_manifest(full))
 
     assert sha256sum_check(full).returncode != 0
-    assert archive.verify(full).errors == ("vda.qcow2: checksum mismatch",)
+    assert archive_check.verify(full).errors == ("vda.qcow2: checksum mismatch",)
 
 
 def test_it_refuses_to_update_with_another_backups_manifest(root: Path):
     published = publish_backup(root, "web", 4, data_filler)
 
     with pytest.raises(ArchiveError, match="another backup"):
-        archive.update_after_rebase(published, manifest(run_id=5))
+        archive_check.update_after_rebase(published, manifest(run_id=5))
 
 
 def test_it_trusts_fresh_digests_only_for_the_files_named(tmp_path):
@@ -574,11 +574,11 @@ def test_it_trusts_fresh_digests_only_for_the_files_named(tmp_path):
     backup = publish_backup(root, "web", 1, full_filler(raw_source(tmp_path / "src.raw")))
     sums = archive.read_sums(backup)
     image = next(n for n in sums if n.endswith(".qcow2"))
-    assert archive.verify(backup, hashed={image: sums[image]}).ok
-    wrong = archive.verify(backup, hashed={image: "0" * 64})
+    assert archive_check.verify(backup, hashed={image: sums[image]}).ok
+    wrong = archive_check.verify(backup, hashed={image: "0" * 64})
     assert f"{image}: checksum mismatch" in wrong.errors
     (backup / "RESTORE.md").write_text("tampered")  # not named: still re-hashed
     assert (
         "RESTORE.md: checksum mismatch"
-        in archive.verify(backup, hashed={image: sums[image]}).errors
+        in archive_check.verify(backup, hashed={image: sums[image]}).errors
     )

@@ -14,7 +14,7 @@ from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.db import connection
 
-from backups import archive, jobs, qemu_img, reconcile
+from backups import archive, archive_check, jobs, qemu_img, reconcile
 from backups.models import Backup, BackupRun, RunStatus, VerifyStatus
 from tests.domains import BASE, PREFIX, DiskSpec, guest_write, make_dir
 from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
@@ -79,7 +79,7 @@ def test_it_fails_cleanly_when_the_disk_fills_during_the_write(method, domains, 
     assert "No space left on device" in run.error or "no space left" in run.error.lower()
     assert archive.list_partials(root) == []
     assert archive.list_backups(root, dom.name) == [Path(first.backup.path)]
-    assert archive.verify(first.backup.path).ok
+    assert archive_check.verify(first.backup.path).ok
     assert_vm_untouched(domains, dom, running=True)
     assert Backup.objects.count() == 1
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, jobs, qemu_img
+from backups import archive, archive_check, jobs, qemu_img
 from backups.models import BackupPolicy, RunStatus
 from tests.domains import DiskSpec, guest_write, make_dir, run
 
@@ -65,7 +65,7 @@ def test_it_restores_each_of_five_points_in_time_exactly(domains, backup_root, s
         path = Path(r.backup.path)
         for target, ref in references.items():
             assert qemu_img.compare(str(ref), "qcow2", str(path / f"{target}.qcow2"), "qcow2")
-        assert archive.verify(path).ok
+        assert archive_check.verify(path).ok
     last = points[-1][0].backup
     assert last.parent == points[-2][0].backup
     manifest = archive.read_manifest(last.path)

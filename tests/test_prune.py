@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from backups import archive, qemu_img
+from backups import archive, archive_check, qemu_img
 from backups.models import Backup, BackupPolicy
 from tests.domains import DiskSpec, make_dir
 from tests.test_incremental import push, snapshot_copy, write
@@ -47,7 +47,7 @@ def assert_kept_restorable(points):
             assert not Path(backup.path).exists()
             continue
         kept += 1
-        assert archive.verify(backup.path).ok, archive.verify(backup.path).errors
+        assert archive_check.verify(backup.path).ok, archive_check.verify(backup.path).errors
         image = str(Path(backup.path) / "vda.qcow2")
         assert qemu_img.compare(str(ref), "qcow2", image, "qcow2")
         if backup.parent_id:
