@@ -121,14 +121,20 @@ def backup_xml(
     all_targets: Iterable[str],
     incremental: str | None,
     bitmap_disks: Iterable[str],
+    pull_socket: str | None = None,
 ) -> str:
-    """Push-mode ``<domainbackup>``: each target gets a qcow2 file; other disks are left out.
+    """``<domainbackup>``: each target gets a qcow2 file; other disks are left out.
 
+    Push mode: QEMU writes the targets. Pull mode (``pull_socket``): QEMU exports each disk
+    over NBD on that unix socket, named after its target, and keeps the data the guest
+    overwrites meanwhile in the target file, which is then a scratch file.
     Incremental per disk: qcow2 disks (with a bitmap) copy what changed since the checkpoint,
     the others are copied in full.
     """
     bitmap_disks = set(bitmap_disks)
-    backup = ET.Element("domainbackup", mode="push")
+    backup = ET.Element("domainbackup", mode="pull" if pull_socket else "push")
+    if pull_socket:
+        ET.SubElement(backup, "server", transport="unix", socket=pull_socket)
     disks = ET.SubElement(backup, "disks")
     for target in all_targets:
         if target not in targets:
@@ -140,8 +146,10 @@ def backup_xml(
             disk.set("incremental", incremental)
         elif incremental:
             disk.set("backupmode", "full")
-        ET.SubElement(disk, "target", file=path)
+        ET.SubElement(disk, "scratch" if pull_socket else "target", file=path)
         ET.SubElement(disk, "driver", type="qcow2")
+        if pull_socket:
+            disk.set("exportname", target)
     return _to_string(backup)
 
 

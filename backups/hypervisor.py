@@ -90,6 +90,7 @@ class Session:
     def __enter__(self) -> Session:
         ensure_event_loop()
         self._completed: dict[str, dict] = {}
+        self._restarted = False
         try:
             self._conn = libvirt.open(self.uri)
             self._callback = self._conn.domainEventRegisterAny(
@@ -99,6 +100,12 @@ class Session:
             raise HypervisorError(f"cannot connect to {self.uri}: {exc}") from exc
         return self
 
+    def _alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
     def reconnect(self, timeout: float = 60) -> None:
         """Open the connection again after libvirtd went away (bounded wait)."""
         deadline = time.monotonic() + timeout
@@ -106,6 +113,7 @@ class Session:
             self._conn.close()
         while True:
             try:
+                self._restarted = True
                 self._conn = libvirt.open(self.uri)
                 self._callback = self._conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
@@ -130,10 +138,14 @@ class Session:
 
     # -- lookups -------------------------------------------------------------------------
     def _dom(self, uuid: str):
-        try:
-            return self._conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"domain {uuid} not found: {exc}") from exc
+        for attempt in range(2):
+            try:
+                return self._conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as exc:
+                if attempt == 0 and not self._alive():
+                    self.reconnect()  # libvirtd restarted under us: go on with a new one
+                    continue
+                raise HypervisorError(f"domain {uuid} not found: {exc}") from exc
 
     def _info(self, dom, flags: int = 0) -> DomainInfo:
         state, _reason = dom.state()
@@ -189,6 +201,9 @@ class Session:
         try:
             return fn(*args)
         except libvirt.libvirtError as exc:
+            if not self._alive():
+                with contextlib.suppress(HypervisorError):
+                    self.reconnect()  # so that the caller's cleanup still reaches libvirtd
             raise HypervisorError(f"{doing}: {exc}") from exc
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -240,6 +255,7 @@ class Session:
         checkpoint: str | None = None,
         incremental: str | None = None,
         bitmap_disks: tuple[str, ...] = (),
+        pull_socket: str | None = None,
     ) -> None:
         """Start a push-mode backup of ``targets`` (disk target -> qcow2 file QEMU creates).
 
@@ -248,7 +264,9 @@ class Session:
         that checkpoint, on ``bitmap_disks``; the other disks are copied in full. Disks in
         ``all_targets`` but not in ``targets`` are explicitly left out.
         """
-        backup = domain_xml.backup_xml(targets, all_targets, incremental, bitmap_disks)
+        backup = domain_xml.backup_xml(
+            targets, all_targets, incremental, bitmap_disks, pull_socket=pull_socket
+        )
         checkpoint_xml = None
         if checkpoint:
             checkpoint_xml = domain_xml.checkpoint_xml(
@@ -298,7 +316,7 @@ class Session:
             try:
                 progress = self.job_progress(uuid)
             except HypervisorError:
-                if self._conn.isAlive():
+                if self._alive():
                     raise
                 self.reconnect()  # libvirtd restarted: QEMU's job went on without it
                 reconnected = True
@@ -338,6 +356,25 @@ class Session:
         with contextlib.suppress(libvirt.libvirtError):
             self._dom(uuid).abortJob()
 
+    def end_backup_job(self, uuid: str, settle: float = 10) -> None:
+        """Make sure no backup job of ours keeps running (a pull backup ends this way).
+
+        Right after a libvirtd restart the job may reappear once libvirt has reconnected
+        to QEMU, so the check is repeated for a few seconds.
+        """
+        deadline = time.monotonic() + (settle if self._restarted else 0)
+        while True:
+            self.abort_job(uuid)
+            try:
+                active = self.job_progress(uuid).active
+            except HypervisorError:
+                active = True
+            if not active and time.monotonic() >= deadline:
+                return
+            if time.monotonic() > deadline + 30:
+                raise HypervisorError("the backup job could not be ended")
+            time.sleep(0.5)
+
     def backup_job_targets(self, uuid: str) -> list[str]:
         """Target files of the domain's running backup job ([] when none)."""
         try:
@@ -345,7 +382,8 @@ class Session:
         except libvirt.libvirtError:
             return []
         root = ET.fromstring(xml)
-        return [t.get("file", "") for t in root.findall("disks/disk/target") if t.get("file")]
+        files = root.findall("disks/disk/target") + root.findall("disks/disk/scratch")
+        return [t.get("file", "") for t in files if t.get("file")]
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoints(self, uuid: str) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +67,8 @@ class Context:
     # push only: the checkpoint this backup creates, the one it is incremental to, and the
     # parent image (relative path) each incremental disk backs onto
     exclusive: bool = False  # read the sources with the image lock (offline)
+    pull_dir: str | None = None  # full push backups: pull over NBD, socket directory here
+    qemu_user: str = "libvirt-qemu"
     timeout: float = 24 * 3600  # one disk copy; the job's own timeout bounds the run
     checkpoint: str | None = None
     incremental: str | None = None
@@ -213,6 +217,75 @@ def _thaw(ctx: Context, attempts: int = 3) -> None:
 
 
 def push(ctx: Context) -> Result:
+    """libvirt backup API. A full backup is pulled (QEMU exports a point-in-time view over
+    NBD and qemu-img copies it: as fast as a plain convert, compressed if the policy says
+    so, each disk hashed while the next is copied); an incremental is pushed (QEMU writes
+    only the blocks its bitmap marks)."""
+    if ctx.pull_dir and not ctx.incremental:
+        return _pull(ctx)
+    return _push(ctx)
+
+
+def _pull(ctx: Context) -> Result:
+    scratch = {d.target: str(ctx.staging / f".{d.target}.scratch.qcow2") for d in ctx.disks}
+    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
+    sock_dir = _socket_dir(ctx)
+    socket = str(sock_dir / "nbd.sock")
+    ctx.journal("backup-begin", mode="pull", socket=socket, checkpoint=ctx.checkpoint)
+    finished = False
+    try:
+        with _frozen(ctx) as consistency:
+            ctx.hv.backup_begin(
+                ctx.uuid,
+                scratch,
+                all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
+                checkpoint=ctx.checkpoint,
+                bitmap_disks=bitmap_disks if ctx.checkpoint else (),
+                pull_socket=socket,
+            )
+        images, progress = [], _Progress(ctx)
+        for disk in ctx.disks:
+            out = ctx.staging / f"{disk.target}.qcow2"
+            size = disk.capacity or 0
+            ctx.journal("copy", target=disk.target, file=out.name)
+            qemu_img.convert_from_nbd(
+                socket,
+                disk.target,
+                str(out),
+                compression=ctx.compression,
+                progress=progress.disk(size),
+                timeout=ctx.timeout,
+            )
+            progress.finished(size)
+            ctx.image_done(out)
+            images.append(Image(disk.target, disk.source, disk.format, out.name, size))
+        finished = True
+    finally:
+        ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
+        if not finished:
+            drop_checkpoint(ctx)
+        for path in scratch.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    return Result(consistency, images)
+
+
+def _socket_dir(ctx: Context) -> Path:
+    """A short private directory for the NBD socket (unix socket paths are limited to
+    108 bytes, so not inside the backup root), owned by the user QEMU runs as."""
+    path = Path(ctx.pull_dir) / str(ctx.run_id)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    Path(ctx.pull_dir).chmod(0o755)
+    try:
+        user = pwd.getpwnam(ctx.qemu_user)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    except KeyError:  # QEMU runs as root here
+        pass
+    return path
+
+
+def _push(ctx: Context) -> Result:
     """libvirt backup API, push mode: QEMU copies a point-in-time view into our files.
 
     With a checkpoint, qcow2 disks get a dirty bitmap so the next backup can be incremental;

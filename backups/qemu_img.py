@@ -390,6 +390,33 @@ def convert(
     tracker.finish()
 
 
+def convert_from_nbd(
+    socket: str,
+    export: str,
+    dst: str,
+    *,
+    compression: str = "none",
+    progress: Callable[[float], None] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Copy a disk that QEMU exports over NBD on a unix socket (libvirt's pull-mode backup).
+
+    The source is given as ``--image-opts`` rather than an ``nbd+unix://`` URL: the
+    socket path contains the VM's name, and option values only need commas doubled.
+    """
+    socket = validate_path(socket)
+    if not export or any(c in export for c in "\0\n\r"):
+        raise QemuImgError(f"bad NBD export name: {export!r}")
+    options = _convert_options("qcow2", compression, False)
+    source = "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}"
+    source = source.format(socket.replace(",", ",,"), export.replace(",", ",,"))
+    argv = [QEMU_IMG, "convert", "-p", "--image-opts", "-O", "qcow2", *options, source]
+    argv.append(validate_path(dst))
+    tracker = _Progress(progress)
+    _run(argv, _validate_timeout(timeout), on_stdout=tracker.feed)
+    tracker.finish()
+
+
 def check(
     path: str, fmt: str, *, force_share: bool = True, timeout: float = DEFAULT_TIMEOUT
 ) -> CheckResult:

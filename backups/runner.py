@@ -321,6 +321,8 @@ def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.
         run_id=run.pk,
         compression=run.policy.compression if run.policy else "none",
         overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
+        pull_dir=settings.VMBACKUP_NBD_DIR or None,
+        qemu_user=settings.VMBACKUP_QEMU_USER,
         timeout=settings.Q_TIMEOUT,
         journal=rc.journal,
         progress=rc.progress,
