@@ -217,10 +217,11 @@ def _thaw(ctx: Context, attempts: int = 3) -> None:
 
 
 def push(ctx: Context) -> Result:
-    """libvirt backup API. A full backup is pulled (QEMU exports a point-in-time view over
-    NBD and qemu-img copies it: as fast as a plain convert, compressed if the policy says
-    so, each disk hashed while the next is copied); an incremental is pushed (QEMU writes
-    only the blocks its bitmap marks)."""
+    """libvirt backup API. QEMU pushes a point-in-time view into our files; with a pull
+    directory configured, a full backup is pulled instead (QEMU exports the view over NBD
+    and qemu-img copies it, compressed if the policy says so, each disk hashed while the
+    next is copied). Incrementals are always pushed: QEMU writes only what its bitmap
+    marks. bench/full_backup.py measured no speed gain from pulling on QEMU 7.2."""
     if ctx.pull_dir and not ctx.incremental:
         return _pull(ctx)
     return _push(ctx)

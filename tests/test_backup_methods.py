@@ -132,3 +132,24 @@ def test_it_copies_the_emulated_tpm_state(domains, backup_root, synced):
     assert copied.read_bytes() == state.read_bytes()
     assert run.backup.manifest["tpm"] == "tpm"
     assert_restorable(dom, Path(run.backup.path), dom.dir)
+
+
+def test_it_can_pull_a_full_backup_over_nbd_with_compression(
+    domains, backup_root, synced, settings
+):
+    from backups.models import BackupPolicy
+
+    settings.VMBACKUP_NBD_DIR = str(make_dir(backup_root / "nbd"))
+    policy = BackupPolicy.objects.create(name="z", schedule="", compression="zstd")
+    dom = domains.create(start=True)
+    vm = synced(dom)
+    r = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    jobs.run_backup(r.pk)
+    r.refresh_from_db()
+    assert r.status == RunStatus.SUCCEEDED, r.error
+    assert next(e for e in r.journal if e["step"] == "backup-begin")["mode"] == "pull"
+    path = Path(r.backup.path)
+    assert_images_equal(dom, path)
+    assert_vm_untouched(domains, dom, running=True)
+    assert not list(Path(settings.VMBACKUP_NBD_DIR).iterdir())  # socket dir removed
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []

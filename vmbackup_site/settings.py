@@ -70,8 +70,9 @@ VMBACKUP_LIBVIRT_URI = env("VMBACKUP_LIBVIRT_URI", "qemu:///system")
 VMBACKUP_ROOT = env("VMBACKUP_ROOT", "/var/backups/vms")
 # Where external snapshot overlays are written (None: next to each disk).
 VMBACKUP_OVERLAY_DIR = env("VMBACKUP_OVERLAY_DIR", "") or None
-# Full push backups are pulled over NBD; the unix sockets live here (empty: push instead).
-VMBACKUP_NBD_DIR = env("VMBACKUP_NBD_DIR", "/run/vmbackup")
+# Set to pull full push-method backups over NBD (qemu-img copies them, so the policy's
+# compression applies); the unix sockets live here. Empty (default): QEMU pushes them.
+VMBACKUP_NBD_DIR = env("VMBACKUP_NBD_DIR", "")
 # The user libvirt runs QEMU as (qemu.conf "user"), who must reach the NBD socket directory.
 VMBACKUP_QEMU_USER = env("VMBACKUP_QEMU_USER", "libvirt-qemu")
 # Free space required where snapshot overlays go (a full overlay pauses the guest).
