@@ -145,29 +145,39 @@ class _Progress:
         self.ctx.progress(self.base, self.ctx.total)
 
 
-def _convert_all(ctx: Context, sources: dict[str, str]) -> list[Image]:
-    """Copy each disk (from ``sources``: target -> readable image) into staging."""
+def _copy_disks(ctx: Context, copy: Callable[[hypervisor.DiskInfo, Path, Callable], None]):
+    """Copy each disk into ``<target>.qcow2`` in staging with ``copy(disk, out, progress)``;
+    each finished image is handed to the hasher while the next one is copied."""
     images, progress = [], _Progress(ctx)
     for disk in ctx.disks:
         out = ctx.staging / f"{disk.target}.qcow2"
         size = disk.capacity or 0
         ctx.journal("copy", target=disk.target, file=out.name)
+        copy(disk, out, progress.disk(size))
+        progress.finished(size)
+        ctx.image_done(out)
+        images.append(Image(disk.target, disk.source, disk.format, out.name, size))
+    return images
+
+
+def _convert_all(ctx: Context, sources: dict[str, str]) -> list[Image]:
+    """Copy each disk from ``sources`` (target -> readable image) with qemu-img."""
+
+    def copy(disk, out: Path, report) -> None:
         qemu_img.convert(
             sources[disk.target],
             disk.format,
             str(out),
             "qcow2",
             compression=ctx.compression,
-            progress=progress.disk(size),
+            progress=report,
             # offline: take the image lock, so the VM cannot start (and write) mid-copy;
             # snapshot: the base is read while QEMU holds it, which is why it is frozen
             force_share=not ctx.exclusive,
             timeout=ctx.timeout,
         )
-        progress.finished(size)
-        ctx.image_done(out)
-        images.append(Image(disk.target, disk.source, disk.format, out.name, size))
-    return images
+
+    return _copy_disks(ctx, copy)
 
 
 def offline(ctx: Context) -> Result:
@@ -229,37 +239,24 @@ def push(ctx: Context) -> Result:
 
 def _pull(ctx: Context) -> Result:
     scratch = {d.target: str(ctx.staging / f".{d.target}.scratch.qcow2") for d in ctx.disks}
-    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
     sock_dir = _socket_dir(ctx)
     socket = str(sock_dir / "nbd.sock")
     ctx.journal("backup-begin", mode="pull", socket=socket, checkpoint=ctx.checkpoint)
     finished = False
     try:
-        with _frozen(ctx) as consistency:
-            ctx.hv.backup_begin(
-                ctx.uuid,
-                scratch,
-                all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
-                checkpoint=ctx.checkpoint,
-                bitmap_disks=bitmap_disks if ctx.checkpoint else (),
-                pull_socket=socket,
-            )
-        images, progress = [], _Progress(ctx)
-        for disk in ctx.disks:
-            out = ctx.staging / f"{disk.target}.qcow2"
-            size = disk.capacity or 0
-            ctx.journal("copy", target=disk.target, file=out.name)
+        consistency = _begin_job(ctx, scratch, pull_socket=socket)
+
+        def copy(disk, out: Path, report) -> None:
             qemu_img.convert_from_nbd(
                 socket,
                 disk.target,
                 str(out),
                 compression=ctx.compression,
-                progress=progress.disk(size),
+                progress=report,
                 timeout=ctx.timeout,
             )
-            progress.finished(size)
-            ctx.image_done(out)
-            images.append(Image(disk.target, disk.source, disk.format, out.name, size))
+
+        images = _copy_disks(ctx, copy)
         finished = True
     finally:
         ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
@@ -270,6 +267,23 @@ def _pull(ctx: Context) -> Result:
                 os.unlink(path)
         shutil.rmtree(sock_dir, ignore_errors=True)
     return Result(consistency, images)
+
+
+def _begin_job(ctx: Context, files: dict[str, str], pull_socket: str | None = None) -> str:
+    """Start the backup job, the guest frozen around it when the agent answers; returns
+    the consistency label. qcow2 disks get a bitmap for the next incremental."""
+    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
+    with _frozen(ctx) as consistency:
+        ctx.hv.backup_begin(
+            ctx.uuid,
+            files,
+            all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
+            checkpoint=ctx.checkpoint,
+            incremental=ctx.incremental,
+            bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
+            pull_socket=pull_socket,
+        )
+    return consistency
 
 
 def _socket_dir(ctx: Context) -> Path:
@@ -294,20 +308,11 @@ def _push(ctx: Context) -> Result:
     writes as its backing file, to the parent backup's image.
     """
     targets = {d.target: str(ctx.staging / f"{d.target}.qcow2") for d in ctx.disks}
-    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
     ctx.journal(
         "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
     )
     try:
-        with _frozen(ctx) as consistency:
-            ctx.hv.backup_begin(
-                ctx.uuid,
-                targets,
-                all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
-                checkpoint=ctx.checkpoint,
-                incremental=ctx.incremental,
-                bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
-            )
+        consistency = _begin_job(ctx, targets)
     except hypervisor.HypervisorError:
         _end_push(ctx)  # e.g. the thaw failed after the job had started
         raise
