@@ -20,7 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, hypervisor, methods, notify
+from . import adopt, archive, hypervisor, methods, notify
 from .models import BackupPolicy, BackupRun, Host, RunStatus
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Report:
     jobs_aborted: list[str] = field(default_factory=list)
     thawed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -46,6 +47,7 @@ class Report:
             f"{len(self.thawed)} guests thawed",
             f"{len(self.restarted)} guests restarted",
             f"{len(self.partials)} partial dirs removed",
+            f"{len(self.adopted)} backups adopted from disk",
         ]
         if self.errors:
             parts.append("errors: " + "; ".join(self.errors))
@@ -80,6 +82,7 @@ def reconcile(stale_after: int | None = None) -> Report:
     for host in Host.objects.all():
         _repair_host(host, report)
     _remove_orphan_partials(report)
+    report.adopted = adopt.adopt(_roots())
     return report
 
 
