@@ -22,7 +22,17 @@ from pathlib import Path
 
 import libvirt
 
-from tests.domains import BASE, OWNER_TAG, PREFIX, DiskSpec, TestDomain, fill, make_dir, run
+from tests.domains import (
+    BASE,
+    OWNER_TAG,
+    PREFIX,
+    DiskSpec,
+    TestDomain,
+    add_disks,
+    fill,
+    make_dir,
+    run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build-agent-guest.sh"
@@ -90,11 +100,7 @@ def agent_domain_xml(
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     devices = ET.SubElement(dom, "devices")
-    for target, (path, fmt) in disks.items():
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type=fmt)
-        ET.SubElement(disk, "source", file=str(path))
-        ET.SubElement(disk, "target", dev=target, bus="virtio")
+    add_disks(devices, disks)
     ET.SubElement(devices, "controller", type="usb", model="none")
     if console_log is not None:
         serial = ET.SubElement(devices, "serial", type="file")

@@ -71,6 +71,15 @@ def default_disks() -> list[DiskSpec]:
     ]
 
 
+def add_disks(devices: ET.Element, disks: dict[str, tuple[Path, str]]) -> None:
+    """One virtio file disk per target -> (path, format)."""
+    for target, (path, fmt) in disks.items():
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=fmt)
+        ET.SubElement(disk, "source", file=str(path))
+        ET.SubElement(disk, "target", dev=target, bus="virtio")
+
+
 def domain_xml(
     name: str,
     dom_uuid: str,
@@ -96,11 +105,7 @@ def domain_xml(
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     devices = ET.SubElement(dom, "devices")
-    for target, (path, fmt) in disks.items():
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type=fmt)
-        ET.SubElement(disk, "source", file=str(path))
-        ET.SubElement(disk, "target", dev=target, bus="virtio")
+    add_disks(devices, disks)
     if cdrom:
         disk = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(disk, "driver", name="qemu", type="raw")
