@@ -90,6 +90,7 @@ class Session:
     def __enter__(self) -> Session:
         ensure_event_loop()
         self._completed: dict[str, dict] = {}
+        self._job_ended = threading.Condition()  # wakes wait_backup the moment a job ends
         self._restarted = False
         try:
             self._conn = libvirt.open(self.uri)
@@ -126,7 +127,14 @@ class Session:
 
     def _on_job_completed(self, _conn, dom, params, _opaque) -> None:
         """Keep the completed job's stats: only they carry the failure reason (errmsg)."""
-        self._completed[dom.UUIDString()] = dict(params)
+        with self._job_ended:
+            self._completed[dom.UUIDString()] = dict(params)
+            self._job_ended.notify_all()
+
+    def _wait_completed(self, uuid: str, seconds: float) -> bool:
+        """Sleep up to ``seconds``, less if the job-completed event for ``uuid`` arrives."""
+        with self._job_ended:
+            return self._job_ended.wait_for(lambda: uuid in self._completed, seconds)
 
     def __exit__(self, *exc_info) -> None:
         if self._conn is not None:
@@ -331,13 +339,14 @@ class Session:
             if time.monotonic() > deadline:
                 self.abort_job(uuid)
                 raise HypervisorError(f"backup job did not finish within {timeout:.0f}s")
-            time.sleep(pause)
-            pause = min(pause * 1.5, interval)  # small incrementals end in a fraction of a second
-        # the event may trail the job's end by a moment
-        for _ in range(20):
+            # The event wakes us at the job's end; polling stays as the fallback (progress,
+            # cancel, a lost event after a libvirtd restart).
             if uuid in self._completed:
-                break
-            time.sleep(0.1)
+                time.sleep(0.02)  # event seen, job info not cleared yet: don't spin
+            else:
+                self._wait_completed(uuid, pause)
+            pause = min(pause * 1.5, interval)  # small incrementals end in a fraction of a second
+        self._wait_completed(uuid, 2.0)  # the event may trail the job's end by a moment
         params = self._completed.pop(uuid, {})
         stats = self._call(
             self._dom(uuid).jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED, doing="read job"

@@ -1,11 +1,13 @@
 """Full backup vs bare ``qemu-img convert``, side by side, in interleaved rounds.
 
-    cd /work/main && .venv/bin/python bench/full_backup.py [--size-gib 2] [--rounds 3]
+    .venv/bin/python bench/full_backup.py [--size-gib 2] [--rounds 3]
 
 Builds one qcow2 disk (half random, a quarter text, a quarter hole), gives an identical copy to
 two TCG domains (one shut off for ``offline``, one running for ``push``) and, in each round,
 times in turn: bare convert of the shut-off disk, our offline backup, bare convert ``-U`` of the
-running disk (for reference) and our push backup. Backups run in-process through
+running disk (for reference), then QEMU's own push backup job of the running disk started
+straight through libvirt (the physical floor of push) and our push backup, in alternating order.
+Backups run in-process through
 ``jobs.request_backup`` + ``jobs.run_backup``, exactly as a worker runs them.
 
 Figures: copy phase from the run journal (first ``copy`` / ``backup-begin`` step to the ``hash``
@@ -90,6 +92,7 @@ class JobWatch:
 class Round:
     bare: float = 0.0
     bare_u: float = 0.0
+    job: float = 0.0  # QEMU's own backup job alone, started straight through libvirt
     offline: RunFigures | None = None
     push: RunFigures | None = None
     cached: dict[str, float | None] = field(default_factory=dict)
@@ -134,6 +137,8 @@ class Bench:
         self.domains = domains
         self.size = size
         self.watch = watch
+        self.job_dir = c.subdir(root.parent, "job")
+        self.job_dir.chmod(0o777)  # QEMU (not root) creates the bare job's target here
 
     # -- setup -------------------------------------------------------------------------------
     def build(self, work: Path) -> None:
@@ -196,6 +201,26 @@ class Bench:
         out.unlink()
         return seconds
 
+    def qemu_job(self, tag: str) -> float:
+        """The physical floor of push: libvirt's push backup of the running disk into a new
+        qcow2, nothing of ours around it (no checkpoint, no runner), until the job ends."""
+        from backups import domain_xml
+
+        out = self.job_dir / f"{tag}.qcow2"
+        dom = self.domains.lookup(self.doms["on"])
+        uuid = self.doms["on"].uuid
+        self.watch.events.pop(uuid, None)
+        start = time.perf_counter()
+        dom.backupBegin(domain_xml.backup_xml({"vda": str(out)}, ("vda",), None, ()), None, 0)
+        event = self.watch.pop(uuid, wait=600)
+        seconds = time.perf_counter() - start
+        while dom.jobInfo()[0] != 0:  # VIR_DOMAIN_JOB_NONE: the job is gone
+            time.sleep(0.05)
+        out.unlink()
+        if event is None:
+            raise RuntimeError("the bare QEMU backup job sent no job-completed event")
+        return seconds
+
     def backup(self, role: str, method: str, policy) -> RunFigures:
         from backups import jobs
         from backups.models import RunStatus, Trigger
@@ -234,7 +259,14 @@ class Bench:
         r.bare = self.bare("off", f"r{number}")
         r.offline = self.backup("off", "offline", self.policy)
         r.bare_u = self.bare("on", f"r{number}")
-        r.push = self.backup("on", "push", None)
+        # QEMU's job alone and our push, in alternating order: whichever of the two runs
+        # first after the converts tends to be the slower one
+        if number % 2:
+            r.job = self.qemu_job(f"r{number}")
+            r.push = self.backup("on", "push", None)
+        else:
+            r.push = self.backup("on", "push", None)
+            r.job = self.qemu_job(f"r{number}")
         return r
 
 
@@ -242,6 +274,7 @@ class Bench:
 COLUMNS = (
     ("bare", "bare", 6),
     ("bare_u", "bare-U", 6),
+    ("job", "qemu.job", 8),
     ("off_copy", "off.copy", 8),
     ("off_total", "off.total", 9),
     ("push_copy", "push.copy", 9),
@@ -270,6 +303,7 @@ def figures(r: Round) -> dict[str, float]:
     return {
         "bare": r.bare,
         "bare_u": r.bare_u,
+        "job": r.job,
         "off_copy": r.offline.copy,
         "off_total": r.offline.total,
         "push_copy": r.push.copy,
@@ -314,6 +348,10 @@ def report(rounds: list[Round], size: int, elapsed: float) -> None:
     say("phases of a run (journal, medians, s):")
     say(phase_line("offline", [r.offline for r in rounds]))
     say(phase_line("push", [r.push for r in rounds]))
+    say(
+        f"push copy vs QEMU's backup job alone (same rounds): {med['push_copy'] / med['job']:.2f}x"
+        f" (QEMU job alone {med['job']:.2f} s = {med['job'] / bare:.2f}x bare convert)"
+    )
     jobs = [r.push for r in rounds if r.push.job is not None]
     if jobs:
         job = c.median([f.job for f in jobs])
@@ -384,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             watch = JobWatch(URI)
             bench = Bench(root, c.subdir(work, "bare"), domains, size, watch)
             bench.build(work)
-            say(f"backup root {root}; {args.rounds} rounds of bare, offline, bare -U, push")
+            say(
+                f"backup root {root}; {args.rounds} rounds: bare, offline, bare -U, QEMU job + push"
+            )
             say(HEADER)
             for number in range(1, args.rounds + 1):
                 rounds.append(bench.round(number))
