@@ -358,7 +358,7 @@ def report(rounds: list[Round], size: int, elapsed: float) -> None:
         tail = c.median([f.after_job for f in jobs])
         say(
             f"  push copy = libvirt/QEMU job {job:.2f} ({job / bare:.2f}x bare)"
-            f" + job end -> 'hash' step {tail:.2f} (runner: 0.5 s polling, job stats, chown)"
+            f" + job end -> 'hash' step {tail:.2f} (runner: job stats, chown)"
         )
     written, pushed = rounds[-1].offline.bytes_written, rounds[-1].push.bytes_written
     say(
