@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import metrics, views
 
 urlpatterns = [
     path("", views.overview, name="overview"),
@@ -19,4 +19,5 @@ urlpatterns = [
     path("policies/", views.policy_list, name="policy_list"),
     path("policies/new/", views.policy_create, name="policy_create"),
     path("policies/<int:policy_id>/", views.policy_edit, name="policy_edit"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]
