@@ -413,6 +413,13 @@ def publish(staging: Path) -> Path:
     return final
 
 
+def make_durable(directory: Path) -> None:
+    """fsync every file and directory below ``directory``, then its parent: the step
+    before a rename that makes the tree visible (used by restores too)."""
+    _sync_tree(directory)
+    _fsync(directory.parent)
+
+
 def _sync_tree(directory: Path) -> None:
     for dirpath, _dirs, filenames in os.walk(directory):
         for name in filenames:

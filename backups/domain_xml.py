@@ -199,3 +199,70 @@ def with_disk_source(xml: str, target: str, path: str, fmt: str) -> str:
         if backing is not None:
             disk.remove(backing)
     return _to_string(root)
+
+
+def restored_xml(
+    xml: str,
+    *,
+    name: str,
+    uuid: str,
+    disks: dict[str, tuple[str, str]],
+    nvram: str | None,
+) -> tuple[str, list[str]]:
+    """The backed-up definition turned into a new domain that can run beside the original.
+
+    New name and UUID; every ``<mac>`` dropped so libvirt generates fresh addresses; each
+    restored disk (``disks``: target -> (path, format)) pointed at its standalone file;
+    disks that are not in the backup are left out (a disk we do not have must not silently
+    point at the original VM's live image); fixed graphics ports become automatic.
+    Returns the XML and one note for each thing the caller should tell the user.
+    """
+    root = ET.fromstring(xml)
+    notes: list[str] = []
+    _set_child_text(root, "name", name)
+    _set_child_text(root, "uuid", uuid)
+    devices = root.find("devices")
+    devices = devices if devices is not None else ET.SubElement(root, "devices")
+    for disk in devices.findall("disk"):
+        target = _text(disk.find("target"), "dev")
+        if disk.get("device", "disk") != "disk":
+            continue  # cdrom/floppy media are not backed up; they stay as defined
+        if target not in disks:
+            devices.remove(disk)
+            notes.append(f"disk {target} was not in the backup and is left out")
+            continue
+        path, fmt = disks[target]
+        for child in [c for c in disk if c.tag in ("source", "backingStore")]:
+            disk.remove(child)
+        disk.set("type", "file")
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", name="qemu")
+            disk.insert(0, driver)
+        driver.set("type", fmt)  # cache/io/discard settings are kept
+        disk.insert(list(disk).index(driver) + 1, ET.Element("source", file=path))
+    for interface in devices.findall("interface"):
+        for mac in interface.findall("mac"):
+            interface.remove(mac)
+    for graphics in devices.findall("graphics"):
+        for attr in ("port", "tlsPort", "websocket"):
+            graphics.attrib.pop(attr, None)
+        if graphics.get("autoport") == "no":
+            graphics.set("autoport", "yes")
+    os_node = root.find("os")
+    loader_nvram = os_node.find("nvram") if os_node is not None else None
+    if loader_nvram is not None:
+        if nvram:
+            loader_nvram.text = nvram
+        else:
+            os_node.remove(loader_nvram)  # libvirt creates a fresh one from the template
+            notes.append("no UEFI variable store in the backup: a fresh one is created")
+    return _to_string(root), notes
+
+
+def _set_child_text(root: ET.Element, tag: str, text: str) -> None:
+    node = root.find(tag)
+    if node is None:
+        node = ET.Element(tag)
+        root.insert(0, node)
+    node.text = text

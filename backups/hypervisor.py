@@ -191,6 +191,15 @@ class Session:
             return False
         return True
 
+    def uuid_by_name(self, name: str) -> str | None:
+        """The UUID of the domain called ``name``, or None when there is none."""
+        try:
+            return self._conn.lookupByName(name).UUIDString()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"look up domain {name}: {exc}") from exc
+
     def domain(self, uuid: str) -> DomainInfo:
         try:
             return self._info(self._dom(uuid))

@@ -95,6 +95,45 @@ def run_backup(run_id: int) -> str:
     return runner.execute(run)
 
 
+class RestoreRefused(Exception):
+    """A restore request that cannot be taken (name in use by another restore, bad input)."""
+
+
+def request_restore(backup: Backup, *, name: str, root: str, start: bool = False, user=None):
+    """Create a queued restore of ``backup`` as a new domain and enqueue it."""
+    from . import restoring
+    from .models import Restore
+
+    try:
+        restoring.check_request(name, root)
+    except restoring.RestoreError as exc:
+        raise RestoreRefused(str(exc)) from exc
+    try:
+        with transaction.atomic():
+            restore = Restore.objects.create(
+                backup=backup, name=name, root=root, start=start, requested_by=user
+            )
+    except IntegrityError as exc:
+        raise RestoreRefused(f"a restore as {name} is already queued or running") from exc
+    _enqueue("backups.jobs.run_restore", restore.pk, vm=backup.vm, name=f"restore-{restore.pk}")
+    return restore
+
+
+def run_restore(restore_id: int) -> str:
+    """Worker entry point for one restore; a second delivery finds nothing to claim."""
+    from . import restoring, runner
+    from .models import Restore
+
+    now = timezone.now()
+    claimed = Restore.objects.filter(pk=restore_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, worker=runner.worker_id()
+    )
+    if not claimed:
+        return "not claimed"
+    restore = Restore.objects.select_related("backup__vm__host").get(pk=restore_id)
+    return restoring.execute(restore)
+
+
 def verify_backup(backup_id: int) -> str:
     from . import verify
 

@@ -391,3 +391,56 @@ class Backup(models.Model):
         self.verify_error = error
         self.verified_at = timezone.now()
         self.save(update_fields=["verify_status", "verify_error", "verified_at"])
+
+
+class Restore(models.Model):
+    """Restoring one backup as a new domain: its files, its definition, its outcome.
+
+    Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
+    writes is visible as restored until the last step: the disks are flattened into a hidden
+    ``.restore-<id>.partial`` directory, renamed into place, and only then is the domain
+    defined; a failure at any step removes what this restore created.
+    """
+
+    backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="restores")
+    name = models.CharField(max_length=64, help_text="name of the new domain")
+    root = models.CharField(max_length=1024, help_text="configured restore root")
+    start = models.BooleanField(default=False, help_text="start the new domain afterwards")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    step = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=100, blank=True)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    path = models.CharField(max_length=1024, blank=True, help_text="directory of the disks")
+    domain_uuid = models.CharField(max_length=36, blank=True)
+    notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
+    journal = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # Two restores must not race for the same new name.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_restore_per_name",
+            )
+        ]
+
+    def __str__(self):
+        return f"restore {self.pk} of backup {self.backup_id} as {self.name} ({self.status})"
+
+    def get_absolute_url(self):
+        return reverse("restore_detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in ACTIVE_STATUSES

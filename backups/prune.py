@@ -20,7 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import archive, archive_check, qemu_img, retention
-from .models import Backup, BackupPolicy, Kind
+from .models import ACTIVE_STATUSES, Backup, BackupPolicy, Kind, Restore
 
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
 
@@ -31,6 +31,7 @@ class Report:
     decisions: list[tuple[Backup, bool, str]] = field(default_factory=list)
     rebased: list[int] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
+    skipped: str = ""  # why nothing was pruned this time, if something stood in the way
 
     def lines(self) -> list[str]:
         return [
@@ -62,6 +63,11 @@ def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
     report = Report(vm=vm.name)
     report.decisions = [(backups[d.point.id], d.keep, d.reason) for d in plan.decisions]
     if dry_run:
+        return report
+    if Restore.objects.filter(backup__vm=vm, status__in=ACTIVE_STATUSES).exists():
+        # A restore is reading this VM's chains: folding or deleting now could hand it a
+        # half-rebased image. The next prune catches up.
+        report.skipped = "a restore of this VM is running"
         return report
     for step in plan.rebases:
         fold(backups[step.point_id], backups.get(step.new_parent_id))

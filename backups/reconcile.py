@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,7 +22,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import adopt, archive, hypervisor, methods, notify
-from .models import BackupPolicy, BackupRun, Host, RunStatus
+from .models import BackupPolicy, BackupRun, Host, Restore, RunStatus
 
 log = logging.getLogger(__name__)
 OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
@@ -31,6 +32,7 @@ PARTIAL_RE = re.compile(r"^\.\d{8}T\d{6}Z-(\d+)\.partial$")
 @dataclass
 class Report:
     interrupted: list[int] = field(default_factory=list)
+    restores_interrupted: list[int] = field(default_factory=list)
     overlays: list[str] = field(default_factory=list)
     jobs_aborted: list[str] = field(default_factory=list)
     thawed: list[str] = field(default_factory=list)
@@ -42,6 +44,7 @@ class Report:
     def summary(self) -> str:
         parts = [
             f"{len(self.interrupted)} runs interrupted",
+            f"{len(self.restores_interrupted)} restores interrupted",
             f"{len(self.overlays)} overlays merged",
             f"{len(self.jobs_aborted)} jobs aborted",
             f"{len(self.thawed)} guests thawed",
@@ -79,11 +82,40 @@ def reconcile(stale_after: int | None = None) -> Report:
         if run.status == RunStatus.RUNNING and is_dead(run, stale_after):
             _repair_run(run, report)
     _repair_finished(report, stale_after)
+    _repair_restores(report, stale_after)
     for host in Host.objects.all():
         _repair_host(host, report)
     _remove_orphan_partials(report)
     report.adopted = adopt.adopt(_roots())
     return report
+
+
+def _repair_restores(report: Report, stale_after: int) -> None:
+    """A dead restore: interrupted, its hidden staging directory removed. A directory it
+    already renamed into place (a crash right before the domain was defined) is left alone
+    and named in the error: it may hold the only copy someone is about to use."""
+    from . import restoring
+
+    for restore_id in list(
+        Restore.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
+    ):
+        restore = Restore.objects.get(pk=restore_id)
+        if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
+            continue
+        error = "interrupted: the worker died"
+        final = Path(os.path.abspath(restore.root)) / restore.name
+        if "publish" in [s.get("step") for s in restore.journal] and final.is_dir():
+            error += f"; files left in {final}, no domain defined"
+        if os.path.abspath(restore.root) in restoring.allowed_roots():
+            for staging in restoring.staging_paths(restore):
+                if staging.is_dir() and not staging.is_symlink():
+                    shutil.rmtree(staging, ignore_errors=True)
+                    report.partials.append(str(staging))
+        updated = Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
+            status=RunStatus.INTERRUPTED, error=error, finished_at=timezone.now()
+        )
+        if updated:
+            report.restores_interrupted.append(restore.pk)
 
 
 def _unmatched(steps: list[str], begin: str, end: str) -> bool:

@@ -79,8 +79,8 @@ class Heartbeat:
     """Beats for the whole run, whatever phase it is in (hashing, a long commit, a shutdown
     wait): reconcile must never mistake a slow run for a dead one."""
 
-    def __init__(self, run_id: int, every: float):
-        self.run_id, self.every = run_id, every
+    def __init__(self, run_id: int, every: float, model=BackupRun):
+        self.run_id, self.every, self.model = run_id, every, model
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"beat-{run_id}", daemon=True)
 
@@ -89,7 +89,7 @@ class Heartbeat:
 
         try:
             while not self.stop.wait(self.every):
-                BackupRun.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
+                self.model.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
                     heartbeat_at=timezone.now()
                 )
         finally:

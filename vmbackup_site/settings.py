@@ -68,6 +68,8 @@ CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
 # What to back up and where.
 VMBACKUP_LIBVIRT_URI = env("VMBACKUP_LIBVIRT_URI", "qemu:///system")
 VMBACKUP_ROOT = env("VMBACKUP_ROOT", "/var/backups/vms")
+# Directories the dashboard may restore into (comma-separated); a restore writes nowhere else.
+VMBACKUP_RESTORE_ROOTS = envlist("VMBACKUP_RESTORE_ROOTS", ["/var/lib/libvirt/images"])
 # Where external snapshot overlays are written (None: next to each disk).
 VMBACKUP_OVERLAY_DIR = env("VMBACKUP_OVERLAY_DIR", "") or None
 # Set to pull full push-method backups over NBD (qemu-img copies them, so the policy's
@@ -95,6 +97,8 @@ EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 20)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "vmbackup@localhost")
 # The dashboard's address, for links in mail (e.g. https://backup.example.com).
 VMBACKUP_URL = env("VMBACKUP_URL", "")
+# Bearer token Prometheus sends to /metrics (empty: only logged-in users with view access).
+VMBACKUP_METRICS_TOKEN = env("VMBACKUP_METRICS_TOKEN", "")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

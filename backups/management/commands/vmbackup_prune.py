@@ -21,5 +21,8 @@ class Command(BaseCommand):
                     self.stdout.write(f"{vm.name}\tskipped: a backup is running")
                     continue
                 report = prune.prune_vm(vm, p, dry_run=dry_run)
+                if report.skipped:
+                    self.stdout.write(f"{vm.name}\tskipped: {report.skipped}")
+                    continue
                 for line in report.lines():
                     self.stdout.write(line)

@@ -1,0 +1,254 @@
+"""Restore a backup as a new domain, from the dashboard (DESIGN "Restore").
+
+The same steps an operator follows in RESTORE.md, done so that nothing half-made is ever
+visible: check the whole chain (SHA-256 + ``qemu-img check``) before writing anything,
+refuse early (name taken, root not allowed, not enough space), flatten every disk into a
+hidden ``<root>/.<name>.restore-<id>.partial`` directory, fsync, rename it to
+``<root>/<name>``, and only then define the domain. Whatever fails, what this restore created
+is removed again and the original VM is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import re
+import shutil
+import uuid as uuidlib
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from . import archive, archive_check, domain_xml, hypervisor, qemu_img
+from .models import ACTIVE_STATUSES, Restore, RunStatus
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_HELP = "letters, digits, '.', '_' and '-', up to 64, starting with a letter or digit"
+
+
+class RestoreError(Exception):
+    """A restore cannot go on; the message is for the user."""
+
+
+def allowed_roots() -> list[str]:
+    """The configured restore roots, absolute and normalised."""
+    return [os.path.abspath(root) for root in settings.VMBACKUP_RESTORE_ROOTS if root]
+
+
+def check_request(name: str, root: str) -> None:
+    """What the form checks, checked again where it matters: in the worker."""
+    if not NAME_RE.match(name or ""):
+        raise RestoreError(f"invalid domain name {name!r}: {NAME_HELP}")
+    if os.path.abspath(root) not in allowed_roots():
+        raise RestoreError(f"{root} is not one of the configured restore roots")
+
+
+def chain_dirs(backup_dir: Path) -> list[Path]:
+    """The backup and every backup it builds on, newest first (siblings by name)."""
+    dirs, seen = [], set()
+    current: Path | None = backup_dir
+    while current is not None:
+        if current in seen or len(dirs) > 1000:
+            raise RestoreError(f"backup chain of {backup_dir} is circular or too long")
+        seen.add(current)
+        if not current.is_dir():
+            raise RestoreError(f"backup {current} is missing (the chain needs it)")
+        dirs.append(current)
+        parent = archive.read_manifest(current).parent
+        current = current.parent / parent if parent else None
+    return dirs
+
+
+class _Progress:
+    def __init__(self, restore: Restore):
+        self.restore = restore
+
+    def step(self, step: str, **data) -> None:
+        self.restore.step = step
+        self.restore.journal = [
+            *self.restore.journal,
+            {"step": step, "at": timezone.now().isoformat(), **data},
+        ]
+        self.restore.save(update_fields=["step", "journal"])
+
+    def bytes(self, done: int, total: int | None = None) -> None:
+        fields = {"bytes_done": done}
+        if total is not None:
+            fields["bytes_total"] = total
+        Restore.objects.filter(pk=self.restore.pk).update(**fields)
+
+
+def execute(restore: Restore) -> str:
+    """Run a claimed restore to its end; returns a one-line outcome for django-q2."""
+    from .runner import Heartbeat
+
+    every = max(1.0, min(30.0, settings.VMBACKUP_STALE_AFTER / 5))
+    with Heartbeat(restore.pk, every, model=Restore):
+        return _execute(restore)
+
+
+def _execute(restore: Restore) -> str:
+    progress = _Progress(restore)
+    created: list[Path] = []  # removed again unless the restore succeeds
+    defined: list[str] = []
+    try:
+        with hypervisor.session(restore.backup.vm.host.uri) as hv:
+            result = _restore(restore, hv, progress, created, defined)
+        created.clear()
+        _finish(restore, RunStatus.SUCCEEDED)
+        return result
+    except Exception as exc:  # every failure is recorded as data on the restore
+        log.exception("restore %s failed", restore.pk)
+        reason = str(exc) or exc.__class__.__name__
+        if isinstance(exc, OSError) and exc.errno == 28:
+            reason = f"destination full (no space left on device): {reason}"
+        _undo(restore, created, defined)
+        _finish(restore, RunStatus.FAILED, reason)
+        return f"failed: {reason}"
+
+
+def _restore(restore, hv, progress: _Progress, created: list[Path], defined: list[str]) -> str:
+    check_request(restore.name, restore.root)
+    root = Path(os.path.abspath(restore.root))
+    if not root.is_dir():
+        raise RestoreError(f"restore root {root} does not exist")
+    final = root / restore.name
+    staging = root / f".{restore.name}.restore-{restore.pk}.partial"
+    vm = restore.backup.vm
+    if vm.runs.filter(status__in=ACTIVE_STATUSES).exists():
+        # its retention may be folding this very chain right now
+        raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
+    if hv.uuid_by_name(restore.name):
+        raise RestoreError(f"a domain named {restore.name} already exists")
+    if os.path.lexists(final):
+        raise RestoreError(f"{final} already exists; nothing is overwritten")
+    backup_dir = Path(restore.backup.path)
+    dirs = chain_dirs(backup_dir)
+    manifest = archive.read_manifest(backup_dir)
+
+    progress.step("verify", backups=[d.name for d in dirs])
+    for directory in dirs:
+        result = archive_check.verify(directory)
+        if not result.ok:
+            raise RestoreError(
+                f"backup {directory.name} failed its check, not restoring: "
+                + "; ".join(result.errors[:5])
+            )
+
+    needed = sum(
+        qemu_img.measure(str(backup_dir / d.file), d.image_format, "qcow2").required
+        for d in manifest.disks
+    )
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise RestoreError(
+            f"not enough space at {root}: need about {needed >> 20} MiB, {free >> 20} MiB free"
+        )
+
+    progress.step("staging", path=str(staging))
+    os.mkdir(staging, 0o711)
+    created.append(staging)
+    total = sum(d.virtual_size for d in manifest.disks)
+    progress.bytes(0, total)
+    done = 0
+    disks: dict[str, tuple[str, str]] = {}
+    for disk in manifest.disks:
+        out = staging / f"{disk.target}.{disk.format}"
+        progress.step("convert", disk=disk.target, image=disk.file)
+
+        def report(fraction: float, base: int = done, size: int = disk.virtual_size) -> None:
+            progress.bytes(base + int(fraction * size))
+
+        qemu_img.convert(
+            str(backup_dir / disk.file), disk.image_format, str(out), disk.format, progress=report
+        )
+        done += disk.virtual_size
+        disks[disk.target] = (str(final / out.name), disk.format)
+    nvram = None
+    if manifest.nvram:
+        shutil.copyfile(backup_dir / manifest.nvram, staging / "nvram.fd")
+        nvram = str(final / "nvram.fd")
+
+    new_uuid = str(uuidlib.uuid4())
+    xml, notes = domain_xml.restored_xml(
+        (backup_dir / "domain.xml").read_text(),
+        name=restore.name,
+        uuid=new_uuid,
+        disks=disks,
+        nvram=nvram,
+    )
+    notes += [f"disk {s['target']} was not backed up: {s['reason']}" for s in manifest.skipped]
+    if manifest.tpm:
+        created.append(_restore_tpm(backup_dir / manifest.tpm, new_uuid))
+    if manifest.memory:
+        notes.append("the RAM state is not resumed: the new domain boots from its disks")
+
+    progress.step("publish", path=str(final))
+    archive.make_durable(staging)
+    if os.path.lexists(final):
+        raise RestoreError(f"{final} appeared meanwhile; nothing is overwritten")
+    os.rename(staging, final)
+    created[created.index(staging)] = final
+    archive.make_durable(final)
+
+    progress.step("define", uuid=new_uuid)
+    hv.define(xml)
+    defined.append(new_uuid)
+    restore.path, restore.domain_uuid, restore.notes = str(final), new_uuid, notes
+    restore.save(update_fields=["path", "domain_uuid", "notes"])
+    if restore.start:
+        progress.step("start")
+        hv.start(new_uuid)
+    progress.bytes(total)
+    return f"restored as {restore.name} in {final}"
+
+
+def _restore_tpm(source: Path, new_uuid: str) -> Path:
+    """The TPM state goes where libvirt's swtpm looks for the new UUID, owned by the user
+    swtpm runs as (``tss`` on Debian) when there is one."""
+    target = Path(settings.VMBACKUP_SWTPM_DIR) / new_uuid
+    shutil.copytree(source, target)
+    with contextlib.suppress(KeyError):
+        user = pwd.getpwnam("tss")
+        for path in [target, *target.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+    return target
+
+
+def _undo(restore: Restore, created: list[Path], defined: list[str]) -> None:
+    """Remove what this restore made: its domain (if defined), its directories."""
+    if defined:
+        try:
+            with hypervisor.session(restore.backup.vm.host.uri) as hv:
+                for dom_uuid in defined:
+                    with contextlib.suppress(hypervisor.HypervisorError):
+                        hv.destroy(dom_uuid)
+                    hv.undefine(dom_uuid)
+        except Exception:
+            log.exception("restore %s: could not undefine %s", restore.pk, defined)
+    for path in reversed(created):
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("restore %s: could not remove %s", restore.pk, path)
+
+
+def _finish(restore: Restore, status: str, error: str = "") -> None:
+    """Record the outcome once: a restore reconcile already ended keeps that outcome."""
+    Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
+        status=status, error=error, finished_at=timezone.now()
+    )
+    restore.refresh_from_db()
+
+
+def staging_paths(restore: Restore) -> list[Path]:
+    """Where a dead restore may have left files (for reconcile)."""
+    root = Path(os.path.abspath(restore.root))
+    return [root / f".{restore.name}.restore-{restore.pk}.partial"]

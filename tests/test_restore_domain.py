@@ -1,0 +1,229 @@
+"""Restoring a backup as a new domain, against the real libvirtd and QEMU."""
+
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from backups import hypervisor, jobs, qemu_img, reconcile
+from backups.models import Backup, Restore, RunStatus
+from tests.domains import BASE, PREFIX, DiskSpec, make_dir, remove_domain
+from tests.test_incremental import push, snapshot_copy, write
+
+pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
+
+
+@pytest.fixture
+def restore_root(settings, domains):
+    """A configured restore root; every domain a test restores into it is removed."""
+    root = make_dir(BASE / f"{PREFIX}restore-{uuid.uuid4().hex[:8]}")
+    settings.VMBACKUP_RESTORE_ROOTS = [str(root)]
+    try:
+        yield root
+    finally:
+        for restore in Restore.objects.exclude(domain_uuid=""):
+            remove_domain(domains.conn, restore.domain_uuid)
+        for name in Restore.objects.values_list("name", flat=True):
+            with_name = [d for d in domains.conn.listAllDomains() if d.name() == name]
+            for dom in with_name:
+                remove_domain(domains.conn, dom.UUIDString())
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], timeout=60)
+
+
+def new_name() -> str:
+    return f"{PREFIX}r-{uuid.uuid4().hex[:8]}"
+
+
+def restore_now(backup: Backup, root: Path, name: str | None = None, start: bool = False):
+    restore = jobs.request_restore(backup, name=name or new_name(), root=str(root), start=start)
+    jobs.run_restore(restore.pk)
+    restore.refresh_from_db()
+    return restore
+
+
+def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_root, synced,
+                                                                restore_root):  # fmt: skip
+    dom = domains.create(
+        [DiskSpec("vda", "qcow2", 32, [(0, 4, 0xA1)]), DiskSpec("vdb", "raw", 8, [(1, 1, 0xB1)])],
+        start=True,
+        nvram=True,
+    )
+    vm = synced(dom)
+    push(vm)
+    write(domains, dom, 0, "write -P 0xc2 2M 3M")
+    write(domains, dom, 1, "write -P 0xd2 0 1M")
+    refs = make_dir(dom.dir / "ref")
+    references = {t: snapshot_copy(dom, t, refs) for t in dom.disks}
+    incremental = push(vm).backup
+    assert incremental.kind == "incremental"
+    write(domains, dom, 0, "write -P 0xe3 0 1M")  # after the backup: must not show up
+
+    restore = restore_now(incremental, restore_root, start=True)
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    final = restore_root / restore.name
+    assert Path(restore.path) == final
+    assert sorted(p.name for p in restore_root.iterdir()) == [restore.name]
+    for target, fmt in dom.formats.items():
+        restored = final / f"{target}.{fmt}"
+        assert qemu_img.info(str(restored), fmt, force_share=True).backing_filename is None
+        assert qemu_img.compare(str(references[target]), "qcow2", str(restored), fmt)
+    new = domains.conn.lookupByName(restore.name)
+    assert new.UUIDString() == restore.domain_uuid != dom.uuid
+    assert new.isActive()
+    xml = new.XMLDesc(0)
+    assert f"file='{final / 'vda.qcow2'}'" in xml and f"file='{final / 'vdb.raw'}'" in xml
+    assert str(final / "nvram.fd") in xml
+    # the original is untouched: still running on its own disks
+    original = domains.lookup(dom)
+    assert original.isActive()
+    for path in dom.disks.values():
+        assert f"file='{path}'" in original.XMLDesc(0)
+
+
+def test_it_gives_the_new_domain_fresh_mac_addresses(domains, backup_root, synced,
+                                                     restore_root):  # fmt: skip
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)])
+    d = domains.lookup(dom)
+    xml = d.XMLDesc(0).replace(
+        "</devices>",
+        "<interface type='user'><mac address='52:54:00:12:34:56'/></interface></devices>",
+    )
+    domains.conn.defineXML(xml)
+    vm = synced(dom)
+    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+
+    restore = restore_now(run.backup, restore_root)
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    new_xml = domains.conn.lookupByName(restore.name).XMLDesc(0)
+    assert "52:54:00:12:34:56" not in new_xml
+    assert "<mac address=" in new_xml  # libvirt made a new one
+
+
+def test_it_refuses_a_name_in_use_and_writes_nothing(domains, backup_root, synced, restore_root):
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
+    backup = push(synced(dom)).backup
+
+    restore = restore_now(backup, restore_root, name=dom.name)
+
+    assert restore.status == RunStatus.FAILED
+    assert f"a domain named {dom.name} already exists" in restore.error
+    assert list(restore_root.iterdir()) == []
+
+
+def test_it_refuses_a_corrupt_chain_and_leaves_nothing(domains, backup_root, synced,
+                                                       restore_root):  # fmt: skip
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 4, 0x5A)])], start=True)
+    vm = synced(dom)
+    full = push(vm).backup
+    write(domains, dom, 0, "write -P 0x77 8M 1M")
+    incremental = push(vm).backup
+    image = Path(full.path) / "vda.qcow2"
+    with open(image, "r+b") as f:  # one flipped byte in the parent's data
+        f.seek(image.stat().st_size - 4096)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    restore = restore_now(incremental, restore_root)
+
+    assert restore.status == RunStatus.FAILED
+    assert f"backup {Path(full.path).name} failed its check" in restore.error
+    assert list(restore_root.iterdir()) == []
+    with pytest.raises(libvirt.libvirtError):
+        domains.conn.lookupByName(restore.name)
+
+
+def test_a_failed_define_removes_the_restored_files(domains, backup_root, synced, restore_root,
+                                                   monkeypatch):  # fmt: skip
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
+    backup = push(synced(dom)).backup
+
+    def refuse(self, xml):
+        raise hypervisor.HypervisorError("define domain: injected failure")
+
+    monkeypatch.setattr(hypervisor.Session, "define", refuse)
+    restore = restore_now(backup, restore_root)
+
+    assert restore.status == RunStatus.FAILED
+    assert "injected failure" in restore.error
+    assert list(restore_root.iterdir()) == []
+    assert [s["step"] for s in restore.journal][-1] == "define"
+
+
+def test_it_refuses_a_root_too_small_before_writing(domains, backup_root, synced, settings):
+    mount = make_dir(BASE / f"{PREFIX}tmpfs-{uuid.uuid4().hex[:8]}")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        settings.VMBACKUP_RESTORE_ROOTS = [str(mount)]
+        dom = domains.create([DiskSpec("vda", "qcow2", 32, [(0, 16, 0x42)])], start=True)
+        backup = push(synced(dom)).backup
+
+        restore = restore_now(backup, mount)
+
+        assert restore.status == RunStatus.FAILED
+        assert restore.error.startswith(f"not enough space at {mount}")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+        mount.rmdir()
+
+
+def test_it_refuses_while_a_backup_of_the_vm_runs(domains, backup_root, synced, restore_root):
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
+    vm = synced(dom)
+    backup = push(vm).backup
+    jobs.request_backup(vm, method="push", enqueue=False)  # queued: holds the VM's slot
+
+    restore = restore_now(backup, restore_root)
+
+    assert restore.status == RunStatus.FAILED
+    assert "a backup of" in restore.error and "is running" in restore.error
+    assert list(restore_root.iterdir()) == []
+
+
+def test_reconcile_interrupts_a_dead_restore_and_removes_its_staging(db, restore_root,
+                                                                    host):  # fmt: skip
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="gone-vm")
+    backup = Backup.objects.create(vm=vm, path=str(restore_root.parent / "nowhere"))
+    restore = Restore.objects.create(
+        backup=backup,
+        name=new_name(),
+        root=str(restore_root),
+        status=RunStatus.RUNNING,
+        worker=f"{socket.gethostname()}:999999999",  # no such pid
+        journal=[{"step": "convert"}],
+    )
+    staging = make_dir(restore_root / f".{restore.name}.restore-{restore.pk}.partial")
+    (staging / "vda.qcow2").write_bytes(b"half")
+
+    report = reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.INTERRUPTED
+    assert report.restores_interrupted == [restore.pk]
+    assert not staging.exists()
+
+
+def test_a_second_delivery_is_a_no_op(db, restore_root, host):
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    backup = Backup.objects.create(vm=vm, path=str(restore_root.parent / "nowhere"))
+    restore = Restore.objects.create(
+        backup=backup, name=new_name(), root=str(restore_root), status=RunStatus.SUCCEEDED
+    )
+    assert jobs.run_restore(restore.pk) == "not claimed"
