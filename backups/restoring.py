@@ -182,7 +182,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
         disks=disks,
         nvram=nvram,
     )
-    notes += [f"disk {s['target']} was not backed up: {s['reason']}" for s in manifest.skipped]
+    notes = [_with_reason(note, manifest.skipped) for note in notes]
     if manifest.tpm:
         created.append(_restore_tpm(backup_dir / manifest.tpm, new_uuid))
     if manifest.memory:
@@ -206,6 +206,14 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
         hv.start(new_uuid)
     progress.bytes(total)
     return f"restored as {restore.name} in {final}"
+
+
+def _with_reason(note: str, skipped: tuple[dict, ...]) -> str:
+    """'disk vdc was not in the backup ...' with the reason the backup recorded, if any."""
+    for skip in skipped:
+        if note.startswith(f"disk {skip['target']} was not in the backup"):
+            return f"disk {skip['target']} was not backed up ({skip['reason']}) and is left out"
+    return note
 
 
 def _restore_tpm(source: Path, new_uuid: str) -> Path:

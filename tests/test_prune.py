@@ -107,3 +107,18 @@ def test_it_prunes_only_the_policys_own_backups(domains, backup_root, synced):
     other.refresh_from_db()
     assert other.pruned_at is None and Path(other.path).is_dir()
     assert Backup.objects.filter(policy=daily, pruned_at__isnull=True).count() == 1
+
+
+def test_it_waits_while_a_restore_reads_the_vms_chains(chain):
+    from backups.models import Restore, RunStatus
+
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=1)
+    Restore.objects.create(
+        backup=points[-1][0], name="r", root="/nowhere", status=RunStatus.RUNNING
+    )
+
+    assert prune(policy) == [f"{vm.name}\tskipped: a restore of this VM is running"]
+
+    assert not Backup.objects.filter(pruned_at__isnull=False).exists()
+    assert all(Path(b.path).is_dir() for b, _ref in points)

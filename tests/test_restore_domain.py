@@ -87,7 +87,7 @@ def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_
 
 def test_it_gives_the_new_domain_fresh_mac_addresses(domains, backup_root, synced,
                                                      restore_root):  # fmt: skip
-    dom = domains.create([DiskSpec("vda", "qcow2", 8)])
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], cdrom=True)
     d = domains.lookup(dom)
     xml = d.XMLDesc(0).replace(
         "</devices>",
@@ -105,6 +105,8 @@ def test_it_gives_the_new_domain_fresh_mac_addresses(domains, backup_root, synce
     new_xml = domains.conn.lookupByName(restore.name).XMLDesc(0)
     assert "52:54:00:12:34:56" not in new_xml
     assert "<mac address=" in new_xml  # libvirt made a new one
+    assert "device='cdrom'" in new_xml  # not backed up, but kept as defined: no note
+    assert restore.notes == []
 
 
 def test_it_refuses_a_name_in_use_and_writes_nothing(domains, backup_root, synced, restore_root):
