@@ -14,14 +14,16 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import access, charts, cron, dashboard, jobs
-from .forms import BackupNowForm, PolicyForm, ReturnToForm, RunFilterForm
+from .forms import BackupNowForm, PolicyForm, RestoreForm, ReturnToForm, RunFilterForm
 from .models import (
     Backup,
     BackupPolicy,
     BackupRun,
     Host,
+    Restore,
     RunStatus,
     Trigger,
+    VerifyStatus,
     VirtualMachine,
 )
 
@@ -195,6 +197,7 @@ def backup_detail(request, backup_id: int):
         "disks": manifest.get("disks") or [],
         "skipped": manifest.get("skipped") or [],
         "children": backup.children.published(),
+        "restore_refusal": _restore_refusal(backup),
     }
     return render(request, "backups/backup_detail.html", context)
 
@@ -299,6 +302,68 @@ def backup_restore_sh(request, backup_id: int):
     return _restore_download(
         backup, render_restore_sh, "restore.sh", "text/x-shellscript; charset=utf-8"
     )
+
+
+# --- restores --------------------------------------------------------------------------------
+
+
+def _restore_refusal(backup: Backup) -> str:
+    """Why the dashboard will not restore this backup; empty when it will. The worker checks
+    the whole chain again; this only stops what is known to be lost already."""
+    if backup.pruned_at:
+        return "This backup was pruned; there is nothing left to restore."
+    if backup.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
+        return (
+            f"This backup's last verification found it {backup.verify_status}; it cannot be "
+            "restored. Restore another backup, or verify this one again if it was repaired."
+        )
+    return ""
+
+
+@require_http_methods(["GET", "POST"])
+def backup_restore(request, backup_id: int):
+    backup = _backup(request, backup_id, access.RESTORE_BACKUP)
+    refusal = _restore_refusal(backup)
+    if refusal:
+        messages.error(request, refusal)
+        return redirect("backup_detail", backup.pk)
+    form = RestoreForm(request.POST if request.method == "POST" else None, backup=backup)
+    if form.is_valid():
+        try:
+            restore = jobs.request_restore(backup, **form.cleaned_data, user=request.user)
+        except jobs.RestoreRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Restore of {backup} as {restore.name} queued.")
+            return redirect("restore_detail", restore.pk)
+    return render(request, "backups/backup_restore.html", {"backup": backup, "form": form})
+
+
+def _restore(request, restore_id: int) -> Restore:
+    queryset = Restore.objects.select_related("backup__vm__host", "requested_by")
+    return access.fetch(request, queryset, restore_id)
+
+
+def _restore_context(restore: Restore) -> dict:
+    done, total = restore.bytes_done, restore.bytes_total
+    percent = min(100, round(100 * done / total)) if total else None
+    return {"restore": restore, "percent": percent}
+
+
+@require_GET
+def restore_detail(request, restore_id: int):
+    restore = _restore(request, restore_id)
+    return render(request, "backups/restore_detail.html", _restore_context(restore))
+
+
+@require_GET
+def restore_progress(request, restore_id: int):
+    """The polled fragment; HTTP 286 tells htmx to stop polling once the restore has ended."""
+    restore = _restore(request, restore_id)
+    response = render(request, "backups/partials/restore_progress.html", _restore_context(restore))
+    if restore.is_finished:
+        response.status_code = 286
+    return response
 
 
 # --- policies --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun
+from backups.models import BackupPolicy, BackupRun, Restore
 from tests import test_views_support as support
 from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
 
@@ -14,10 +14,12 @@ MISSING = 999_999
 
 @pytest.fixture
 def objects(policy, vm):
+    backup = support.make_backup(vm)
     return {
         "vm": vm.pk,
         "run": support.make_run(vm, support.RunStatus.QUEUED).pk,
-        "backup": support.make_backup(vm).pk,
+        "backup": backup.pk,
+        "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,
     }
 
@@ -28,6 +30,7 @@ MUTATIONS = [
     ("run_cancel", "run", "backups.run_backup"),
     ("backup_verify", "backup", "backups.verify_backup"),
     ("backup_protect", "backup", "backups.change_backup"),
+    ("backup_restore", "backup", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
 ]
@@ -41,11 +44,15 @@ PAGES = [
     ("backup_manifest", "backup"),
     ("backup_restore_md", "backup"),
     ("backup_restore_sh", "backup"),
+    ("backup_restore", "backup"),
+    ("restore_detail", "restore"),
+    ("restore_progress", "restore"),
     ("policy_list", None),
     ("policy_edit", "policy"),
     ("policy_create", None),
 ]
-POST_ONLY = [m for m in MUTATIONS if not m[0].startswith("policy_")]
+FORMS = {"policy_edit", "policy_create", "backup_restore"}  # GET shows the form
+POST_ONLY = [m for m in MUTATIONS if m[0] not in FORMS]
 
 
 def url(name, kind, objects, pk=None):
@@ -136,7 +143,7 @@ def test_it_accepts_a_post_with_the_csrf_token(owner, objects, async_calls):
     assert response.status_code == 302
 
 
-VIEWER_FORBIDDEN = {"backup_restore_md", "backup_restore_sh", "policy_edit", "policy_create"}
+VIEWER_FORBIDDEN = {"backup_restore_md", "backup_restore_sh", "backup_restore", *FORMS}
 
 
 @pytest.mark.parametrize("name, kind", PAGES)
