@@ -28,6 +28,7 @@ from .models import (
 )
 
 RUNS_PER_PAGE = 50
+RESTORES_SHOWN = 10  # the newest restores of a backup, on its page
 CHART_RUNS = 50
 
 
@@ -198,6 +199,7 @@ def backup_detail(request, backup_id: int):
         "skipped": manifest.get("skipped") or [],
         "children": backup.children.published(),
         "restore_refusal": _restore_refusal(backup),
+        "restores": backup.restores.select_related("requested_by")[:RESTORES_SHOWN],
     }
     return render(request, "backups/backup_detail.html", context)
 

@@ -290,3 +290,12 @@ def test_it_costs_a_fixed_number_of_queries(viewer_client, backup, django_assert
     # session, user, 2 x permissions, the restore with its backup, VM, host and requester
     with django_assert_num_queries(5):
         viewer_client.get(reverse("restore_detail", args=[restore.pk]))
+
+
+def test_the_backup_page_lists_its_restores(owner_client, vm):
+    backup = support.make_backup(vm)
+    Restore.objects.create(backup=backup, name="web-copy", root="/r", status=RunStatus.FAILED)
+
+    page = owner_client.get(reverse("backup_detail", args=[backup.pk])).content.decode()
+
+    assert "<h2>Restores</h2>" in page and "web-copy" in page and "failed" in page
