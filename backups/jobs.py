@@ -99,8 +99,11 @@ class RestoreRefused(Exception):
     """A restore request that cannot be taken (name in use by another restore, bad input)."""
 
 
-def request_restore(backup: Backup, *, name: str, root: str, start: bool = False, user=None):
-    """Create a queued restore of ``backup`` as a new domain and enqueue it."""
+def request_restore(
+    backup: Backup, *, name: str, root: str, start: bool = False, user=None, enqueue: bool = True
+):
+    """Create a queued restore of ``backup`` as a new domain and enqueue it (``enqueue=False``:
+    the caller runs it itself, as ``vmbackup_restore --wait`` does)."""
     from . import restoring
     from .models import Restore
 
@@ -115,7 +118,8 @@ def request_restore(backup: Backup, *, name: str, root: str, start: bool = False
             )
     except IntegrityError as exc:
         raise RestoreRefused(f"a restore as {name} is already queued or running") from exc
-    _enqueue("backups.jobs.run_restore", restore.pk, vm=backup.vm, name=f"restore-{restore.pk}")
+    if enqueue:
+        _enqueue("backups.jobs.run_restore", restore.pk, vm=backup.vm, name=f"restore-{restore.pk}")
     return restore
 
 

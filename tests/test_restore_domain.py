@@ -229,3 +229,38 @@ def test_a_second_delivery_is_a_no_op(db, restore_root, host):
         backup=backup, name=new_name(), root=str(restore_root), status=RunStatus.SUCCEEDED
     )
     assert jobs.run_restore(restore.pk) == "not claimed"
+
+
+def test_vmbackup_restore_restores_and_prints_the_directory(domains, backup_root, synced,
+                                                            restore_root):  # fmt: skip
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 8, [(0, 2, 0x33)])], start=True)
+    backup = push(synced(dom)).backup
+    name = new_name()
+    out = StringIO()
+
+    call_command("vmbackup_restore", backup.path, "--name", name, "--wait", stdout=out)
+
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == str(restore_root / name)
+    assert qemu_img.compare(str(backup.path) + "/vda.qcow2", "qcow2",
+                            str(restore_root / name / "vda.qcow2"), "qcow2")  # fmt: skip
+    assert domains.conn.lookupByName(name).UUIDString() != dom.uuid
+
+
+def test_vmbackup_restore_fails_with_the_reason(domains, backup_root, synced, restore_root):
+    from django.core.management import CommandError, call_command
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
+    backup = push(synced(dom)).backup
+
+    with pytest.raises(CommandError, match=f"a domain named {dom.name} already exists"):
+        call_command("vmbackup_restore", str(backup.pk), "--name", dom.name, "--wait")
+    with pytest.raises(CommandError, match="invalid domain name"):
+        call_command("vmbackup_restore", str(backup.pk), "--name", "../evil", "--wait")
+    with pytest.raises(CommandError, match="not one of the configured restore roots"):
+        call_command("vmbackup_restore", str(backup.pk), "--name", "x", "--root", "/etc")
+    assert list(restore_root.iterdir()) == []

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from backups import jobs, restoring
+from backups.models import Backup, RunStatus
+
+
+class Command(BaseCommand):
+    help = (
+        "Restore a backup as a new domain (the dashboard's restore, for scripts). With --wait "
+        "it runs in this process: exit 0 and the new domain's directory as the last line, or "
+        "non-zero and the reason. Nothing is overwritten; the original VM is not touched."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("backup", help="backup id, or the path of its directory")
+        parser.add_argument(
+            "--name", required=True, help=f"new domain name ({restoring.NAME_HELP})"
+        )
+        parser.add_argument(
+            "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
+        )
+        parser.add_argument("--start", action="store_true", help="start the new domain")
+        parser.add_argument("--wait", action="store_true", help="run here and wait for the end")
+
+    def handle(self, *args, backup, name, root, start, wait, **options):
+        target = _find_backup(backup)
+        roots = restoring.allowed_roots()
+        if root is None and not roots:
+            raise CommandError("no restore root configured (VMBACKUP_RESTORE_ROOTS)")
+        try:
+            restore = jobs.request_restore(
+                target, name=name, root=root or roots[0], start=start, enqueue=not wait
+            )
+        except jobs.RestoreRefused as exc:
+            raise CommandError(str(exc)) from exc
+        if not wait:
+            self.stdout.write(f"queued restore {restore.pk}")
+            return
+        jobs.run_restore(restore.pk)
+        restore.refresh_from_db()
+        if restore.status != RunStatus.SUCCEEDED:
+            raise CommandError(f"restore {restore.pk} {restore.status}: {restore.error}")
+        for note in restore.notes:
+            self.stdout.write(f"note: {note}")
+        self.stdout.write(f"restored as {restore.name} ({restore.domain_uuid})")
+        self.stdout.write(restore.path)
+
+
+def _find_backup(key: str) -> Backup:
+    backups = Backup.objects.select_related("vm__host")
+    found = backups.filter(pk=int(key)).first() if key.isdigit() else None
+    if found is None:
+        found = backups.filter(path=str(Path(key).absolute()).rstrip("/")).first()
+    if found is None:
+        raise CommandError(f"no backup {key!r} (an id, or the path of a published backup)")
+    if found.pruned_at:
+        raise CommandError(f"backup {found.pk} was pruned; its files are gone")
+    return found
