@@ -413,6 +413,11 @@ def publish(staging: Path) -> Path:
     return final
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    _fsync(directory)
+
+
 def make_durable(directory: Path) -> None:
     """fsync every file and directory below ``directory``, then its parent: the step
     before a rename that makes the tree visible (used by restores too)."""

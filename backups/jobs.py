@@ -100,21 +100,33 @@ class RestoreRefused(Exception):
 
 
 def request_restore(
-    backup: Backup, *, name: str, root: str, start: bool = False, user=None, enqueue: bool = True
+    backup: Backup,
+    *,
+    name: str = "",
+    root: str = "",
+    start: bool = False,
+    user=None,
+    in_place: bool = False,
+    enqueue: bool = True,
 ):
-    """Create a queued restore of ``backup`` as a new domain and enqueue it (``enqueue=False``:
-    the caller runs it itself, as ``vmbackup_restore --wait`` does)."""
+    """Create a queued restore of ``backup`` and enqueue it (``enqueue=False``: the caller
+    runs it itself, as ``vmbackup_restore --wait`` does). As a new domain called ``name``
+    under ``root``, or ``in_place`` over the backup's own VM (name and root unused)."""
     from . import restoring
-    from .models import Restore
+    from .models import Restore, RestoreMode
 
-    try:
-        restoring.check_request(name, root)
-    except restoring.RestoreError as exc:
-        raise RestoreRefused(str(exc)) from exc
+    if in_place:
+        name, root = backup.vm.name, ""
+    else:
+        try:
+            restoring.check_request(name, root)
+        except restoring.RestoreError as exc:
+            raise RestoreRefused(str(exc)) from exc
+    mode = RestoreMode.IN_PLACE if in_place else RestoreMode.NEW
     try:
         with transaction.atomic():
             restore = Restore.objects.create(
-                backup=backup, name=name, root=root, start=start, requested_by=user
+                backup=backup, mode=mode, name=name, root=root, start=start, requested_by=user
             )
     except IntegrityError as exc:
         raise RestoreRefused(f"a restore as {name} is already queued or running") from exc

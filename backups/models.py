@@ -393,18 +393,24 @@ class Backup(models.Model):
         self.save(update_fields=["verify_status", "verify_error", "verified_at"])
 
 
+class RestoreMode(models.TextChoices):
+    NEW = "new", "as a new domain"
+    IN_PLACE = "in-place", "in place, over the VM's own disks"
+
+
 class Restore(models.Model):
-    """Restoring one backup as a new domain: its files, its definition, its outcome.
+    """Restoring one backup, as a new domain or in place over its (shut off) VM's disks.
 
     Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
-    writes is visible as restored until the last step: the disks are flattened into a hidden
-    ``.restore-<id>.partial`` directory, renamed into place, and only then is the domain
-    defined; a failure at any step removes what this restore created.
+    writes is visible as restored until the last step (see ``restoring``); a failure at any
+    step removes what this restore created, and an in-place restore keeps the disks it
+    replaced beside them (``<disk>.before-restore-<id>``).
     """
 
     backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="restores")
-    name = models.CharField(max_length=64, help_text="name of the new domain")
-    root = models.CharField(max_length=1024, help_text="configured restore root")
+    mode = models.CharField(max_length=16, choices=RestoreMode.choices, default=RestoreMode.NEW)
+    name = models.CharField(max_length=64, help_text="the new domain's name (in place: the VM's)")
+    root = models.CharField(max_length=1024, blank=True, help_text="restore root (mode new)")
     start = models.BooleanField(default=False, help_text="start the new domain afterwards")
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

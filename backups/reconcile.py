@@ -22,7 +22,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import adopt, archive, hypervisor, methods, notify
-from .models import BackupPolicy, BackupRun, Host, Restore, RunStatus
+from .models import BackupPolicy, BackupRun, Host, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
 OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
@@ -94,13 +94,17 @@ def _repair_restores(report: Report, stale_after: int) -> None:
     """A dead restore: interrupted, its hidden staging directory removed. A directory it
     already renamed into place (a crash right before the domain was defined) is left alone
     and named in the error: it may hold the only copy someone is about to use."""
-    from . import restoring
+    from . import restore_in_place, restoring
 
     for restore_id in list(
         Restore.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
     ):
         restore = Restore.objects.get(pk=restore_id)
         if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
+            continue
+        if restore.mode == RestoreMode.IN_PLACE:
+            error = restore_in_place.repair_dead(restore)
+            _end_restore(restore, error, report)
             continue
         error = "interrupted: the worker died"
         final = Path(os.path.abspath(restore.root)) / restore.name
@@ -111,11 +115,15 @@ def _repair_restores(report: Report, stale_after: int) -> None:
                 if staging.is_dir() and not staging.is_symlink():
                     shutil.rmtree(staging, ignore_errors=True)
                     report.partials.append(str(staging))
-        updated = Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
-            status=RunStatus.INTERRUPTED, error=error, finished_at=timezone.now()
-        )
-        if updated:
-            report.restores_interrupted.append(restore.pk)
+        _end_restore(restore, error, report)
+
+
+def _end_restore(restore: Restore, error: str, report: Report) -> None:
+    updated = Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
+        status=RunStatus.INTERRUPTED, error=error, finished_at=timezone.now()
+    )
+    if updated:
+        report.restores_interrupted.append(restore.pk)
 
 
 def _unmatched(steps: list[str], begin: str, end: str) -> bool:

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import archive, archive_check, domain_xml, hypervisor, qemu_img
-from .models import ACTIVE_STATUSES, Restore, RunStatus
+from .models import ACTIVE_STATUSES, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,18 @@ def execute(restore: Restore) -> str:
 
 
 def _execute(restore: Restore) -> str:
+    from . import restore_in_place
+
     progress = _Progress(restore)
     created: list[Path] = []  # removed again unless the restore succeeds
-    defined: list[str] = []
+    defined: list[str] = []  # new domains, undefined again on failure
+    swaps: list[tuple[str, str]] = []  # in place: (disk path, kept original), put back
     try:
         with hypervisor.session(restore.backup.vm.host.uri) as hv:
-            result = _restore(restore, hv, progress, created, defined)
+            if restore.mode == RestoreMode.IN_PLACE:
+                result = restore_in_place.restore(restore, hv, progress, created, swaps)
+            else:
+                result = _restore(restore, hv, progress, created, defined)
         created.clear()
         _finish(restore, RunStatus.SUCCEEDED)
         return result
@@ -107,6 +113,11 @@ def _execute(restore: Restore) -> str:
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, OSError) and exc.errno == 28:
             reason = f"destination full (no space left on device): {reason}"
+        if swaps:
+            problems = restore_in_place.undo_switch(swaps)
+            reason += "; the switched disks were put back" + (
+                f" except: {'; '.join(problems)}" if problems else ""
+            )
         _undo(restore, created, defined)
         _finish(restore, RunStatus.FAILED, reason)
         return f"failed: {reason}"
@@ -119,36 +130,14 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
         raise RestoreError(f"restore root {root} does not exist")
     final = root / restore.name
     staging = root / f".{restore.name}.restore-{restore.pk}.partial"
-    vm = restore.backup.vm
-    if vm.runs.filter(status__in=ACTIVE_STATUSES).exists():
-        # its retention may be folding this very chain right now
-        raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
+    refuse_while_backing_up(restore.backup.vm)
     if hv.uuid_by_name(restore.name):
         raise RestoreError(f"a domain named {restore.name} already exists")
     if os.path.lexists(final):
         raise RestoreError(f"{final} already exists; nothing is overwritten")
     backup_dir = Path(restore.backup.path)
-    dirs = chain_dirs(backup_dir)
-    manifest = archive.read_manifest(backup_dir)
-
-    progress.step("verify", backups=[d.name for d in dirs])
-    for directory in dirs:
-        result = archive_check.verify(directory)
-        if not result.ok:
-            raise RestoreError(
-                f"backup {directory.name} failed its check, not restoring: "
-                + "; ".join(result.errors[:5])
-            )
-
-    needed = sum(
-        qemu_img.measure(str(backup_dir / d.file), d.image_format, "qcow2").required
-        for d in manifest.disks
-    )
-    free = shutil.disk_usage(root).free
-    if needed > free:
-        raise RestoreError(
-            f"not enough space at {root}: need about {needed >> 20} MiB, {free >> 20} MiB free"
-        )
+    manifest = verify_chain(backup_dir, progress)
+    require_space(root, needed_bytes(backup_dir, manifest.disks))
 
     progress.step("staging", path=str(staging))
     os.mkdir(staging, 0o711)
@@ -159,14 +148,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     disks: dict[str, tuple[str, str]] = {}
     for disk in manifest.disks:
         out = staging / f"{disk.target}.{disk.format}"
-        progress.step("convert", disk=disk.target, image=disk.file)
-
-        def report(fraction: float, base: int = done, size: int = disk.virtual_size) -> None:
-            progress.bytes(base + int(fraction * size))
-
-        qemu_img.convert(
-            str(backup_dir / disk.file), disk.image_format, str(out), disk.format, progress=report
-        )
+        flatten(backup_dir, disk, out, disk.format, progress, done)
         done += disk.virtual_size
         disks[disk.target] = (str(final / out.name), disk.format)
     nvram = None
@@ -216,6 +198,51 @@ def _with_reason(note: str, skipped: tuple[dict, ...]) -> str:
     return note
 
 
+def refuse_while_backing_up(vm) -> None:
+    """A running backup's retention may be folding this very chain right now."""
+    if vm.runs.filter(status__in=ACTIVE_STATUSES).exists():
+        raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
+
+
+def verify_chain(backup_dir: Path, progress: _Progress) -> archive.Manifest:
+    """Check the backup and every backup it builds on before anything is written."""
+    dirs = chain_dirs(backup_dir)
+    progress.step("verify", backups=[d.name for d in dirs])
+    for directory in dirs:
+        result = archive_check.verify(directory)
+        if not result.ok:
+            raise RestoreError(
+                f"backup {directory.name} failed its check, not restoring: "
+                + "; ".join(result.errors[:5])
+            )
+    return archive.read_manifest(backup_dir)
+
+
+def needed_bytes(backup_dir: Path, disks) -> int:
+    """What the flattened disks will take (qemu-img measure of each chain's top image)."""
+    return sum(
+        qemu_img.measure(str(backup_dir / d.file), d.image_format, "qcow2").required for d in disks
+    )
+
+
+def require_space(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise RestoreError(
+            f"not enough space at {where}: need about {needed >> 20} MiB, {free >> 20} MiB free"
+        )
+
+
+def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: _Progress, base: int) -> None:
+    """One disk's chain into a standalone image, progress counted from ``base`` bytes."""
+    progress.step("convert", disk=disk.target, image=disk.file, out=str(out))
+
+    def report(fraction: float) -> None:
+        progress.bytes(base + int(fraction * disk.virtual_size))
+
+    qemu_img.convert(str(backup_dir / disk.file), disk.image_format, str(out), fmt, progress=report)
+
+
 def _restore_tpm(source: Path, new_uuid: str) -> Path:
     """The TPM state goes where libvirt's swtpm looks for the new UUID, owned by the user
     swtpm runs as (``tss`` on Debian) when there is one."""
@@ -241,7 +268,10 @@ def _undo(restore: Restore, created: list[Path], defined: list[str]) -> None:
             log.exception("restore %s: could not undefine %s", restore.pk, defined)
     for path in reversed(created):
         try:
-            shutil.rmtree(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         except FileNotFoundError:
             pass
         except OSError:
@@ -251,7 +281,10 @@ def _undo(restore: Restore, created: list[Path], defined: list[str]) -> None:
 def _finish(restore: Restore, status: str, error: str = "") -> None:
     """Record the outcome once: a restore reconcile already ended keeps that outcome."""
     Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
-        status=status, error=error, finished_at=timezone.now()
+        status=status,
+        error=error,
+        finished_at=timezone.now(),
+        step="done" if status == RunStatus.SUCCEEDED else restore.step,
     )
     restore.refresh_from_db()
 

@@ -21,7 +21,16 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import archive, archive_check, chain, hypervisor, methods, notify, qemu_img
-from .models import Backup, BackupRun, Kind, Method, RunStatus
+from .models import (
+    ACTIVE_STATUSES,
+    Backup,
+    BackupRun,
+    Kind,
+    Method,
+    Restore,
+    RestoreMode,
+    RunStatus,
+)
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
@@ -187,6 +196,11 @@ def _root(run: BackupRun) -> str:
 
 def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     """Refuse with a clear reason before anything is written."""
+    in_place = Restore.objects.filter(
+        backup__vm=run.vm, mode=RestoreMode.IN_PLACE, status__in=ACTIVE_STATUSES
+    )
+    if in_place.exists():
+        raise Refused(f"{run.vm.name} is being restored in place; back it up when that has ended")
     try:
         domain = hv.domain(str(run.vm.uuid))
     except hypervisor.HypervisorError as exc:

@@ -15,8 +15,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("backup", help="backup id, or the path of its directory")
+        parser.add_argument("--name", help=f"new domain name ({restoring.NAME_HELP})")
         parser.add_argument(
-            "--name", required=True, help=f"new domain name ({restoring.NAME_HELP})"
+            "--in-place",
+            action="store_true",
+            help="restore over the backup's own VM, which must be shut off (the replaced "
+            "files are kept as <file>.before-restore-<id>)",
         )
         parser.add_argument(
             "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
@@ -24,14 +28,23 @@ class Command(BaseCommand):
         parser.add_argument("--start", action="store_true", help="start the new domain")
         parser.add_argument("--wait", action="store_true", help="run here and wait for the end")
 
-    def handle(self, *args, backup, name, root, start, wait, **options):
+    def handle(self, *args, backup, name, root, start, wait, in_place, **options):
         target = _find_backup(backup)
         roots = restoring.allowed_roots()
-        if root is None and not roots:
+        if in_place and (name or root):
+            raise CommandError("--in-place restores over the VM itself: no --name or --root")
+        if not in_place and not name:
+            raise CommandError("--name is required (or --in-place)")
+        if not in_place and root is None and not roots:
             raise CommandError("no restore root configured (VMBACKUP_RESTORE_ROOTS)")
         try:
             restore = jobs.request_restore(
-                target, name=name, root=root or roots[0], start=start, enqueue=not wait
+                target,
+                name=name or "",
+                root=root or (roots[0] if roots else ""),
+                start=start,
+                in_place=in_place,
+                enqueue=not wait,
             )
         except jobs.RestoreRefused as exc:
             raise CommandError(str(exc)) from exc
@@ -44,7 +57,8 @@ class Command(BaseCommand):
             raise CommandError(f"restore {restore.pk} {restore.status}: {restore.error}")
         for note in restore.notes:
             self.stdout.write(f"note: {note}")
-        self.stdout.write(f"restored as {restore.name} ({restore.domain_uuid})")
+        how = "in place" if in_place else "as"
+        self.stdout.write(f"restored {how} {restore.name} ({restore.domain_uuid})")
         self.stdout.write(restore.path)
 
 

@@ -1,0 +1,179 @@
+"""Restoring a backup over its own (shut off) VM's disks, against the real libvirtd."""
+
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from backups import jobs, qemu_img, reconcile, restore_in_place
+from backups.models import Backup, Restore, RestoreMode, RunStatus
+from tests.domains import DiskSpec, make_dir
+
+pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
+
+
+def offline_backup(vm) -> Backup:
+    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    return run.backup
+
+
+def qemu_io(path: Path, fmt: str, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", command, str(path)], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+
+
+def copy_of(path: Path, fmt: str, dest: Path) -> Path:
+    out = dest / f"{path.name}.copy"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", fmt, str(path), str(out)],
+                   check=True, timeout=60)  # fmt: skip
+    return out
+
+
+def restore_now(backup, start=False) -> Restore:
+    restore = jobs.request_restore(backup, in_place=True, start=start, enqueue=False)
+    jobs.run_restore(restore.pk)
+    restore.refresh_from_db()
+    return restore
+
+
+def hidden_leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".restore-" in p.name)
+
+
+@pytest.fixture
+def changed_vm(domains, backup_root, synced):
+    """A shut-off domain (qcow2 + raw + NVRAM), backed up, then written to: the disks now
+    differ from the backup, and a copy of that changed state is kept for comparison."""
+    dom = domains.create(
+        [DiskSpec("vda", "qcow2", 16, [(0, 4, 0xA1)]), DiskSpec("vdb", "raw", 8, [(1, 1, 0xB1)])],
+        nvram=True,
+    )
+    vm = synced(dom)
+    backup = offline_backup(vm)
+    qemu_io(dom.disks["vda"], "qcow2", "write -P 0x99 0 2M")
+    qemu_io(dom.disks["vdb"], "raw", "write -P 0x98 1M 1M")
+    changed = make_dir(dom.dir / "changed")
+    copies = {t: copy_of(p, dom.formats[t], changed) for t, p in dom.disks.items()}
+    return dom, vm, backup, copies
+
+
+def test_it_puts_the_backup_back_and_keeps_what_it_replaced(domains, changed_vm):
+    dom, vm, backup, copies = changed_vm
+    xml_before = domains.lookup(dom).XMLDesc(0)
+
+    restore = restore_now(backup, start=True)
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    assert restore.mode == RestoreMode.IN_PLACE and restore.domain_uuid == dom.uuid
+    for target, path in dom.disks.items():
+        fmt = dom.formats[target]
+        image = Path(backup.path) / f"{target}.qcow2"
+        assert qemu_img.compare(str(image), "qcow2", str(path), fmt, force_share=True)
+        kept = Path(restore_in_place.kept_name(str(path), restore.pk))
+        assert qemu_img.compare(str(copies[target]), fmt, str(kept), fmt)
+    d = domains.lookup(dom)
+    assert d.isActive()  # started, on the same definition and the same files
+    assert d.XMLDesc(0).count("file='") >= xml_before.count("file='")
+    for path in dom.disks.values():
+        assert f"file='{path}'" in d.XMLDesc(0)
+    assert hidden_leftovers(dom.dir) == []
+    assert any("before-restore" in note for note in restore.notes)
+
+
+def test_it_refuses_a_running_vm_and_changes_nothing(domains, changed_vm):
+    dom, vm, backup, copies = changed_vm
+    domains.lookup(dom).create()
+
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.FAILED
+    assert "shut it down before restoring in place" in restore.error
+    for target, path in dom.disks.items():
+        fmt = dom.formats[target]
+        assert qemu_img.compare(str(copies[target]), fmt, str(path), fmt, force_share=True)
+    assert hidden_leftovers(dom.dir) == []
+
+
+def test_a_failure_during_the_switch_puts_every_disk_back(domains, changed_vm, monkeypatch):
+    dom, vm, backup, copies = changed_vm
+    real_rename = restore_in_place.os.rename
+
+    def rename(src, dst):
+        if str(src).endswith(".partial") and Path(dst).name == "vdb.raw":
+            raise OSError(5, "injected I/O error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(restore_in_place.os, "rename", rename)
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.FAILED
+    assert "injected I/O error" in restore.error and "put back" in restore.error
+    for target, path in dom.disks.items():
+        fmt = dom.formats[target]
+        assert qemu_img.compare(str(copies[target]), fmt, str(path), fmt)
+    assert hidden_leftovers(dom.dir) == []
+    assert not domains.lookup(dom).isActive()
+
+
+def test_a_backup_is_refused_while_the_vm_is_restored_in_place(domains, changed_vm):
+    dom, vm, backup, _copies = changed_vm
+    Restore.objects.create(backup=backup, mode=RestoreMode.IN_PLACE, name=vm.name,
+                           status=RunStatus.RUNNING)  # fmt: skip
+    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED
+    assert "being restored in place" in run.error
+
+
+def test_reconcile_rolls_back_a_restore_that_died_mid_switch(db, host, tmp_path):
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
+    restore = Restore.objects.create(
+        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
+        worker=f"{socket.gethostname()}:999999999",
+    )  # fmt: skip
+    vda, vdb = tmp_path / "vda.qcow2", tmp_path / "vdb.raw"
+    # vda was switched (original kept, restored copy in place); vdb was not yet
+    Path(restore_in_place.kept_name(str(vda), restore.pk)).write_text("vda original")
+    vda.write_text("vda restored")
+    vdb.write_text("vdb original")
+    Path(restore_in_place.partial_name(str(vdb), restore.pk)).write_text("vdb restored")
+    restore.journal = [
+        {"step": "convert", "out": restore_in_place.partial_name(str(vda), restore.pk)},
+        {"step": "convert", "out": restore_in_place.partial_name(str(vdb), restore.pk)},
+        {"step": "switch", "files": [str(vda), str(vdb)]},
+    ]
+    restore.save()
+
+    reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.INTERRUPTED
+    assert "as they were before" in restore.error
+    assert vda.read_text() == "vda original" and vdb.read_text() == "vdb original"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vda.qcow2", "vdb.raw"]
+
+
+def test_vmbackup_restore_in_place(domains, changed_vm):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    dom, vm, backup, _copies = changed_vm
+    with pytest.raises(CommandError, match="no --name or --root"):
+        call_command("vmbackup_restore", str(backup.pk), "--in-place", "--name", "x")
+    out = StringIO()
+
+    call_command("vmbackup_restore", str(backup.pk), "--in-place", "--wait", stdout=out)
+
+    assert f"restored in place {vm.name}" in out.getvalue()
+    image = Path(backup.path) / "vda.qcow2"
+    assert qemu_img.compare(str(image), "qcow2", str(dom.disks["vda"]), "qcow2")
