@@ -141,3 +141,25 @@ class RestoreForm(forms.Form):
         if VirtualMachine.objects.present().filter(host=host, name=name).exists():
             raise ValidationError(f"A domain named {name} already exists on {host.name}.")
         return name
+
+
+class RestoreInPlaceForm(forms.Form):
+    """Restore ``backup`` over its own VM: typing the VM's name is the confirmation."""
+
+    confirm = forms.CharField(
+        max_length=255,
+        strip=False,  # exactly the name: VM names may have spaces at either end
+        label="Type the VM's name to confirm",
+        help_text="its current disks are replaced by the backup's (and kept beside them)",
+    )
+    start = forms.BooleanField(required=False, label="Start the VM when restored")
+
+    def __init__(self, *args, backup, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backup = backup
+
+    def clean_confirm(self) -> str:
+        typed = self.cleaned_data["confirm"]
+        if typed != self.backup.vm.name:
+            raise ValidationError(f"Type {self.backup.vm.name} exactly to confirm.")
+        return typed

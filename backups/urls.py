@@ -17,6 +17,11 @@ urlpatterns = [
     path("backups/<int:backup_id>/RESTORE.md", views.backup_restore_md, name="backup_restore_md"),
     path("backups/<int:backup_id>/restore.sh", views.backup_restore_sh, name="backup_restore_sh"),
     path("backups/<int:backup_id>/restore/", views.backup_restore, name="backup_restore"),
+    path(
+        "backups/<int:backup_id>/restore-in-place/",
+        views.backup_restore_in_place,
+        name="backup_restore_in_place",
+    ),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
     path("restores/<int:restore_id>/progress/", views.restore_progress, name="restore_progress"),
     path("policies/", views.policy_list, name="policy_list"),

@@ -14,7 +14,14 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import access, charts, cron, dashboard, jobs
-from .forms import BackupNowForm, PolicyForm, RestoreForm, ReturnToForm, RunFilterForm
+from .forms import (
+    BackupNowForm,
+    PolicyForm,
+    RestoreForm,
+    RestoreInPlaceForm,
+    ReturnToForm,
+    RunFilterForm,
+)
 from .models import (
     Backup,
     BackupPolicy,
@@ -339,6 +346,32 @@ def backup_restore(request, backup_id: int):
             messages.success(request, f"Restore of {backup} as {restore.name} queued.")
             return redirect("restore_detail", restore.pk)
     return render(request, "backups/backup_restore.html", {"backup": backup, "form": form})
+
+
+@require_http_methods(["GET", "POST"])
+def backup_restore_in_place(request, backup_id: int):
+    backup = _backup(request, backup_id, access.RESTORE_BACKUP)
+    refusal = _restore_refusal(backup) or (
+        f"{backup.vm.name} is no longer defined on its host; restore it as a new domain."
+        if backup.vm.gone_at
+        else ""
+    )
+    if refusal:
+        messages.error(request, refusal)
+        return redirect("backup_detail", backup.pk)
+    form = RestoreInPlaceForm(request.POST if request.method == "POST" else None, backup=backup)
+    if form.is_valid():
+        try:
+            restore = jobs.request_restore(
+                backup, in_place=True, start=form.cleaned_data["start"], user=request.user
+            )
+        except jobs.RestoreRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Restore of {backup} over {backup.vm.name} queued.")
+            return redirect("restore_detail", restore.pk)
+    context = {"backup": backup, "form": form}
+    return render(request, "backups/backup_restore_in_place.html", context)
 
 
 def _restore(request, restore_id: int) -> Restore:

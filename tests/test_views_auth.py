@@ -31,6 +31,7 @@ MUTATIONS = [
     ("backup_verify", "backup", "backups.verify_backup"),
     ("backup_protect", "backup", "backups.change_backup"),
     ("backup_restore", "backup", "backups.restore_backup"),
+    ("backup_restore_in_place", "backup", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
 ]
@@ -45,13 +46,19 @@ PAGES = [
     ("backup_restore_md", "backup"),
     ("backup_restore_sh", "backup"),
     ("backup_restore", "backup"),
+    ("backup_restore_in_place", "backup"),
     ("restore_detail", "restore"),
     ("restore_progress", "restore"),
     ("policy_list", None),
     ("policy_edit", "policy"),
     ("policy_create", None),
 ]
-FORMS = {"policy_edit", "policy_create", "backup_restore"}  # GET shows the form
+FORMS = {
+    "policy_edit",
+    "policy_create",
+    "backup_restore",
+    "backup_restore_in_place",
+}  # GET shows the form
 POST_ONLY = [m for m in MUTATIONS if m[0] not in FORMS]
 
 
@@ -143,7 +150,7 @@ def test_it_accepts_a_post_with_the_csrf_token(owner, objects, async_calls):
     assert response.status_code == 302
 
 
-VIEWER_FORBIDDEN = {"backup_restore_md", "backup_restore_sh", "backup_restore", *FORMS}
+VIEWER_FORBIDDEN = {"backup_restore_md", "backup_restore_sh", *FORMS}
 
 
 @pytest.mark.parametrize("name, kind", PAGES)

@@ -299,3 +299,67 @@ def test_the_backup_page_lists_its_restores(owner_client, vm):
     page = owner_client.get(reverse("backup_detail", args=[backup.pk])).content.decode()
 
     assert "<h2>Restores</h2>" in page and "web-copy" in page and "failed" in page
+
+
+# --- in place ----------------------------------------------------------------------------------
+
+
+def in_place_url(backup_id: int) -> str:
+    return reverse("backup_restore_in_place", args=[backup_id])
+
+
+def test_in_place_needs_the_restore_permission(viewer_client, backup, async_calls):
+    assert viewer_client.get(in_place_url(backup.pk)).status_code == 403
+    assert (
+        viewer_client.post(in_place_url(backup.pk), {"confirm": backup.vm.name}).status_code == 403
+    )
+    assert viewer_client.get(in_place_url(MISSING)).status_code == 403
+    assert not Restore.objects.exists()
+
+
+def test_in_place_rejects_a_post_without_the_csrf_token(restorer, backup, async_calls):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(restorer)
+    assert client.post(in_place_url(backup.pk), {"confirm": backup.vm.name}).status_code == 403
+    assert not Restore.objects.exists()
+
+
+@pytest.mark.parametrize("typed", ["", "WEB-1", " web-1", "web-1 ", "something else"])
+def test_in_place_needs_the_vms_name_typed_exactly(restorer_client, backup, typed, async_calls):
+    assert backup.vm.name == "web-1"
+    response = restorer_client.post(in_place_url(backup.pk), {"confirm": typed})
+    assert response.status_code == 200
+    assert "to confirm" in response.content.decode()
+    assert not Restore.objects.exists()
+
+
+def test_in_place_queues_a_restore_over_the_vm(restorer_client, restorer, backup, async_calls):
+    page = restorer_client.get(in_place_url(backup.pk)).content.decode()
+    assert "Replace the VM&#x27;s disks" in page or "Replace the VM's disks" in page
+
+    response = restorer_client.post(in_place_url(backup.pk), {"confirm": "web-1", "start": "on"})
+
+    restore = Restore.objects.get()
+    assert response.status_code == 302 and response.url == restore.get_absolute_url()
+    assert (restore.mode, restore.name, restore.root) == ("in-place", "web-1", "")
+    assert restore.start and restore.requested_by == restorer
+
+
+def test_in_place_is_refused_for_a_vm_that_is_gone(restorer_client, backup, async_calls):
+    VirtualMachine.objects.filter(pk=backup.vm.pk).update(gone_at=timezone.now())
+    response = restorer_client.post(in_place_url(backup.pk), {"confirm": "web-1"})
+    assert response.status_code == 302
+    assert response.url == reverse("backup_detail", args=[backup.pk])
+    assert not Restore.objects.exists()
+
+
+def test_in_place_warns_when_the_vm_was_last_seen_running(restorer_client, backup):
+    VirtualMachine.objects.filter(pk=backup.vm.pk).update(state="running")
+    page = restorer_client.get(in_place_url(backup.pk)).content.decode()
+    assert "Shut it down first" in page
+
+
+def test_the_restore_page_says_in_place(restorer_client, backup):
+    restore = Restore.objects.create(backup=backup, mode="in-place", name="web-1")
+    page = restorer_client.get(restore.get_absolute_url()).content.decode()
+    assert "in place</h1>" in page and "its disks are replaced" in page
