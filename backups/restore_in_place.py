@@ -157,6 +157,14 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
                 f"disk {disk.target} is a {target.source_type or 'sourceless'} disk: in-place "
                 "restore writes file-backed disks only; restore as a new domain instead"
             )
+        if target.backing:
+            # The definition names the backing chain itself; QEMU would lay that chain under
+            # our standalone image, and every range the image leaves unallocated (zeros) would
+            # read the base's data instead.
+            raise RestoreError(
+                f"disk {disk.target}'s definition names its backing chain (<backingStore>): "
+                "restore as a new domain instead"
+            )
         plan.append((disk, target))
     backed_up = {disk.target for disk in manifest.disks}
     for target in current:

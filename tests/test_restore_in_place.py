@@ -177,3 +177,26 @@ def test_vmbackup_restore_in_place(domains, changed_vm):
     assert f"restored in place {vm.name}" in out.getvalue()
     image = Path(backup.path) / "vda.qcow2"
     assert qemu_img.compare(str(image), "qcow2", str(dom.disks["vda"]), "qcow2")
+
+
+def test_it_refuses_a_disk_whose_definition_names_its_backing_chain(domains, changed_vm):
+    dom, vm, backup, copies = changed_vm
+    base = dom.dir / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(dom.disks["vda"])], check=True)  # fmt: skip
+    d = domains.lookup(dom)
+    source = f"<source file='{dom.disks['vda']}'/>"
+    chain = (
+        f"<backingStore type='file'><format type='qcow2'/><source file='{base}'/></backingStore>"
+    )
+    xml = d.XMLDesc(0)
+    assert source in xml
+    domains.conn.defineXML(xml.replace(source, source + chain, 1))
+
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.FAILED
+    assert "names its backing chain" in restore.error
+    assert qemu_img.compare(str(copies["vdb"]), "raw", str(dom.disks["vdb"]), "raw")
+    assert hidden_leftovers(dom.dir) == []
