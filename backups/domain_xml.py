@@ -225,9 +225,11 @@ def restored_xml(
     devices = devices if devices is not None else ET.SubElement(root, "devices")
     for disk in devices.findall("disk"):
         target = _text(disk.find("target"), "dev")
-        if disk.get("device", "disk") != "disk":
-            continue  # cdrom/floppy media are not backed up; they stay as defined
+        if disk.get("device", "disk") == "cdrom":
+            continue  # read-only media are not backed up; they stay as defined
         if target not in disks:
+            # a disk we do not have (a LUN, a shared or network disk...) must not be handed
+            # to a second guest next to the original
             devices.remove(disk)
             notes.append(f"disk {target} was not in the backup and is left out")
             continue
@@ -241,6 +243,13 @@ def restored_xml(
             disk.insert(0, driver)
         driver.set("type", fmt)  # cache/io/discard settings are kept
         disk.insert(list(disk).index(driver) + 1, ET.Element("source", file=path))
+    for tag, what in (("filesystem", "shared directory"), ("hostdev", "host device")):
+        for node in devices.findall(tag):
+            devices.remove(node)
+            notes.append(f"a {what} ({tag}) of the original is left out: add it by hand if wanted")
+    genid = root.find("genid")
+    if genid is not None:
+        genid.text = None  # a clone must not share the VM generation ID: libvirt makes one
     for interface in devices.findall("interface"):
         for mac in interface.findall("mac"):
             interface.remove(mac)

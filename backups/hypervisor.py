@@ -191,6 +191,10 @@ class Session:
             return False
         return True
 
+    def has_managed_save(self, uuid: str) -> bool:
+        """A saved RAM state that the next start would resume (``virsh managedsave``)."""
+        return bool(self._call(self._dom(uuid).hasManagedSaveImage, 0, doing="check saved state"))
+
     def uuid_by_name(self, name: str) -> str | None:
         """The UUID of the domain called ``name``, or None when there is none."""
         try:

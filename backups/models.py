@@ -409,7 +409,7 @@ class Restore(models.Model):
 
     backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="restores")
     mode = models.CharField(max_length=16, choices=RestoreMode.choices, default=RestoreMode.NEW)
-    name = models.CharField(max_length=64, help_text="the new domain's name (in place: the VM's)")
+    name = models.CharField(max_length=255, help_text="the new domain's name (in place: the VM's)")
     root = models.CharField(max_length=1024, blank=True, help_text="restore root (mode new)")
     start = models.BooleanField(default=False, help_text="start the new domain afterwards")
     requested_by = models.ForeignKey(

@@ -91,31 +91,66 @@ def reconcile(stale_after: int | None = None) -> Report:
 
 
 def _repair_restores(report: Report, stale_after: int) -> None:
-    """A dead restore: interrupted, its hidden staging directory removed. A directory it
-    already renamed into place (a crash right before the domain was defined) is left alone
-    and named in the error: it may hold the only copy someone is about to use."""
-    from . import restore_in_place, restoring
+    """A dead restore: interrupted, what its journal says it left half-made removed. Files
+    are only touched by a reconcile on the host the restore ran on; a directory already
+    renamed into place (a crash right before the domain was defined) is left alone and named
+    in the error: it may hold the only copy someone is about to use."""
+    from . import restore_in_place
 
+    _expire_queued_restores(report)
     for restore_id in list(
         Restore.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
     ):
         restore = Restore.objects.get(pk=restore_id)
         if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
             continue
-        if restore.mode == RestoreMode.IN_PLACE:
+        if restore.worker.rpartition(":")[0] != socket.gethostname():
+            error = f"interrupted: its worker ({restore.worker}) stopped answering; check there"
+        elif restore.mode == RestoreMode.IN_PLACE:
             error = restore_in_place.repair_dead(restore)
-            _end_restore(restore, error, report)
-            continue
-        error = "interrupted: the worker died"
-        final = Path(os.path.abspath(restore.root)) / restore.name
-        if "publish" in [s.get("step") for s in restore.journal] and final.is_dir():
-            error += f"; files left in {final}, no domain defined"
-        if os.path.abspath(restore.root) in restoring.allowed_roots():
-            for staging in restoring.staging_paths(restore):
-                if staging.is_dir() and not staging.is_symlink():
-                    shutil.rmtree(staging, ignore_errors=True)
-                    report.partials.append(str(staging))
+        else:
+            error = _repair_new_domain(restore, report)
         _end_restore(restore, error, report)
+
+
+def _repair_new_domain(restore: Restore, report: Report) -> str:
+    from . import restoring
+
+    steps = {s.get("step"): s for s in restore.journal if isinstance(s, dict)}
+    if "define" in steps:
+        return (
+            f"interrupted after defining domain {restore.name} "
+            f"({steps['define'].get('uuid', '')}): check it before using or removing it"
+        )
+    error = "interrupted: the worker died"
+    final = Path(os.path.abspath(restore.root)) / restore.name
+    if "publish" in steps and final.is_dir():
+        error += f"; files left in {final}, no domain defined"
+    if os.path.abspath(restore.root) in restoring.allowed_roots():
+        for staging in restoring.staging_paths(restore):
+            if staging.is_dir() and not staging.is_symlink():
+                shutil.rmtree(staging, ignore_errors=True)
+                report.partials.append(str(staging))
+    tpm = Path(steps.get("tpm", {}).get("path", ""))
+    if tpm.parent == Path(settings.VMBACKUP_SWTPM_DIR) and tpm.is_dir() and not tpm.is_symlink():
+        shutil.rmtree(tpm, ignore_errors=True)  # named by the UUID no domain ever got
+    return error
+
+
+def _expire_queued_restores(report: Report, after: timedelta = timedelta(days=1)) -> None:
+    """A restore no worker picked up in a day (a lost task) stops holding its name and the
+    VM's chains (pruning waits for active restores)."""
+    stale = Restore.objects.filter(
+        status=RunStatus.QUEUED, created_at__lt=timezone.now() - after
+    ).values_list("pk", flat=True)
+    for restore_id in list(stale):
+        updated = Restore.objects.filter(pk=restore_id, status=RunStatus.QUEUED).update(
+            status=RunStatus.INTERRUPTED,
+            error="never picked up by a worker; request it again",
+            finished_at=timezone.now(),
+        )
+        if updated:
+            report.restores_interrupted.append(restore_id)
 
 
 def _end_restore(restore: Restore, error: str, report: Report) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from django.conf import settings
 
 from . import archive, hypervisor
+from .reconcile import OVERLAY_RE
 from .restoring import (
     RestoreError,
     flatten,
@@ -50,70 +51,91 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     plan, notes = _plan(manifest, current)
 
     by_dir: dict[Path, list] = {}
-    for disk, target in plan:
-        by_dir.setdefault(Path(target.source).parent, []).append(disk)
+    for disk, path, _fmt in plan:
+        by_dir.setdefault(Path(path).parent, []).append(disk)
     for directory, disks in by_dir.items():
         require_space(directory, needed_bytes(backup_dir, disks))
 
-    total = sum(disk.virtual_size for disk, _target in plan)
+    total = sum(disk.virtual_size for disk, _path, _fmt in plan)
     progress.bytes(0, total)
     done = 0
-    files: list[tuple[str, str]] = []  # (partial, disk path)
-    for disk, target in plan:
-        partial = partial_name(target.source, restore.pk)
-        created.append(Path(partial))
-        flatten(backup_dir, disk, Path(partial), target.format, progress, done)
-        _same_owner_and_mode(target.source, partial)
+    files: list[tuple[str, str]] = []  # (partial, real path it replaces)
+    for disk, path, fmt in plan:
+        partial = _new_partial(path, restore.pk, progress, created)
+        flatten(backup_dir, disk, Path(partial), fmt, progress, done)
+        _same_owner_and_mode(path, partial)
         done += disk.virtual_size
-        files.append((partial, target.source))
+        files.append((partial, path))
     if manifest.nvram and domain.nvram:
-        partial = partial_name(domain.nvram, restore.pk)
-        created.append(Path(partial))
+        nvram = os.path.realpath(domain.nvram)
+        partial = _new_partial(nvram, restore.pk, progress, created)
         shutil.copyfile(backup_dir / manifest.nvram, partial)
-        _same_owner_and_mode(domain.nvram, partial)
-        files.append((partial, domain.nvram))
+        _same_owner_and_mode(nvram, partial)
+        files.append((partial, nvram))
     elif domain.nvram:
         notes.append("the backup has no UEFI variable store: the VM keeps its current one")
+    elif manifest.nvram:
+        notes.append("the VM has no <nvram> any more: the backed-up variable store is not used")
     for partial, _path in files:
         _flush(Path(partial))
-
     if manifest.tpm:
-        tpm = Path(settings.VMBACKUP_SWTPM_DIR) / uuid
-        partial_tpm = Path(partial_name(str(tpm), restore.pk))
-        created.append(partial_tpm)
-        shutil.copytree(backup_dir / manifest.tpm, partial_tpm)
-        if tpm.is_dir():
-            _same_owner_tree(tpm, partial_tpm)
-        archive.make_durable(partial_tpm)
-        files.append((str(partial_tpm), str(tpm)))
+        tpm = str(Path(settings.VMBACKUP_SWTPM_DIR) / uuid)
+        partial = partial_name(tpm, restore.pk)
+        if os.path.lexists(partial):
+            raise RestoreError(f"{partial} already exists; remove it and try again")
+        progress.step("partial", path=partial)
+        created.append(Path(partial))
+        shutil.copytree(backup_dir / manifest.tpm, partial)
+        if os.path.isdir(tpm):
+            _same_owner_tree(Path(tpm), Path(partial))
+        archive.make_durable(Path(partial))
+        files.append((partial, tpm))
 
     progress.step("switch", files=[path for _partial, path in files])
     _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files
     for partial, path in files:
-        kept = kept_name(path, restore.pk)
-        if os.path.lexists(path):
+        kept = kept_name(path, restore.pk) if os.path.lexists(path) else ""
+        progress.step("swap", path=path, kept=kept)  # before the renames: reconcile reads it
+        if kept:
             os.rename(path, kept)
-            swaps.append((path, kept))
-        else:
-            swaps.append((path, ""))
+        swaps.append((path, kept))
         os.rename(partial, path)
         created.remove(Path(partial))
         archive.fsync_dir(Path(path).parent)
     progress.step("switched", kept=[kept for _path, kept in swaps if kept])
+    swaps.clear()  # the point of no return: nothing after this puts the old disks back
     if manifest.memory:
         notes.append("the RAM state is not resumed: the VM boots from its restored disks")
     notes.append(
         "the replaced files are kept as <file>.before-restore-"
         f"{restore.pk}; delete them when the restored VM is good"
     )
-    restore.path = str(Path(plan[0][1].source).parent) if plan else ""
-    restore.domain_uuid, restore.notes = uuid, notes
-    restore.save(update_fields=["path", "domain_uuid", "notes"])
+    restore.path = str(Path(plan[0][1]).parent) if plan else ""
+    restore.domain_uuid = uuid
     if restore.start:
         progress.step("start")
-        hv.start(uuid)
+        try:
+            hv.start(uuid)
+        except hypervisor.HypervisorError as exc:
+            notes.append(f"the VM did not start: {exc}")
+    restore.notes = notes
+    restore.save(update_fields=["path", "domain_uuid", "notes"])
     progress.bytes(total)
     return f"restored {vm.name} in place ({len(plan)} disks)"
+
+
+def _new_partial(path: str, restore_id: int, progress, created: list[Path]) -> str:
+    """The hidden file beside ``path``, journaled first and created exclusively (0600, no
+    symlink followed), so nothing planted there can redirect what we write."""
+    partial = partial_name(path, restore_id)
+    progress.step("partial", path=partial)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise RestoreError(f"{partial} already exists; remove it and try again") from None
+    os.close(fd)
+    created.append(Path(partial))
+    return partial
 
 
 def undo_switch(swaps: list[tuple[str, str]]) -> list[str]:
@@ -141,11 +163,19 @@ def _shut_off_domain(hv, uuid: str, name: str):
         raise RestoreError(f"{name} is not defined on its host any more: {exc}") from exc
     if domain.state != "shutoff":
         raise RestoreError(f"{name} is {domain.state}: shut it down before restoring in place")
+    if hv.has_managed_save(uuid):
+        # starting it would resume the saved RAM on top of the restored disks
+        raise RestoreError(
+            f"{name} has a saved state (virsh managedsave): remove it "
+            "(virsh managedsave-remove) before restoring in place"
+        )
     return domain
 
 
 def _plan(manifest, current: dict) -> tuple[list, list[str]]:
-    """Pairs (backed-up disk, the VM's disk it replaces) and notes on the rest."""
+    """(backed-up disk, real path of the VM's disk it replaces, that disk's format) for each
+    disk both have, and notes on the rest. A symlinked disk path is followed: the real file
+    is replaced and the link is left as it is."""
     plan, notes = [], []
     for disk in manifest.disks:
         target = current.get(disk.target)
@@ -165,7 +195,12 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
                 f"disk {disk.target}'s definition names its backing chain (<backingStore>): "
                 "restore as a new domain instead"
             )
-        plan.append((disk, target))
+        if OVERLAY_RE.match(Path(target.source).name):
+            raise RestoreError(
+                f"disk {disk.target} still runs on a backup's snapshot overlay: run "
+                "vmbackup_reconcile first"
+            )
+        plan.append((disk, os.path.realpath(target.source), target.format))
     backed_up = {disk.target for disk in manifest.disks}
     for target in current:
         if target not in backed_up:
@@ -198,31 +233,30 @@ def _flush(path: Path) -> None:
 
 
 def repair_dead(restore) -> str:
-    """What reconcile does for an in-place restore whose worker died, from its journal:
-    before the switch finished, every disk already switched is put back and the hidden
-    files are removed; after it, the VM keeps its restored disks. Returns the error text."""
-    steps = {entry.get("step"): entry for entry in restore.journal if isinstance(entry, dict)}
-    outs = [
-        entry["out"]
-        for entry in restore.journal
-        if isinstance(entry, dict) and entry.get("step") == "convert" and entry.get("out")
-    ]
+    """What reconcile does for an in-place restore whose worker died, from its journal only:
+    each ``swap`` entry is written before its two renames, so before ``switched`` every
+    journaled swap is put back; hidden ``partial`` files are removed. After ``switched``
+    (or once the worker itself has ``undone`` the switch) the disks are left alone.
+    Returns the error text."""
+    entries = [entry for entry in restore.journal if isinstance(entry, dict)]
+    steps = {entry.get("step") for entry in entries}
     if "switched" in steps:
         return (
             "interrupted after the disks were switched: the VM has the restored disks; the "
             f"replaced files are kept as <file>.before-restore-{restore.pk}"
         )
     swaps = []
-    for path in steps.get("switch", {}).get("files", []):
-        partial, kept = partial_name(path, restore.pk), kept_name(path, restore.pk)
-        if os.path.lexists(kept):
-            swaps.append((path, kept))  # switched (or half): the original comes back
-        elif not os.path.lexists(partial) and os.path.lexists(path):
-            swaps.append((path, ""))  # switched, nothing was there before
-        outs.append(partial)
+    if "undone" not in steps:
+        for entry in (e for e in entries if e.get("step") == "swap"):
+            path, kept = entry.get("path", ""), entry.get("kept", "")
+            partial = partial_name(path, restore.pk)
+            if kept and os.path.lexists(kept):
+                swaps.append((path, kept))  # the original was moved aside: it comes back
+            elif not kept and not os.path.lexists(partial) and os.path.lexists(path):
+                swaps.append((path, ""))  # nothing was there before: ours goes again
     problems = undo_switch(swaps)
-    for leftover in outs:
-        path = Path(leftover)
+    for entry in (e for e in entries if e.get("step") == "partial"):
+        path = Path(entry.get("path", ""))
         if path.name.startswith(".") and path.name.endswith(f".restore-{restore.pk}.partial"):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -118,6 +118,8 @@ def _execute(restore: Restore) -> str:
             reason += "; the switched disks were put back" + (
                 f" except: {'; '.join(problems)}" if problems else ""
             )
+            with contextlib.suppress(Exception):  # reconcile must not redo it
+                progress.step("undone")
         _undo(restore, created, defined)
         _finish(restore, RunStatus.FAILED, reason)
         return f"failed: {reason}"
@@ -154,6 +156,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     nvram = None
     if manifest.nvram:
         shutil.copyfile(backup_dir / manifest.nvram, staging / "nvram.fd")
+        os.chmod(staging / "nvram.fd", 0o600)
         nvram = str(final / "nvram.fd")
 
     new_uuid = str(uuidlib.uuid4())
@@ -165,8 +168,13 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
         nvram=nvram,
     )
     notes = [_with_reason(note, manifest.skipped) for note in notes]
+    if manifest.nvram and "<nvram" not in xml:
+        notes.append("the definition has no <nvram>: the backed-up variable store is not used")
     if manifest.tpm:
-        created.append(_restore_tpm(backup_dir / manifest.tpm, new_uuid))
+        tpm = Path(settings.VMBACKUP_SWTPM_DIR) / new_uuid
+        progress.step("tpm", path=str(tpm))
+        created.append(tpm)
+        _restore_tpm(backup_dir / manifest.tpm, tpm)
     if manifest.memory:
         notes.append("the RAM state is not resumed: the new domain boots from its disks")
 
@@ -180,12 +188,16 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
 
     progress.step("define", uuid=new_uuid)
     hv.define(xml)
-    defined.append(new_uuid)
-    restore.path, restore.domain_uuid, restore.notes = str(final), new_uuid, notes
-    restore.save(update_fields=["path", "domain_uuid", "notes"])
+    created.clear()  # the point of no return: the domain exists and owns these files
+    restore.path, restore.domain_uuid = str(final), new_uuid
     if restore.start:
         progress.step("start")
-        hv.start(new_uuid)
+        try:
+            hv.start(new_uuid)
+        except hypervisor.HypervisorError as exc:
+            notes.append(f"the new domain did not start: {exc}")
+    restore.notes = notes
+    restore.save(update_fields=["path", "domain_uuid", "notes"])
     progress.bytes(total)
     return f"restored as {restore.name} in {final}"
 
@@ -240,19 +252,25 @@ def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: _Progress, ba
     def report(fraction: float) -> None:
         progress.bytes(base + int(fraction * disk.virtual_size))
 
-    qemu_img.convert(str(backup_dir / disk.file), disk.image_format, str(out), fmt, progress=report)
+    qemu_img.convert(
+        str(backup_dir / disk.file),
+        disk.image_format,
+        str(out),
+        fmt,
+        progress=report,
+        timeout=settings.Q_TIMEOUT,
+    )
+    os.chmod(out, 0o600)  # a guest's disk is private; libvirt hands it to QEMU at start
 
 
-def _restore_tpm(source: Path, new_uuid: str) -> Path:
+def _restore_tpm(source: Path, target: Path) -> None:
     """The TPM state goes where libvirt's swtpm looks for the new UUID, owned by the user
     swtpm runs as (``tss`` on Debian) when there is one."""
-    target = Path(settings.VMBACKUP_SWTPM_DIR) / new_uuid
     shutil.copytree(source, target)
     with contextlib.suppress(KeyError):
         user = pwd.getpwnam("tss")
         for path in [target, *target.rglob("*")]:
             os.chown(path, user.pw_uid, user.pw_gid)
-    return target
 
 
 def _undo(restore: Restore, created: list[Path], defined: list[str]) -> None:

@@ -98,9 +98,14 @@ class Heartbeat:
 
         try:
             while not self.stop.wait(self.every):
-                self.model.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
+                try:
+                    self.model.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:  # a database hiccup must not silence the beat for good
+                    log.warning("heartbeat of %s %s failed; retrying", self.model.__name__,
+                                self.run_id, exc_info=True)  # fmt: skip
+                    connection.close()
         finally:
             connection.close()
 

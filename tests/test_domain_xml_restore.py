@@ -101,3 +101,20 @@ def test_nvram_points_at_the_restored_copy_or_is_made_fresh():
 def test_names_are_escaped_not_interpreted():
     root, _notes = restored(name="a<b>&'\"")
     assert root.findtext("name") == "a<b>&'\""
+
+
+def test_shares_passthrough_and_luns_stay_with_the_original():
+    original = ORIGINAL.replace(
+        "<devices>",
+        "<genid>43dc0cf8-809b-4adb-9bea-a9abb5f3d90d</genid><devices>"
+        "<disk type='block' device='lun'><source dev='/dev/sdz'/><target dev='sdb' bus='scsi'/>"
+        "</disk><filesystem type='mount'><source dir='/srv/share'/><target dir='share'/>"
+        "</filesystem><hostdev mode='subsystem' type='pci'/>",
+    )
+    xml, notes = restored_xml(original, name="n", uuid="u", disks={}, nvram=None)
+    root = ET.fromstring(xml)
+    assert [d.get("device") for d in root.iter("disk")] == ["cdrom"]
+    assert root.find("devices/filesystem") is None and root.find("devices/hostdev") is None
+    assert not (root.findtext("genid") or "")
+    assert "disk sdb was not in the backup and is left out" in notes
+    assert any("shared directory" in n for n in notes) and any("host device" in n for n in notes)

@@ -146,11 +146,7 @@ def test_reconcile_rolls_back_a_restore_that_died_mid_switch(db, host, tmp_path)
     vda.write_text("vda restored")
     vdb.write_text("vdb original")
     Path(restore_in_place.partial_name(str(vdb), restore.pk)).write_text("vdb restored")
-    restore.journal = [
-        {"step": "convert", "out": restore_in_place.partial_name(str(vda), restore.pk)},
-        {"step": "convert", "out": restore_in_place.partial_name(str(vdb), restore.pk)},
-        {"step": "switch", "files": [str(vda), str(vdb)]},
-    ]
+    restore.journal = journal(restore, vda, vdb, swapped=[vda])
     restore.save()
 
     reconcile.reconcile()
@@ -160,6 +156,41 @@ def test_reconcile_rolls_back_a_restore_that_died_mid_switch(db, host, tmp_path)
     assert "as they were before" in restore.error
     assert vda.read_text() == "vda original" and vdb.read_text() == "vdb original"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vda.qcow2", "vdb.raw"]
+
+
+def journal(restore, *paths, swapped) -> list[dict]:
+    entries = [{"step": "partial", "path": restore_in_place.partial_name(str(p), restore.pk)}
+               for p in paths]  # fmt: skip
+    entries.append({"step": "switch", "files": [str(p) for p in paths]})
+    entries += [
+        {"step": "swap", "path": str(p), "kept": restore_in_place.kept_name(str(p), restore.pk)}
+        for p in swapped
+    ]
+    return entries
+
+
+def test_reconcile_leaves_disks_the_worker_already_put_back(db, host, tmp_path):
+    """The worker undid its switch, then died before recording the outcome: the disks at
+    the paths are the originals again and must not be mistaken for restored copies."""
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
+    restore = Restore.objects.create(
+        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
+        worker=f"{socket.gethostname()}:999999999",
+    )  # fmt: skip
+    vda, vdb = tmp_path / "vda.qcow2", tmp_path / "vdb.raw"
+    vda.write_text("vda original")
+    vdb.write_text("vdb original")
+    restore.journal = journal(restore, vda, vdb, swapped=[vda, vdb])
+    restore.save()
+
+    reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.INTERRUPTED
+    assert vda.read_text() == "vda original" and vdb.read_text() == "vdb original"
 
 
 def test_vmbackup_restore_in_place(domains, changed_vm):
@@ -200,3 +231,37 @@ def test_it_refuses_a_disk_whose_definition_names_its_backing_chain(domains, cha
     assert "names its backing chain" in restore.error
     assert qemu_img.compare(str(copies["vdb"]), "raw", str(dom.disks["vdb"]), "raw")
     assert hidden_leftovers(dom.dir) == []
+
+
+def test_it_refuses_a_vm_with_a_saved_state(domains, changed_vm):
+    dom, vm, backup, copies = changed_vm
+    d = domains.lookup(dom)
+    d.create()
+    d.managedSave(0)
+    assert not d.isActive() and d.hasManagedSaveImage(0)
+
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.FAILED
+    assert "saved state" in restore.error
+    qcow = dom.disks["vda"]
+    assert qemu_img.compare(str(copies["vda"]), "qcow2", str(qcow), "qcow2")
+    assert hidden_leftovers(dom.dir) == []
+
+
+def test_a_start_that_fails_after_the_switch_keeps_the_restored_disks(domains, changed_vm,
+                                                                      monkeypatch):  # fmt: skip
+    from backups import hypervisor
+
+    dom, vm, backup, _copies = changed_vm
+
+    def refuse(self, uuid):
+        raise hypervisor.HypervisorError("start domain: injected failure")
+
+    monkeypatch.setattr(hypervisor.Session, "start", refuse)
+    restore = restore_now(backup, start=True)
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    assert any("did not start" in note for note in restore.notes)
+    image = Path(backup.path) / "vda.qcow2"
+    assert qemu_img.compare(str(image), "qcow2", str(dom.disks["vda"]), "qcow2")
