@@ -16,6 +16,7 @@ RUN_BACKUP = "backups.run_backup"
 VERIFY_BACKUP = "backups.verify_backup"
 PROTECT_BACKUP = "backups.change_backup"
 RESTORE_BACKUP = "backups.restore_backup"
+RESTORE_IN_PLACE = "backups.restore_in_place"  # overwrites a VM's disks: granted apart
 CHANGE_POLICY = "backups.change_backuppolicy"
 ADD_POLICY = "backups.add_backuppolicy"
 

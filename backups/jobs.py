@@ -126,10 +126,17 @@ def request_restore(
     try:
         with transaction.atomic():
             restore = Restore.objects.create(
-                backup=backup, mode=mode, name=name, root=root, start=start, requested_by=user
+                backup=backup,
+                vm=backup.vm,
+                mode=mode,
+                name=name,
+                root=root,
+                start=start,
+                requested_by=user,
             )
     except IntegrityError as exc:
-        raise RestoreRefused(f"a restore as {name} is already queued or running") from exc
+        what = f"of {backup.vm.name} in place" if in_place else f"as {name}"
+        raise RestoreRefused(f"a restore {what} is already queued or running") from exc
     if enqueue:
         _enqueue("backups.jobs.run_restore", restore.pk, vm=backup.vm, name=f"restore-{restore.pk}")
     return restore

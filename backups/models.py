@@ -376,6 +376,7 @@ class Backup(models.Model):
         ordering = ["-created_at", "-id"]
         permissions = [
             ("restore_backup", "Can restore backups"),
+            ("restore_in_place", "Can restore backups over their VM's own disks"),
             ("verify_backup", "Can verify backups"),
         ]
         indexes = [models.Index(fields=["vm", "-created_at"], name="backup_vm_recent")]
@@ -408,6 +409,12 @@ class Restore(models.Model):
     """
 
     backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="restores")
+    vm = models.ForeignKey(
+        VirtualMachine,
+        on_delete=models.CASCADE,
+        related_name="restores",
+        help_text="the backup's VM (the one an in-place restore overwrites)",
+    )
     mode = models.CharField(max_length=16, choices=RestoreMode.choices, default=RestoreMode.NEW)
     name = models.CharField(max_length=255, help_text="the new domain's name (in place: the VM's)")
     root = models.CharField(max_length=1024, blank=True, help_text="restore root (mode new)")
@@ -438,11 +445,22 @@ class Restore(models.Model):
                 fields=["name"],
                 condition=Q(status__in=["queued", "running"]),
                 name="one_active_restore_per_name",
-            )
+            ),
+            # ... and two in-place restores must not race over one VM, even after a rename.
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(status__in=["queued", "running"], mode="in-place"),
+                name="one_active_in_place_restore_per_vm",
+            ),
         ]
 
     def __str__(self):
         return f"restore {self.pk} of backup {self.backup_id} as {self.name} ({self.status})"
+
+    def save(self, *args, **kwargs):
+        if self.vm_id is None and self.backup_id is not None:  # always the backup's VM
+            self.vm_id = Backup.objects.values_list("vm_id", flat=True).get(pk=self.backup_id)
+        super().save(*args, **kwargs)
 
     def get_absolute_url(self):
         return reverse("restore_detail", args=[self.pk])

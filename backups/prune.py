@@ -64,18 +64,27 @@ def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
     report.decisions = [(backups[d.point.id], d.keep, d.reason) for d in plan.decisions]
     if dry_run:
         return report
-    if Restore.objects.filter(backup__vm=vm, status__in=ACTIVE_STATUSES).exists():
-        # A restore is reading this VM's chains: folding or deleting now could hand it a
-        # half-rebased image. The next prune catches up.
-        report.skipped = "a restore of this VM is running"
-        return report
+    # A restore reading this VM's chains must not be handed a half-rebased image: checked
+    # before every step (a restore that starts meanwhile notices the change and fails
+    # cleanly, see restoring.require_unchanged). The next prune catches up.
     for step in plan.rebases:
+        if _restore_active(vm, report):
+            return report
         fold(backups[step.point_id], backups.get(step.new_parent_id))
         report.rebased.append(step.point_id)
     for backup_id in plan.deletes:
+        if _restore_active(vm, report):
+            return report
         delete(backups[backup_id])
         report.deleted.append(backup_id)
     return report
+
+
+def _restore_active(vm, report: Report) -> bool:
+    if Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES).exists():
+        report.skipped = "a restore of this VM is running"
+        return True
+    return False
 
 
 def fold(child: Backup, new_parent: Backup | None) -> None:

@@ -21,10 +21,12 @@ from . import archive, hypervisor
 from .reconcile import OVERLAY_RE
 from .restoring import (
     RestoreError,
+    fingerprint,
     flatten,
     needed_bytes,
     refuse_while_backing_up,
     require_space,
+    require_unchanged,
     verify_chain,
 )
 
@@ -46,6 +48,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     refuse_while_backing_up(vm)
     domain = _shut_off_domain(hv, uuid, vm.name)
     backup_dir = Path(restore.backup.path)
+    before = fingerprint(backup_dir)
     manifest = verify_chain(backup_dir, progress)
     current = {d.target: d for d in domain.disks if d.device == "disk"}
     plan, notes = _plan(manifest, current)
@@ -91,6 +94,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
         archive.make_durable(Path(partial))
         files.append((partial, tpm))
 
+    require_unchanged(backup_dir, before)
     progress.step("switch", files=[path for _partial, path in files])
     _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files
     for partial, path in files:

@@ -138,6 +138,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     if os.path.lexists(final):
         raise RestoreError(f"{final} already exists; nothing is overwritten")
     backup_dir = Path(restore.backup.path)
+    before = fingerprint(backup_dir)
     manifest = verify_chain(backup_dir, progress)
     require_space(root, needed_bytes(backup_dir, manifest.disks))
 
@@ -159,6 +160,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
         os.chmod(staging / "nvram.fd", 0o600)
         nvram = str(final / "nvram.fd")
 
+    require_unchanged(backup_dir, before)
     new_uuid = str(uuidlib.uuid4())
     xml, notes = domain_xml.restored_xml(
         (backup_dir / "domain.xml").read_text(),
@@ -214,6 +216,30 @@ def refuse_while_backing_up(vm) -> None:
     """A running backup's retention may be folding this very chain right now."""
     if vm.runs.filter(status__in=ACTIVE_STATUSES).exists():
         raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
+
+
+def fingerprint(backup_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file in the chain: pruning folds an image in place
+    (``qemu-img rebase``) or deletes a directory, and either shows up here."""
+    marks = {}
+    for directory in chain_dirs(backup_dir):
+        for path in sorted(directory.rglob("*")):
+            st = path.lstat()
+            marks[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return marks
+
+
+def require_unchanged(backup_dir: Path, before: dict[str, tuple[int, int, int]]) -> None:
+    """After the copy: the chain read is the chain that was verified, or nothing is used."""
+    try:
+        same = fingerprint(backup_dir) == before
+    except (OSError, RestoreError, archive.ArchiveError):
+        same = False
+    if not same:
+        raise RestoreError(
+            "the backup chain changed while it was being restored (pruned or rewritten "
+            "meanwhile?); nothing restored, try again"
+        )
 
 
 def verify_chain(backup_dir: Path, progress: _Progress) -> archive.Manifest:

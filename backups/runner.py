@@ -202,7 +202,7 @@ def _root(run: BackupRun) -> str:
 def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     """Refuse with a clear reason before anything is written."""
     in_place = Restore.objects.filter(
-        backup__vm=run.vm, mode=RestoreMode.IN_PLACE, status__in=ACTIVE_STATUSES
+        vm=run.vm, mode=RestoreMode.IN_PLACE, status__in=ACTIVE_STATUSES
     )
     if in_place.exists():
         raise Refused(f"{run.vm.name} is being restored in place; back it up when that has ended")

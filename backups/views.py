@@ -350,7 +350,7 @@ def backup_restore(request, backup_id: int):
 
 @require_http_methods(["GET", "POST"])
 def backup_restore_in_place(request, backup_id: int):
-    backup = _backup(request, backup_id, access.RESTORE_BACKUP)
+    backup = _backup(request, backup_id, access.RESTORE_IN_PLACE)
     refusal = _restore_refusal(backup) or (
         f"{backup.vm.name} is no longer defined on its host; restore it as a new domain."
         if backup.vm.gone_at

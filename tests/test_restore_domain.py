@@ -264,3 +264,27 @@ def test_vmbackup_restore_fails_with_the_reason(domains, backup_root, synced, re
     with pytest.raises(CommandError, match="not one of the configured restore roots"):
         call_command("vmbackup_restore", str(backup.pk), "--name", "x", "--root", "/etc")
     assert list(restore_root.iterdir()) == []
+
+
+def test_a_chain_pruned_during_the_restore_is_not_used(domains, backup_root, synced,
+                                                       restore_root, monkeypatch):  # fmt: skip
+    from backups import restoring
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 4, 0x5A)])], start=True)
+    vm = synced(dom)
+    full = push(vm).backup
+    write(domains, dom, 0, "write -P 0x77 8M 1M")
+    incremental = push(vm).backup
+    real_flatten = restoring.flatten
+
+    def flatten_while_pruned(*args):
+        real_flatten(*args)
+        image = Path(full.path) / "vda.qcow2"  # as a fold's rebase would touch it
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1))
+
+    monkeypatch.setattr(restoring, "flatten", flatten_while_pruned)
+    restore = restore_now(incremental, restore_root)
+
+    assert restore.status == RunStatus.FAILED
+    assert "chain changed while it was being restored" in restore.error
+    assert list(restore_root.iterdir()) == []

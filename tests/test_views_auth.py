@@ -31,7 +31,7 @@ MUTATIONS = [
     ("backup_verify", "backup", "backups.verify_backup"),
     ("backup_protect", "backup", "backups.change_backup"),
     ("backup_restore", "backup", "backups.restore_backup"),
-    ("backup_restore_in_place", "backup", "backups.restore_backup"),
+    ("backup_restore_in_place", "backup", "backups.restore_in_place"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
 ]

@@ -304,6 +304,28 @@ def test_the_backup_page_lists_its_restores(owner_client, vm):
 # --- in place ----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def overwriter(django_user_model):
+    return support._user(
+        django_user_model, "olga", access.VIEW, access.RESTORE_BACKUP, access.RESTORE_IN_PLACE
+    )
+
+
+@pytest.fixture
+def overwriter_client(overwriter):
+    return support._client(overwriter)
+
+
+def test_in_place_needs_its_own_permission(restorer_client, overwriter_client, backup,
+                                           async_calls):  # fmt: skip
+    assert restorer_client.get(in_place_url(backup.pk)).status_code == 403
+    assert restorer_client.post(in_place_url(backup.pk), {"confirm": "web-1"}).status_code == 403
+    page = reverse("backup_detail", args=[backup.pk])
+    assert in_place_url(backup.pk) not in restorer_client.get(page).content.decode()
+    assert in_place_url(backup.pk) in overwriter_client.get(page).content.decode()
+    assert not Restore.objects.exists()
+
+
 def in_place_url(backup_id: int) -> str:
     return reverse("backup_restore_in_place", args=[backup_id])
 
@@ -317,49 +339,49 @@ def test_in_place_needs_the_restore_permission(viewer_client, backup, async_call
     assert not Restore.objects.exists()
 
 
-def test_in_place_rejects_a_post_without_the_csrf_token(restorer, backup, async_calls):
+def test_in_place_rejects_a_post_without_the_csrf_token(overwriter, backup, async_calls):
     client = Client(enforce_csrf_checks=True)
-    client.force_login(restorer)
+    client.force_login(overwriter)
     assert client.post(in_place_url(backup.pk), {"confirm": backup.vm.name}).status_code == 403
     assert not Restore.objects.exists()
 
 
 @pytest.mark.parametrize("typed", ["", "WEB-1", " web-1", "web-1 ", "something else"])
-def test_in_place_needs_the_vms_name_typed_exactly(restorer_client, backup, typed, async_calls):
+def test_in_place_needs_the_vms_name_typed_exactly(overwriter_client, backup, typed, async_calls):
     assert backup.vm.name == "web-1"
-    response = restorer_client.post(in_place_url(backup.pk), {"confirm": typed})
+    response = overwriter_client.post(in_place_url(backup.pk), {"confirm": typed})
     assert response.status_code == 200
     assert "to confirm" in response.content.decode()
     assert not Restore.objects.exists()
 
 
-def test_in_place_queues_a_restore_over_the_vm(restorer_client, restorer, backup, async_calls):
-    page = restorer_client.get(in_place_url(backup.pk)).content.decode()
+def test_in_place_queues_a_restore_over_the_vm(overwriter_client, overwriter, backup, async_calls):
+    page = overwriter_client.get(in_place_url(backup.pk)).content.decode()
     assert "Replace the VM&#x27;s disks" in page or "Replace the VM's disks" in page
 
-    response = restorer_client.post(in_place_url(backup.pk), {"confirm": "web-1", "start": "on"})
+    response = overwriter_client.post(in_place_url(backup.pk), {"confirm": "web-1", "start": "on"})
 
     restore = Restore.objects.get()
     assert response.status_code == 302 and response.url == restore.get_absolute_url()
     assert (restore.mode, restore.name, restore.root) == ("in-place", "web-1", "")
-    assert restore.start and restore.requested_by == restorer
+    assert restore.start and restore.requested_by == overwriter
 
 
-def test_in_place_is_refused_for_a_vm_that_is_gone(restorer_client, backup, async_calls):
+def test_in_place_is_refused_for_a_vm_that_is_gone(overwriter_client, backup, async_calls):
     VirtualMachine.objects.filter(pk=backup.vm.pk).update(gone_at=timezone.now())
-    response = restorer_client.post(in_place_url(backup.pk), {"confirm": "web-1"})
+    response = overwriter_client.post(in_place_url(backup.pk), {"confirm": "web-1"})
     assert response.status_code == 302
     assert response.url == reverse("backup_detail", args=[backup.pk])
     assert not Restore.objects.exists()
 
 
-def test_in_place_warns_when_the_vm_was_last_seen_running(restorer_client, backup):
+def test_in_place_warns_when_the_vm_was_last_seen_running(overwriter_client, backup):
     VirtualMachine.objects.filter(pk=backup.vm.pk).update(state="running")
-    page = restorer_client.get(in_place_url(backup.pk)).content.decode()
+    page = overwriter_client.get(in_place_url(backup.pk)).content.decode()
     assert "Shut it down first" in page
 
 
-def test_the_restore_page_says_in_place(restorer_client, backup):
+def test_the_restore_page_says_in_place(overwriter_client, backup):
     restore = Restore.objects.create(backup=backup, mode="in-place", name="web-1")
-    page = restorer_client.get(restore.get_absolute_url()).content.decode()
+    page = overwriter_client.get(restore.get_absolute_url()).content.decode()
     assert "in place</h1>" in page and "its disks are replaced" in page
