@@ -269,6 +269,17 @@ def restored_xml(
     return _to_string(root), notes
 
 
+def without_genid(xml: str) -> str:
+    """The definition with an empty ``<genid/>`` (libvirt generates a new one) when it has a
+    generation ID; unchanged otherwise."""
+    root = ET.fromstring(xml)
+    genid = root.find("genid")
+    if genid is None or not (genid.text or "").strip():
+        return xml
+    genid.text = None
+    return _to_string(root)
+
+
 def _set_child_text(root: ET.Element, tag: str, text: str) -> None:
     node = root.find(tag)
     if node is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, hypervisor
+from . import archive, domain_xml, hypervisor
 from .reconcile import OVERLAY_RE
 from .restoring import (
     RestoreError,
@@ -114,6 +114,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
         "the replaced files are kept as <file>.before-restore-"
         f"{restore.pk}; delete them when the restored VM is good"
     )
+    _new_generation_id(hv, uuid, notes)
     restore.path = str(Path(plan[0][1]).parent) if plan else ""
     restore.domain_uuid = uuid
     if restore.start:
@@ -126,6 +127,19 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     restore.save(update_fields=["path", "domain_uuid", "notes"])
     progress.bytes(total)
     return f"restored {vm.name} in place ({len(plan)} disks)"
+
+
+def _new_generation_id(hv, uuid: str, notes: list[str]) -> None:
+    """A VM rolled back to an earlier state gets a new VM generation ID when it has one,
+    which is how a guest (an Active Directory controller, say) learns it went back in time."""
+    try:
+        xml = hv.inactive_xml(uuid)
+        fresh = domain_xml.without_genid(xml)
+        if fresh != xml:
+            hv.define(fresh)
+            notes.append("the VM generation ID (genid) was renewed: the guest sees the rollback")
+    except hypervisor.HypervisorError as exc:
+        notes.append(f"the VM generation ID could not be renewed: {exc}")
 
 
 def _new_partial(path: str, restore_id: int, progress, created: list[Path]) -> str:

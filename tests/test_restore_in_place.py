@@ -265,3 +265,18 @@ def test_a_start_that_fails_after_the_switch_keeps_the_restored_disks(domains, c
     assert any("did not start" in note for note in restore.notes)
     image = Path(backup.path) / "vda.qcow2"
     assert qemu_img.compare(str(image), "qcow2", str(dom.disks["vda"]), "qcow2")
+
+
+def test_a_vm_with_a_generation_id_gets_a_new_one(domains, changed_vm):
+    dom, vm, backup, _copies = changed_vm
+    d = domains.lookup(dom)
+    old = "43dc0cf8-809b-4adb-9bea-a9abb5f3d90d"
+    domains.conn.defineXML(d.XMLDesc(0).replace("</uuid>", f"</uuid><genid>{old}</genid>", 1))
+    assert old in domains.lookup(dom).XMLDesc(0)
+
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    xml = domains.lookup(dom).XMLDesc(0)
+    assert "<genid>" in xml and old not in xml
+    assert any("genid" in note for note in restore.notes)
