@@ -201,8 +201,11 @@ def run_policy(policy_id: int) -> str:
     return f"{started} started, {skipped} skipped"
 
 
-def verify_pass(budget_seconds: int = 3600, budget_bytes: int | None = None) -> str:
-    """Re-verify stored backups, least recently verified first, within a budget."""
+def verify_pass(
+    budget_seconds: int = 3600, budget_bytes: int | None = None, cluster: str | None = None
+) -> str:
+    """Re-verify stored backups, least recently verified first, within a budget; with
+    ``cluster``, only those of VMs on hosts served by that django-q2 cluster."""
     import time
 
     from django.db.models import F
@@ -212,6 +215,8 @@ def verify_pass(budget_seconds: int = 3600, budget_bytes: int | None = None) -> 
     deadline = time.monotonic() + budget_seconds
     done, read = 0, 0
     queue = Backup.objects.published().select_related("vm")
+    if cluster is not None:
+        queue = queue.filter(vm__host__cluster=cluster)
     for backup in queue.order_by(F("verified_at").asc(nulls_first=True), "created_at"):
         if time.monotonic() > deadline or (budget_bytes is not None and read >= budget_bytes):
             break
@@ -221,10 +226,10 @@ def verify_pass(budget_seconds: int = 3600, budget_bytes: int | None = None) -> 
     return f"verified {done} backups ({read} bytes)"
 
 
-def reconcile() -> str:
+def reconcile(cluster: str | None = None) -> str:
     from . import reconcile as reconcile_mod
 
-    return reconcile_mod.reconcile().summary()
+    return reconcile_mod.reconcile(cluster=cluster).summary()
 
 
 __all__ = ["ACTIVE_STATUSES", "RunActive", "request_backup", "request_cancel", "request_verify"]

@@ -72,25 +72,31 @@ def is_dead(run: BackupRun, stale_after: int) -> bool:
     return beat is None or beat < timezone.now() - timedelta(seconds=stale_after)
 
 
-def reconcile(stale_after: int | None = None) -> Report:
+def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Report:
+    """Repair everything, or with ``cluster`` only the runs, restores and hosts served by
+    that django-q2 cluster (each cluster runs its own copy: see ``schedules``)."""
     report = Report()
     stale_after = settings.VMBACKUP_STALE_AFTER if stale_after is None else stale_after
-    running = BackupRun.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
+    mine = {} if cluster is None else {"vm__host__cluster": cluster}
+    running = BackupRun.objects.filter(status=RunStatus.RUNNING, **mine).values_list(
+        "pk", flat=True
+    )
     for run_id in list(running):
         # read each run just before judging it: repairing the previous ones may take minutes
         run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
         if run.status == RunStatus.RUNNING and is_dead(run, stale_after):
             _repair_run(run, report)
-    _repair_finished(report, stale_after)
-    _repair_restores(report, stale_after)
-    for host in Host.objects.all():
+    _repair_finished(report, stale_after, mine)
+    _repair_restores(report, stale_after, mine)
+    hosts = Host.objects.all() if cluster is None else Host.objects.filter(cluster=cluster)
+    for host in hosts:
         _repair_host(host, report)
     _remove_orphan_partials(report)
     report.adopted = adopt.adopt(_roots())
     return report
 
 
-def _repair_restores(report: Report, stale_after: int) -> None:
+def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
     """A dead restore: interrupted, what its journal says it left half-made removed. Files
     are only touched by a reconcile on the host the restore ran on; a directory already
     renamed into place (a crash right before the domain was defined) is left alone and named
@@ -99,7 +105,7 @@ def _repair_restores(report: Report, stale_after: int) -> None:
 
     _expire_queued_restores(report)
     for restore_id in list(
-        Restore.objects.filter(status=RunStatus.RUNNING).values_list("pk", flat=True)
+        Restore.objects.filter(status=RunStatus.RUNNING, **mine).values_list("pk", flat=True)
     ):
         restore = Restore.objects.get(pk=restore_id)
         if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
@@ -165,13 +171,14 @@ def _unmatched(steps: list[str], begin: str, end: str) -> bool:
     return steps.count(begin) > steps.count(end)
 
 
-def _repair_finished(report: Report, stale_after: int) -> None:
+def _repair_finished(report: Report, stale_after: int, mine: dict) -> None:
     """Runs that ended (failed, refused, cancelled, interrupted) with a guest still frozen
     or shut down by us: thaw or start it, once, within a window after the run ended."""
     since = timezone.now() - timedelta(seconds=max(stale_after, 60) * 12)
     ended = BackupRun.objects.filter(
         status__in=[RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED],
         finished_at__gte=since,
+        **mine,
     ).select_related("vm__host")
     for run in ended:
         steps = [s.get("step") for s in _journal_steps(run)]

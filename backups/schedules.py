@@ -3,13 +3,17 @@
 One ``Schedule`` per policy, named ``policy-<id>`` and kept with ``update_or_create`` so
 saving a policy twice never duplicates it. ``next_run`` is computed here: django-q2 would
 otherwise run a new cron schedule at once.
+
+Scale-out: reconcile and the verify pass touch a host's disks and backup roots, so each
+django-q2 cluster named on a Host gets its own copy (``vmbackup-reconcile@<cluster>``,
+routed to that cluster, limited to its hosts); the plain ones serve hosts without one.
 """
 
 from django.utils import timezone
 from django_q.models import Schedule
 
 from . import cron
-from .models import BackupPolicy
+from .models import BackupPolicy, Host
 
 HOUSEKEEPING = {
     # name: (function, cron, args)
@@ -17,6 +21,7 @@ HOUSEKEEPING = {
     "vmbackup-sync": ("backups.jobs.sync_inventory", "*/15 * * * *", ""),
     "vmbackup-verify": ("backups.jobs.verify_pass", "30 4 * * *", "3600"),
 }
+PER_CLUSTER = ("vmbackup-reconcile", "vmbackup-verify")  # the jobs that act on one host
 
 
 def name_for(policy: BackupPolicy) -> str:
@@ -52,22 +57,39 @@ def remove_policy(policy: BackupPolicy) -> None:
     Schedule.objects.filter(name=name_for(policy)).delete()
 
 
-def install_all() -> list[str]:
-    """Housekeeping schedules plus one per policy; idempotent."""
+def install_housekeeping() -> list[str]:
+    """The housekeeping schedules: the plain ones (hosts without a cluster) and one copy of
+    each per-host job for every cluster a Host names; copies for clusters no Host names any
+    more are removed. Idempotent."""
+    clusters = sorted(set(Host.objects.exclude(cluster="").values_list("cluster", flat=True)))
     names = []
     for name, (func, expr, args) in HOUSEKEEPING.items():
-        Schedule.objects.update_or_create(
-            name=name,
-            defaults={
-                "func": func,
-                "args": args or None,
-                "schedule_type": Schedule.CRON,
-                "cron": expr,
-                "repeats": -1,
-                "next_run": _next(expr),
-            },
-        )
-        names.append(name)
+        per_cluster = name in PER_CLUSTER
+        for cluster in [None, *clusters] if per_cluster else [None]:
+            label = f"{name}@{cluster}" if cluster else name
+            kwargs = {"cluster": cluster or ""} if per_cluster else None
+            Schedule.objects.update_or_create(
+                name=label,
+                defaults={
+                    "func": func,
+                    "args": args or None,
+                    "kwargs": repr(kwargs) if kwargs else None,
+                    "cluster": cluster,
+                    "schedule_type": Schedule.CRON,
+                    "cron": expr,
+                    "repeats": -1,
+                    "next_run": _next(expr),
+                },
+            )
+            names.append(label)
+    stale = Schedule.objects.filter(name__contains="@", name__startswith="vmbackup-")
+    stale.exclude(name__in=names).delete()
+    return names
+
+
+def install_all() -> list[str]:
+    """Housekeeping schedules plus one per policy; idempotent."""
+    names = install_housekeeping()
     for policy in BackupPolicy.objects.all():
         if sync_policy(policy):
             names.append(name_for(policy))

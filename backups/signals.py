@@ -4,7 +4,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from . import schedules
-from .models import BackupPolicy
+from .models import BackupPolicy, Host
 
 
 @receiver(post_save, sender=BackupPolicy)
@@ -15,3 +15,10 @@ def policy_saved(sender, instance, **kwargs):
 @receiver(post_delete, sender=BackupPolicy)
 def policy_deleted(sender, instance, **kwargs):
     schedules.remove_policy(instance)
+
+
+@receiver(post_save, sender=Host)
+@receiver(post_delete, sender=Host)
+def host_changed(sender, instance, **kwargs):
+    """A host's cluster decides where its reconcile and verify pass run."""
+    schedules.install_housekeeping()

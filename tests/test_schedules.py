@@ -1,5 +1,7 @@
 """Policies become django-q2 schedules; scheduled runs skip a busy VM."""
 
+from uuid import uuid4
+
 import pytest
 from django_q.models import Schedule
 
@@ -96,3 +98,46 @@ def test_it_verifies_least_recently_verified_first_within_a_byte_budget(vm):
     statuses = {b.path.rsplit("/", 1)[1]: b.verify_status for b in Backup.objects.all()}
     assert statuses == {"never": "missing", "old": "missing", "recent": "unverified"}
     assert recent.pk and never.pk and old.pk
+
+
+def test_each_cluster_gets_its_own_reconcile_and_verify_pass():
+    import ast
+
+    Host.objects.create(name="a", uri="test:///default", cluster="rack-a")
+    b = Host.objects.create(name="b", uri="test:///default", cluster="rack-b")
+    Host.objects.create(name="c", uri="test:///default")  # served by the plain schedules
+    schedules.install_all()
+
+    for cluster in ("rack-a", "rack-b"):
+        for job in ("reconcile", "verify"):
+            s = Schedule.objects.get(name=f"vmbackup-{job}@{cluster}")
+            assert s.cluster == cluster  # only that cluster's workers run it
+            assert ast.literal_eval(s.kwargs) == {"cluster": cluster}
+    plain = Schedule.objects.get(name="vmbackup-reconcile")
+    assert plain.cluster is None and ast.literal_eval(plain.kwargs) == {"cluster": ""}
+    assert not Schedule.objects.filter(name__startswith="vmbackup-sync@").exists()
+
+    b.cluster = ""
+    b.save()  # the host signal re-installs: rack-b's copies go
+    assert not Schedule.objects.filter(name__endswith="@rack-b").exists()
+    assert Schedule.objects.filter(name="vmbackup-reconcile@rack-a").exists()
+
+
+def test_a_clusters_verify_pass_and_reconcile_keep_to_its_hosts(monkeypatch):
+    from backups import reconcile, verify
+    from backups.models import Backup
+
+    mine = Host.objects.create(name="a", uri="test:///default", cluster="rack-a")
+    other = Host.objects.create(name="b", uri="test:///default", cluster="rack-b")
+    for host in (mine, other):
+        vm = VirtualMachine.objects.create(host=host, uuid=uuid4(), name=f"vm-{host.name}")
+        Backup.objects.create(vm=vm, path=f"/nonexistent/{host.name}")
+    verified, repaired = [], []
+    monkeypatch.setattr(verify, "verify_backup", lambda b: verified.append(b.vm.host.name))
+    monkeypatch.setattr(reconcile, "_repair_host", lambda h, r: repaired.append(h.name))
+    monkeypatch.setattr(reconcile.adopt, "adopt", lambda roots: [])
+
+    jobs.verify_pass(budget_seconds=60, cluster="rack-a")
+    jobs.reconcile(cluster="rack-a")
+
+    assert verified == ["a"] and repaired == ["a"]

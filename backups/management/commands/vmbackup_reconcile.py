@@ -10,9 +10,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--stale-after", type=int, default=None, help="seconds without heartbeat = dead"
         )
+        parser.add_argument(
+            "--cluster",
+            default=None,
+            help="only the hosts whose django-q2 cluster is this ('' = hosts without one)",
+        )
 
-    def handle(self, *args, stale_after=None, **options):
-        report = reconcile.reconcile(stale_after)
+    def handle(self, *args, stale_after=None, cluster=None, **options):
+        report = reconcile.reconcile(stale_after, cluster=cluster)
         self.stdout.write(report.summary())
         if report.errors:
             raise CommandError("reconcile could not repair everything")
