@@ -22,6 +22,7 @@ urlpatterns = [
         views.backup_restore_in_place,
         name="backup_restore_in_place",
     ),
+    path("restores/", views.restore_list, name="restore_list"),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
     path("restores/<int:restore_id>/progress/", views.restore_progress, name="restore_progress"),
     path("policies/", views.policy_list, name="policy_list"),

@@ -374,6 +374,14 @@ def backup_restore_in_place(request, backup_id: int):
     return render(request, "backups/backup_restore_in_place.html", context)
 
 
+@require_GET
+def restore_list(request):
+    access.require(request, access.VIEW)
+    restores = Restore.objects.select_related("vm", "vm__host", "backup", "requested_by")
+    page = Paginator(restores, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "backups/restore_list.html", {"page": page})
+
+
 def _restore(request, restore_id: int) -> Restore:
     queryset = Restore.objects.select_related("backup__vm__host", "requested_by")
     return access.fetch(request, queryset, restore_id)

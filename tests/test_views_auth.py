@@ -47,6 +47,7 @@ PAGES = [
     ("backup_restore_sh", "backup"),
     ("backup_restore", "backup"),
     ("backup_restore_in_place", "backup"),
+    ("restore_list", None),
     ("restore_detail", "restore"),
     ("restore_progress", "restore"),
     ("policy_list", None),

@@ -52,9 +52,8 @@ def form_url(backup_id: int) -> str:
 def make_restore(backup, status=RunStatus.QUEUED, **fields) -> Restore:
     if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
         fields.setdefault("finished_at", timezone.now())
-    return Restore.objects.create(
-        backup=backup, name="web-1-restored", root="/srv/restores", status=status, **fields
-    )
+    fields.setdefault("name", "web-1-restored")
+    return Restore.objects.create(backup=backup, root="/srv/restores", status=status, **fields)
 
 
 # --- who may restore ---------------------------------------------------------------------------
@@ -385,3 +384,13 @@ def test_the_restore_page_says_in_place(overwriter_client, backup):
     restore = Restore.objects.create(backup=backup, mode="in-place", name="web-1")
     page = overwriter_client.get(restore.get_absolute_url()).content.decode()
     assert "in place</h1>" in page and "its disks are replaced" in page
+
+
+def test_the_restore_list_shows_every_restore_in_few_queries(viewer_client, backup,
+                                                            django_assert_num_queries):  # fmt: skip
+    for i in range(30):
+        make_restore(backup, status=RunStatus.FAILED, name=f"copy-{i}", error="disk full")
+    Restore.objects.create(backup=backup, mode="in-place", name="web-1")
+    with django_assert_num_queries(6):  # session, user, 2 permission, count, page: not per row
+        page = viewer_client.get(reverse("restore_list")).content.decode()
+    assert "copy-29" in page and "in place" in page and "disk full" in page
