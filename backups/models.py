@@ -17,7 +17,7 @@ class Host(models.Model):
     name = models.CharField(max_length=100, unique=True)
     uri = models.CharField(max_length=255, default="qemu:///system")
     cluster = models.CharField(
-        max_length=100, blank=True, help_text="django-q2 cluster that runs jobs for this host"
+        max_length=64, blank=True, help_text="django-q2 cluster that runs jobs for this host"
     )
     last_sync_at = models.DateTimeField(null=True, blank=True)
     last_sync_error = models.TextField(blank=True)
@@ -443,7 +443,7 @@ class Restore(models.Model):
             # Two restores must not race for the same new name.
             models.UniqueConstraint(
                 fields=["name"],
-                condition=Q(status__in=["queued", "running"]),
+                condition=Q(status__in=["queued", "running"], mode="new"),
                 name="one_active_restore_per_name",
             ),
             # ... and two in-place restores must not race over one VM, even after a rename.

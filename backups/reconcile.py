@@ -97,48 +97,94 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
 
 
 def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
-    """A dead restore: interrupted, what its journal says it left half-made removed. Files
-    are only touched by a reconcile on the host the restore ran on; a directory already
-    renamed into place (a crash right before the domain was defined) is left alone and named
-    in the error: it may hold the only copy someone is about to use."""
-    from . import restore_in_place
-
+    """A dead restore: interrupted, what its journal says it left half-made undone. Files
+    are only touched by a reconcile on the machine the restore ran on (another machine's
+    restore stays running, reported, until its own reconcile gets to it, or for a day); a
+    directory already renamed into place is left alone and named in the error: it may hold
+    the only copy someone is about to use."""
     _expire_queued_restores(report)
     for restore_id in list(
         Restore.objects.filter(status=RunStatus.RUNNING, **mine).values_list("pk", flat=True)
     ):
-        restore = Restore.objects.get(pk=restore_id)
+        restore = Restore.objects.select_related("vm__host").get(pk=restore_id)
         if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
             continue
         if restore.worker.rpartition(":")[0] != socket.gethostname():
-            error = f"interrupted: its worker ({restore.worker}) stopped answering; check there"
-        elif restore.mode == RestoreMode.IN_PLACE:
-            error = restore_in_place.repair_dead(restore)
-        else:
-            error = _repair_new_domain(restore, report)
-        _end_restore(restore, error, report)
+            beat = restore.heartbeat_at or restore.started_at
+            if beat and beat > timezone.now() - timedelta(days=1):
+                report.errors.append(
+                    f"restore {restore.pk}: its worker {restore.worker} stopped answering; "
+                    "the reconcile on that machine repairs it"
+                )
+                continue
+            _end_restore(
+                restore,
+                f"interrupted: its worker {restore.worker} never came back; check its "
+                "files there by hand (see the journal)",
+                report,
+            )
+            continue
+        try:
+            if restore.mode == RestoreMode.IN_PLACE:
+                error = _repair_in_place(restore)
+            else:
+                error = _repair_new_domain(restore, report)
+        except Exception as exc:  # one bad restore must not stop the rest of reconcile
+            report.errors.append(f"restore {restore.pk}: {exc}")
+            continue
+        if error is not None:
+            _end_restore(restore, error, report)
+
+
+def _repair_in_place(restore: Restore) -> str | None:
+    """Undo a dead in-place restore's half switch, but never under a running VM: a VM
+    started meanwhile (autostart after a host crash) keeps its files until it is shut off,
+    and the restore stays running (so no backup reads the mixed disks) until then."""
+    from . import restore_in_place
+
+    steps = {s.get("step") for s in restore.journal if isinstance(s, dict)}
+    uuid = str(restore.vm.uuid)
+    with hypervisor.session(restore.vm.host.uri) as hv:
+        if "switched" in steps:
+            if "genid" not in steps and hv.exists(uuid):
+                notes: list[str] = []
+                restore_in_place.renew_generation_id(hv, uuid, notes)
+        elif "swap" in steps and "undone" not in steps and hv.exists(uuid):
+            state = hv.domain(uuid).state
+            if state != "shutoff" or hv.has_managed_save(uuid):
+                raise RuntimeError(
+                    f"{restore.vm.name} was started in the middle of an in-place restore "
+                    "(its disks are mixed); shut it down and reconcile puts the old ones back"
+                )
+    return restore_in_place.repair_dead(restore)
 
 
 def _repair_new_domain(restore: Restore, report: Report) -> str:
     from . import restoring
 
     steps = {s.get("step"): s for s in restore.journal if isinstance(s, dict)}
-    if "define" in steps:
-        return (
-            f"interrupted after defining domain {restore.name} "
-            f"({steps['define'].get('uuid', '')}): check it before using or removing it"
-        )
+    defined = steps.get("define", {}).get("uuid", "")
+    if defined:
+        with hypervisor.session(restore.vm.host.uri) as hv:
+            if hv.exists(defined):
+                return (
+                    f"interrupted after defining domain {restore.name} ({defined}): "
+                    "check it before using or removing it"
+                )
     error = "interrupted: the worker died"
     final = Path(os.path.abspath(restore.root)) / restore.name
-    if "publish" in steps and final.is_dir():
-        error += f"; files left in {final}, no domain defined"
+    kept = "publish" in steps and final.is_dir()
     if os.path.abspath(restore.root) in restoring.allowed_roots():
         for staging in restoring.staging_paths(restore):
             if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)
                 report.partials.append(str(staging))
     tpm = Path(steps.get("tpm", {}).get("path", ""))
-    if tpm.parent == Path(settings.VMBACKUP_SWTPM_DIR) and tpm.is_dir() and not tpm.is_symlink():
+    ours = tpm.parent == Path(settings.VMBACKUP_SWTPM_DIR) and tpm.is_dir() and not tpm.is_symlink()
+    if kept:
+        error += f"; files left in {final}" + (f" and TPM state in {tpm}" if ours else "")
+        error += ", no domain defined"
+    elif ours:
         shutil.rmtree(tpm, ignore_errors=True)  # named by the UUID no domain ever got
     return error
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from django.conf import settings
@@ -114,7 +115,8 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
         "the replaced files are kept as <file>.before-restore-"
         f"{restore.pk}; delete them when the restored VM is good"
     )
-    _new_generation_id(hv, uuid, notes)
+    renew_generation_id(hv, uuid, notes)
+    progress.step("genid")
     restore.path = str(Path(plan[0][1]).parent) if plan else ""
     restore.domain_uuid = uuid
     if restore.start:
@@ -129,7 +131,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     return f"restored {vm.name} in place ({len(plan)} disks)"
 
 
-def _new_generation_id(hv, uuid: str, notes: list[str]) -> None:
+def renew_generation_id(hv, uuid: str, notes: list[str]) -> None:
     """A VM rolled back to an earlier state gets a new VM generation ID when it has one,
     which is how a guest (an Active Directory controller, say) learns it went back in time."""
     try:
@@ -138,7 +140,7 @@ def _new_generation_id(hv, uuid: str, notes: list[str]) -> None:
         if fresh != xml:
             hv.define(fresh)
             notes.append("the VM generation ID (genid) was renewed: the guest sees the rollback")
-    except hypervisor.HypervisorError as exc:
+    except Exception as exc:  # past the point of no return: a note, never a rollback
         notes.append(f"the VM generation ID could not be renewed: {exc}")
 
 
@@ -205,6 +207,14 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
                 f"disk {disk.target} is a {target.source_type or 'sourceless'} disk: in-place "
                 "restore writes file-backed disks only; restore as a new domain instead"
             )
+        if target.shareable or target.readonly:
+            raise RestoreError(
+                f"disk {disk.target} is now {'shareable' if target.shareable else 'read-only'}"
+                ": another VM may use it; restore as a new domain instead"
+            )
+        real = os.path.realpath(target.source)
+        if os.path.lexists(real) and not stat.S_ISREG(os.stat(real).st_mode):
+            raise RestoreError(f"disk {disk.target} ({real}) is not a regular file")
         if target.backing:
             # The definition names the backing chain itself; QEMU would lay that chain under
             # our standalone image, and every range the image leaves unallocated (zeros) would
@@ -218,7 +228,7 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
                 f"disk {disk.target} still runs on a backup's snapshot overlay: run "
                 "vmbackup_reconcile first"
             )
-        plan.append((disk, os.path.realpath(target.source), target.format))
+        plan.append((disk, real, target.format))
     backed_up = {disk.target for disk in manifest.disks}
     for target in current:
         if target not in backed_up:

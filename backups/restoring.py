@@ -113,6 +113,11 @@ def _execute(restore: Restore) -> str:
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, OSError) and exc.errno == 28:
             reason = f"destination full (no space left on device): {reason}"
+        steps = {entry.get("step") for entry in restore.journal if isinstance(entry, dict)}
+        if "switched" in steps:  # past the point of no return: say what stands
+            reason = f"the VM already has the restored disks (old ones kept), but: {reason}"
+        elif "define" in steps and not created:
+            reason = f"the new domain {restore.name} is defined, but: {reason}"
         if swaps:
             problems = restore_in_place.undo_switch(swaps)
             reason += "; the switched disks were put back" + (

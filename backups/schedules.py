@@ -68,19 +68,19 @@ def install_housekeeping() -> list[str]:
         for cluster in [None, *clusters] if per_cluster else [None]:
             label = f"{name}@{cluster}" if cluster else name
             kwargs = {"cluster": cluster or ""} if per_cluster else None
-            Schedule.objects.update_or_create(
-                name=label,
-                defaults={
-                    "func": func,
-                    "args": args or None,
-                    "kwargs": repr(kwargs) if kwargs else None,
-                    "cluster": cluster,
-                    "schedule_type": Schedule.CRON,
-                    "cron": expr,
-                    "repeats": -1,
-                    "next_run": _next(expr),
-                },
-            )
+            defaults = {
+                "func": func,
+                "args": args or None,
+                "kwargs": repr(kwargs) if kwargs else None,
+                "cluster": cluster,
+                "schedule_type": Schedule.CRON,
+                "cron": expr,
+                "repeats": -1,
+            }
+            existing = Schedule.objects.filter(name=label).first()
+            if existing is None or existing.cron != expr:  # else its next run stands
+                defaults["next_run"] = _next(expr)
+            Schedule.objects.update_or_create(name=label, defaults=defaults)
             names.append(label)
     stale = Schedule.objects.filter(name__contains="@", name__startswith="vmbackup-")
     stale.exclude(name__in=names).delete()

@@ -18,7 +18,14 @@ def policy_deleted(sender, instance, **kwargs):
 
 
 @receiver(post_save, sender=Host)
+def host_saved(sender, instance, created=False, raw=False, update_fields=None, **kwargs):
+    """A host's cluster decides where its reconcile and verify pass run. Saves that cannot
+    change it (the inventory sync's, every 15 minutes) leave the schedules alone."""
+    if raw or (update_fields is not None and "cluster" not in update_fields):
+        return
+    schedules.install_housekeeping()
+
+
 @receiver(post_delete, sender=Host)
-def host_changed(sender, instance, **kwargs):
-    """A host's cluster decides where its reconcile and verify pass run."""
+def host_deleted(sender, instance, **kwargs):
     schedules.install_housekeeping()

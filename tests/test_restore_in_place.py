@@ -3,9 +3,11 @@
 import socket
 import subprocess
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from backups import jobs, qemu_img, reconcile, restore_in_place
 from backups.models import Backup, Restore, RestoreMode, RunStatus
@@ -280,3 +282,60 @@ def test_a_vm_with_a_generation_id_gets_a_new_one(domains, changed_vm):
     xml = domains.lookup(dom).XMLDesc(0)
     assert "<genid>" in xml and old not in xml
     assert any("genid" in note for note in restore.notes)
+
+
+def test_reconcile_never_switches_disks_under_a_vm_started_mid_restore(domains, changed_vm):
+    import shutil
+
+    dom, vm, backup, copies = changed_vm
+    restore = Restore.objects.create(
+        backup=backup, mode=RestoreMode.IN_PLACE, name=vm.name, status=RunStatus.RUNNING,
+        worker=f"{socket.gethostname()}:999999999",
+    )  # fmt: skip
+    vda = dom.disks["vda"]
+    kept = restore_in_place.kept_name(str(vda), restore.pk)
+    partial = restore_in_place.partial_name(str(vda), restore.pk)
+    shutil.copyfile(Path(backup.path) / "vda.qcow2", partial)
+    restore.journal = [{"step": "partial", "path": partial},
+                       {"step": "switch", "files": [str(vda)]},
+                       {"step": "swap", "path": str(vda), "kept": kept}]  # fmt: skip
+    restore.save()
+    Path(vda).rename(kept)  # the worker died right after switching vda...
+    Path(partial).rename(vda)
+    domains.lookup(dom).create()  # ... and the VM was started on the mixed disks
+
+    report = reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.RUNNING  # still holds the VM: no backup reads it
+    assert any("shut it down" in e for e in report.errors)
+    assert Path(kept).exists() and domains.lookup(dom).isActive()
+
+    domains.lookup(dom).destroy()
+    reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.INTERRUPTED
+    assert qemu_img.compare(str(copies["vda"]), "qcow2", str(vda), "qcow2")
+    assert hidden_leftovers(dom.dir) == [] and not Path(kept).exists()
+
+
+def test_another_machines_dead_restore_is_left_to_that_machine(db, host, tmp_path):
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
+    restore = Restore.objects.create(
+        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
+        worker="elsewhere:123", heartbeat_at=timezone.now() - timedelta(hours=1),
+    )  # fmt: skip
+
+    report = reconcile.reconcile()
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.RUNNING
+    assert any("elsewhere:123" in e for e in report.errors)
+    Restore.objects.filter(pk=restore.pk).update(heartbeat_at=timezone.now() - timedelta(days=2))
+    reconcile.reconcile()
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.INTERRUPTED and "never came back" in restore.error

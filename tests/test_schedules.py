@@ -141,3 +141,29 @@ def test_a_clusters_verify_pass_and_reconcile_keep_to_its_hosts(monkeypatch):
     jobs.reconcile(cluster="rack-a")
 
     assert verified == ["a"] and repaired == ["a"]
+
+
+def test_an_inventory_sync_leaves_the_housekeeping_schedules_alone():
+    host = Host.objects.create(name="a", uri="test:///default", cluster="rack-a")
+    schedules.install_all()
+    Schedule.objects.filter(name="vmbackup-verify@rack-a").update(next_run="2030-01-01T04:30Z")
+    host.save(update_fields=["last_sync_at"])  # what sync_host does every 15 minutes
+    schedules.install_housekeeping()  # and a re-install with the same cron keeps it too
+    assert Schedule.objects.get(name="vmbackup-verify@rack-a").next_run.year == 2030
+
+
+def test_one_site_name_many_worker_queues():
+    """Every process signs tasks with the site name; Q_CLUSTER_NAME only names a queue."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', "
+        "'vmbackup_site.settings'); django.setup(); from django_q.conf import Conf; "
+        "print(Conf.PREFIX, Conf.CLUSTER_NAME)"
+    )
+    env = {**os.environ, "Q_CLUSTER_NAME": "rack-a"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split() == ["vmbackup", "rack-a"]

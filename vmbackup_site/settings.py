@@ -218,7 +218,10 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 Q_WORKERS = envint("Q_WORKERS", 2)
 Q_TIMEOUT = envint("Q_TIMEOUT", 24 * 3600)
 Q_CLUSTER = {
-    "name": env("Q_CLUSTER_NAME", "vmbackup"),
+    # The site's name: every process of one installation must share it (django-q2 signs
+    # task payloads with it). A worker host's own queue comes from the environment variable
+    # Q_CLUSTER_NAME, which django-q2 reads itself and turns into "cluster_name".
+    "name": "vmbackup",
     "workers": Q_WORKERS,
     # Backups are long: the timeout bounds the longest backup, and retry must be larger
     # or django-q2 redelivers a task that is still running. One attempt: a failed backup is
@@ -233,6 +236,7 @@ Q_CLUSTER = {
     "recycle": 50,
     "label": "Jobs",
     "sync": envbool("Q_SYNC", False),
+    "ALT_CLUSTERS": {},  # django-q2 requires the key once Q_CLUSTER_NAME names a cluster
 }
 if env("REDIS_URL"):
     Q_CLUSTER["redis"] = env("REDIS_URL")
