@@ -258,6 +258,14 @@ def verify_chain(backup_dir: Path, progress: _Progress) -> archive.Manifest:
                 f"backup {directory.name} failed its check, not restoring: "
                 + "; ".join(result.errors[:5])
             )
+        manifest = archive.read_manifest(directory)
+        for disk in manifest.disks:
+            # the images must read only what was just checked: the parent, nothing beside it
+            if disk.backing and disk.backing.split("/")[1] != manifest.parent:
+                raise RestoreError(
+                    f"backup {directory.name}: disk {disk.target} builds on "
+                    f"{disk.backing}, not on its parent {manifest.parent}; not restoring"
+                )
     return archive.read_manifest(backup_dir)
 
 

@@ -288,3 +288,46 @@ def test_a_chain_pruned_during_the_restore_is_not_used(domains, backup_root, syn
     assert restore.status == RunStatus.FAILED
     assert "chain changed while it was being restored" in restore.error
     assert list(restore_root.iterdir()) == []
+
+
+def test_it_refuses_an_image_reading_a_backup_beside_its_parent(
+    domains, backup_root, synced, restore_root
+):
+    """A hand-edited but self-consistent backup (sums rewritten) whose image reads another
+    backup than its manifest's parent: that other backup was never checked."""
+    import hashlib
+    import json
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0x5A)])], start=True)
+    vm = synced(dom)
+    push(vm)
+    write(domains, dom, 0, "write -P 0x61 4M 1M")
+    middle = push(vm).backup
+    write(domains, dom, 0, "write -P 0x62 5M 1M")
+    run = jobs.request_backup(vm, method="snapshot", enqueue=False)  # a full beside the chain
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+    directory = Path(middle.path)
+    stranger = f"../{Path(run.backup.path).name}/vda.qcow2"
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", stranger, "-F", "qcow2",
+                    str(directory / "vda.qcow2")], check=True, timeout=60)  # fmt: skip
+    data = json.loads((directory / "backup.json").read_text())
+    data["disks"][0]["backing"] = stranger
+    (directory / "backup.json").write_text(json.dumps(data))
+    sums = {}
+    for line in (directory / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        if name in ("backup.json", "vda.qcow2"):
+            digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            if name == "vda.qcow2":
+                data["disks"][0]["sha256"] = digest
+                (directory / "backup.json").write_text(json.dumps(data))
+        sums[name] = digest
+    sums["backup.json"] = hashlib.sha256((directory / "backup.json").read_bytes()).hexdigest()
+    (directory / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sums.items()))
+
+    restore = restore_now(middle, restore_root)
+
+    assert restore.status == RunStatus.FAILED
+    assert f"builds on {stranger}, not on its parent" in restore.error, restore.error
+    assert list(restore_root.iterdir()) == []
