@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -243,7 +244,13 @@ def _is_iso(value: object) -> bool:
     return True
 
 
-def hash_file(path: str | os.PathLike, chunk: int = CHUNK, *, flush: bool = False) -> str:
+def hash_file(
+    path: str | os.PathLike,
+    chunk: int = CHUNK,
+    *,
+    flush: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> str:
     """SHA-256 of a file read front to back; the kernel is told so, to read ahead harder
     and (afterwards) to drop the pages, so hashing a huge image does not evict the
     host's working set.
@@ -263,6 +270,8 @@ def hash_file(path: str | os.PathLike, chunk: int = CHUNK, *, flush: bool = Fals
         _fadvise(f.fileno(), "POSIX_FADV_SEQUENTIAL")
         while n := f.readinto(buf):
             digest.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
         if writeback is not None:
             writeback.join()
         _fadvise(f.fileno(), "POSIX_FADV_DONTNEED")

@@ -236,6 +236,9 @@ class BackupRun(models.Model):
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
     bytes_written = models.BigIntegerField(default=0)
+    # the SHA-256 pass over what was written: on big disks it outlasts the copy's end
+    bytes_hashed = models.BigIntegerField(default=0)
+    bytes_to_hash = models.BigIntegerField(default=0)
     staging_path = models.CharField(max_length=1024, blank=True)
     journal = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
@@ -282,6 +285,11 @@ class BackupRun(models.Model):
         self.journal = [*self.journal, entry]
         self.heartbeat_at = timezone.now()
         self.save(update_fields=["journal", "heartbeat_at"])
+
+    def hash_progress(self, hashed: int, to_hash: int) -> None:
+        self.bytes_hashed, self.bytes_to_hash = hashed, to_hash
+        self.heartbeat_at = timezone.now()
+        self.save(update_fields=["bytes_hashed", "bytes_to_hash", "heartbeat_at"])
 
     def beat(self, done: int | None = None, total: int | None = None) -> None:
         fields = ["heartbeat_at"]

@@ -14,7 +14,8 @@ import shutil
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from django.conf import settings
@@ -52,12 +53,25 @@ class Hasher:
         self.staging = staging
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.futures: dict[str, Future] = {}
+        self.queued = 0  # bytes handed over so far
+        self.hashed = 0  # bytes hashed so far (written by the hashing thread only)
 
     def add(self, path: Path, name: str | None = None) -> None:
-        future = self.pool.submit(archive.hash_file, path, flush=True)
+        self.queued += path.stat().st_size
+        future = self.pool.submit(archive.hash_file, path, flush=True, on_bytes=self._count)
         self.futures[name or path.name] = future
 
-    def results(self) -> dict[str, str]:
+    def _count(self, n: int) -> None:
+        self.hashed += n
+
+    def results(self, on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+        """The digests, once all are done; ``on_progress(hashed, queued)`` meanwhile."""
+        pending = list(self.futures.values())
+        while on_progress is not None and not all(f.done() for f in pending):
+            on_progress(self.hashed, self.queued)
+            wait(pending, timeout=HEARTBEAT_EVERY, return_when=FIRST_EXCEPTION)
+        if on_progress is not None:
+            on_progress(self.hashed, self.queued)
         return {name: future.result() for name, future in self.futures.items()}
 
     def close(self) -> None:
@@ -361,7 +375,7 @@ def _produce_and_check(run, rc: RunContext, ctx: methods.Context, prepared: dict
         run.save(update_fields=["consistency"])
         extras = _copy_extras(ctx.hv, ctx.domain, ctx.staging, hasher, ctx.checkpoint)
         rc.journal("hash")
-        sums = hasher.results()
+        sums = hasher.results(on_progress=run.hash_progress)
     finally:
         hasher.close()
     manifest = _manifest(run, ctx.domain, prepared, result, sums, extras)

@@ -582,3 +582,12 @@ def test_it_trusts_fresh_digests_only_for_the_files_named(tmp_path):
         "RESTORE.md: checksum mismatch"
         in archive_check.verify(backup, hashed={image: sums[image]}).errors
     )
+
+
+def test_hash_file_reports_every_byte_it_hashes(tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(os.urandom(3 * 2**20 + 5))
+    seen = []
+    digest = archive.hash_file(path, chunk=2**20, on_bytes=seen.append)
+    assert sum(seen) == path.stat().st_size and len(seen) == 4
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -84,6 +84,8 @@ def test_it_backs_up_a_qcow2_and_a_raw_disk(
     assert_restorable(dom, path, dom.dir)
     assert_vm_untouched(domains, dom, running)
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+    images = sum((path / f"{t}.qcow2").stat().st_size for t in dom.disks)
+    assert run.bytes_hashed == run.bytes_to_hash >= images  # the checksum pass, reported
     if method == "memory":
         assert (path / "memory.save").stat().st_size > 0
 

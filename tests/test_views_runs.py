@@ -143,3 +143,16 @@ def test_it_costs_the_same_queries_for_10_and_1000_runs(
     with django_assert_num_queries(6):
         response = viewer_client.get(LIST)
     assert len(response.context["page"].object_list) == min(count, 50)
+
+
+def test_it_shows_the_checksum_pass_while_it_outlasts_the_copy(viewer_client, vm):
+    run = support.make_run(
+        vm, RunStatus.RUNNING, bytes_done=100, bytes_total=100,
+        bytes_hashed=30 * 2**20, bytes_to_hash=120 * 2**20,
+    )  # fmt: skip
+    content = viewer_client.get(progress_url(run)).content.decode()
+    assert f'<progress max="{120 * 2**20}" value="{30 * 2**20}">checksums</progress>' in content
+    assert "checksums: 30.0\xa0MB of 120.0\xa0MB hashed" in content
+
+    BackupRun.objects.filter(pk=run.pk).update(status=RunStatus.SUCCEEDED)
+    assert "checksums" not in viewer_client.get(progress_url(run)).content.decode()
