@@ -25,6 +25,7 @@ from .restoring import (
     fingerprint,
     flatten,
     needed_bytes,
+    record_result,
     refuse_while_backing_up,
     require_space,
     require_unchanged,
@@ -117,17 +118,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     )
     renew_generation_id(hv, uuid, notes)
     progress.step("genid")
-    restore.path = str(Path(plan[0][1]).parent) if plan else ""
-    restore.domain_uuid = uuid
-    if restore.start:
-        progress.step("start")
-        try:
-            hv.start(uuid)
-        except hypervisor.HypervisorError as exc:
-            notes.append(f"the VM did not start: {exc}")
-    restore.notes = notes
-    restore.save(update_fields=["path", "domain_uuid", "notes"])
-    progress.bytes(total)
+    record_result(restore, hv, progress, path=str(Path(plan[0][1]).parent), uuid=uuid, notes=notes)
     return f"restored {vm.name} in place ({len(plan)} disks)"
 
 

@@ -81,6 +81,8 @@ class _Progress:
         if total is not None:
             fields["bytes_total"] = total
         Restore.objects.filter(pk=self.restore.pk).update(**fields)
+        for name, value in fields.items():  # the row in hand stays in step
+            setattr(self.restore, name, value)
 
 
 def execute(restore: Restore) -> str:
@@ -196,17 +198,22 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     progress.step("define", uuid=new_uuid)
     hv.define(xml)
     created.clear()  # the point of no return: the domain exists and owns these files
-    restore.path, restore.domain_uuid = str(final), new_uuid
+    record_result(restore, hv, progress, path=str(final), uuid=new_uuid, notes=notes)
+    return f"restored as {restore.name} in {final}"
+
+
+def record_result(restore, hv, progress: _Progress, *, path: str, uuid: str, notes: list[str]):
+    """Past the point of no return: start the domain if asked (a failure is a note, never a
+    rollback) and record where the result is."""
     if restore.start:
         progress.step("start")
         try:
-            hv.start(new_uuid)
+            hv.start(uuid)
         except hypervisor.HypervisorError as exc:
-            notes.append(f"the new domain did not start: {exc}")
-    restore.notes = notes
+            notes.append(f"the domain did not start: {exc}")
+    restore.path, restore.domain_uuid, restore.notes = path, uuid, notes
     restore.save(update_fields=["path", "domain_uuid", "notes"])
-    progress.bytes(total)
-    return f"restored as {restore.name} in {final}"
+    progress.bytes(restore.bytes_total)
 
 
 def _with_reason(note: str, skipped: tuple[dict, ...]) -> str:
