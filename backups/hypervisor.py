@@ -517,7 +517,16 @@ class Session:
             if time.monotonic() > deadline:
                 raise HypervisorError(f"blockcommit of {target} not ready after {timeout:.0f}s")
             time.sleep(0.2)
-        self.abort_block_job(uuid, target, pivot=True)
+        while True:
+            try:
+                self.abort_block_job(uuid, target, pivot=True)
+                break
+            except HypervisorError as exc:
+                # cur == end is only a hint: QEMU may still be moving the job to "ready",
+                # and libvirt then refuses the pivot ("not ready for pivot yet")
+                if not _not_ready(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         while self.block_job(uuid, target) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
 
@@ -572,6 +581,15 @@ class Session:
 def session(uri: str) -> Iterator[Session]:
     with Session(uri) as opened:
         yield opened
+
+
+def _not_ready(exc: HypervisorError) -> bool:
+    """libvirt refused a pivot because the block job is not ready yet (worth a retry)."""
+    cause = exc.__cause__
+    return (
+        isinstance(cause, libvirt.libvirtError)
+        and cause.get_error_code() == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE
+    )
 
 
 _event_loop_lock = threading.Lock()
