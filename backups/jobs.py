@@ -142,6 +142,20 @@ def request_restore(
     return restore
 
 
+def request_restore_cancel(restore) -> None:
+    """A queued restore ends at once; a running one stops at its next step, unless it is
+    past the point of no return (the domain defined, the disks switched)."""
+    from .models import Restore
+
+    updated = Restore.objects.filter(pk=restore.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, error="cancelled by user", finished_at=timezone.now()
+    )
+    if not updated:
+        Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
+            cancel_requested=True
+        )
+
+
 def run_restore(restore_id: int) -> str:
     """Worker entry point for one restore; a second delivery finds nothing to claim."""
     from . import restoring, runner

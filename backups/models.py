@@ -442,6 +442,7 @@ class Restore(models.Model):
     path = models.CharField(max_length=1024, blank=True, help_text="directory of the disks")
     domain_uuid = models.CharField(max_length=36, blank=True)
     notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
+    cancel_requested = models.BooleanField(default=False)
     journal = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
 

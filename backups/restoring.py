@@ -64,11 +64,24 @@ def chain_dirs(backup_dir: Path) -> list[Path]:
     return dirs
 
 
+class RestoreCancelled(Exception):
+    """The user asked to stop before the point of no return."""
+
+
+# Steps before which a cancel request is honoured; after "define" / "switch" the restore
+# has made its change and finishes.
+CANCELLABLE = frozenset({"verify", "staging", "convert", "tpm", "publish", "partial", "switch"})
+
+
 class _Progress:
     def __init__(self, restore: Restore):
         self.restore = restore
 
     def step(self, step: str, **data) -> None:
+        if step in CANCELLABLE and (
+            Restore.objects.filter(pk=self.restore.pk, cancel_requested=True).exists()
+        ):
+            raise RestoreCancelled("cancelled by user")
         self.restore.step = step
         self.restore.journal = [
             *self.restore.journal,
@@ -110,6 +123,10 @@ def _execute(restore: Restore) -> str:
         created.clear()
         _finish(restore, RunStatus.SUCCEEDED)
         return result
+    except RestoreCancelled as exc:
+        _undo(restore, created, defined)
+        _finish(restore, RunStatus.CANCELLED, str(exc))
+        return "cancelled"
     except Exception as exc:  # every failure is recorded as data on the restore
         log.exception("restore %s failed", restore.pk)
         reason = str(exc) or exc.__class__.__name__

@@ -24,6 +24,7 @@ urlpatterns = [
     ),
     path("restores/", views.restore_list, name="restore_list"),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
+    path("restores/<int:restore_id>/cancel/", views.restore_cancel, name="restore_cancel"),
     path("restores/<int:restore_id>/progress/", views.restore_progress, name="restore_progress"),
     path("policies/", views.policy_list, name="policy_list"),
     path("policies/new/", views.policy_create, name="policy_create"),

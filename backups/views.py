@@ -393,6 +393,18 @@ def _restore_context(restore: Restore) -> dict:
     return {"restore": restore, "percent": percent}
 
 
+@require_POST
+def restore_cancel(request, restore_id: int):
+    restore = _restore(request, restore_id)
+    access.require(request, access.RESTORE_BACKUP)
+    if restore.is_finished:
+        messages.info(request, f"Restore {restore.pk} has already finished ({restore.status}).")
+    else:
+        jobs.request_restore_cancel(restore)
+        messages.success(request, f"Cancellation of restore {restore.pk} requested.")
+    return redirect("restore_detail", restore.pk)
+
+
 @require_GET
 def restore_detail(request, restore_id: int):
     restore = _restore(request, restore_id)

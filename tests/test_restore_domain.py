@@ -331,3 +331,17 @@ def test_it_refuses_an_image_reading_a_backup_beside_its_parent(
     assert restore.status == RunStatus.FAILED
     assert f"builds on {stranger}, not on its parent" in restore.error, restore.error
     assert list(restore_root.iterdir()) == []
+
+
+def test_a_cancelled_restore_stops_before_writing(domains, backup_root, synced, restore_root):
+    dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
+    backup = push(synced(dom)).backup
+    restore = jobs.request_restore(backup, name=new_name(), root=str(restore_root),
+                                   enqueue=False)  # fmt: skip
+    Restore.objects.filter(pk=restore.pk).update(cancel_requested=True)  # as if asked meanwhile
+
+    jobs.run_restore(restore.pk)
+
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.CANCELLED and restore.error == "cancelled by user"
+    assert list(restore_root.iterdir()) == []

@@ -339,3 +339,23 @@ def test_another_machines_dead_restore_is_left_to_that_machine(db, host, tmp_pat
     reconcile.reconcile()
     restore.refresh_from_db()
     assert restore.status == RunStatus.INTERRUPTED and "never came back" in restore.error
+
+
+def test_a_cancel_before_the_switch_leaves_the_vm_as_it_was(domains, changed_vm, monkeypatch):
+    from backups import restoring
+
+    dom, vm, backup, copies = changed_vm
+    real_flatten = restoring.flatten
+
+    def flatten_then_cancel(*args):
+        real_flatten(*args)
+        Restore.objects.update(cancel_requested=True)  # the user clicks Cancel meanwhile
+
+    monkeypatch.setattr(restore_in_place, "flatten", flatten_then_cancel)
+    restore = restore_now(backup)
+
+    assert restore.status == RunStatus.CANCELLED
+    for target, path in dom.disks.items():
+        fmt = dom.formats[target]
+        assert qemu_img.compare(str(copies[target]), fmt, str(path), fmt)
+    assert hidden_leftovers(dom.dir) == []

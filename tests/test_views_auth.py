@@ -32,6 +32,7 @@ MUTATIONS = [
     ("backup_protect", "backup", "backups.change_backup"),
     ("backup_restore", "backup", "backups.restore_backup"),
     ("backup_restore_in_place", "backup", "backups.restore_in_place"),
+    ("restore_cancel", "restore", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
 ]

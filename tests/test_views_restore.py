@@ -394,3 +394,42 @@ def test_the_restore_list_shows_every_restore_in_few_queries(viewer_client, back
     with django_assert_num_queries(6):  # session, user, 2 permission, count, page: not per row
         page = viewer_client.get(reverse("restore_list")).content.decode()
     assert "copy-29" in page and "in place" in page and "disk full" in page
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def cancel_url(restore) -> str:
+    return reverse("restore_cancel", args=[restore.pk])
+
+
+def test_cancel_ends_a_queued_restore_at_once(restorer_client, backup):
+    restore = make_restore(backup)
+    response = restorer_client.post(cancel_url(restore))
+    assert response.status_code == 302 and response.url == restore.get_absolute_url()
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.CANCELLED and restore.finished_at
+
+
+def test_cancel_asks_a_running_restore_to_stop(restorer_client, backup):
+    restore = make_restore(backup, status=RunStatus.RUNNING)
+    restorer_client.post(cancel_url(restore))
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.RUNNING and restore.cancel_requested
+    page = restorer_client.get(reverse("restore_progress", args=[restore.pk])).content.decode()
+    assert "Cancel restore</button>" in page and "disabled" in page
+
+
+def test_cancel_leaves_a_finished_restore_alone(restorer_client, backup):
+    restore = make_restore(backup, status=RunStatus.SUCCEEDED)
+    restorer_client.post(cancel_url(restore))
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.SUCCEEDED and not restore.cancel_requested
+
+
+def test_cancel_needs_the_restore_permission_and_a_post(viewer_client, restorer_client, backup):
+    restore = make_restore(backup)
+    assert viewer_client.post(cancel_url(restore)).status_code == 403
+    assert restorer_client.get(cancel_url(restore)).status_code == 405
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.QUEUED
