@@ -477,3 +477,19 @@ class Restore(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status not in ACTIVE_STATUSES
+
+
+class PruneLock(models.Model):
+    """Held by ``vmbackup_prune`` while it folds and deletes one VM's backups.
+
+    A backup run holds its VM through the one-active-run constraint; a manual prune holds it
+    through this row. Each side writes its own marker first and then looks for the other's,
+    so of two that start together at least one sees the other and stands back.
+    """
+
+    vm = models.OneToOneField(VirtualMachine, on_delete=models.CASCADE, related_name="+")
+    holder = models.CharField(max_length=100, help_text="host:pid of the pruning process")
+    since = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"prune lock on {self.vm} by {self.holder}"

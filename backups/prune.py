@@ -8,6 +8,7 @@ manifest and SHA256SUMS rewritten, and only then is the pruned directory deleted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import archive, archive_check, qemu_img, retention
-from .models import ACTIVE_STATUSES, Backup, BackupPolicy, Kind, Restore
+from .models import ACTIVE_STATUSES, Backup, BackupPolicy, Kind, PruneLock, Restore
 
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
 
@@ -78,6 +80,24 @@ def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
         delete(backups[backup_id])
         report.deleted.append(backup_id)
     return report
+
+
+@contextlib.contextmanager
+def holding(vm, holder: str):
+    """The VM for a prune outside a backup run (``vmbackup_prune``): yields False, holding
+    nothing, when a backup of the VM is active; otherwise holds it until the block ends."""
+    try:
+        with transaction.atomic():
+            lock = PruneLock.objects.create(vm=vm, holder=holder)
+    except IntegrityError:
+        yield False  # another prune holds it
+        return
+    try:
+        # our marker is written; a run claimed before it is visible here, one claimed
+        # after it sees the marker in its pre-flight and stands back
+        yield not vm.runs.filter(status__in=ACTIVE_STATUSES).exists()
+    finally:
+        lock.delete()
 
 
 def _restore_active(vm, report: Report) -> bool:

@@ -22,7 +22,15 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import adopt, archive, hypervisor, methods, notify
-from .models import BackupPolicy, BackupRun, Host, Restore, RestoreMode, RunStatus
+from .models import (
+    BackupPolicy,
+    BackupRun,
+    Host,
+    PruneLock,
+    Restore,
+    RestoreMode,
+    RunStatus,
+)
 
 log = logging.getLogger(__name__)
 OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
@@ -33,6 +41,7 @@ PARTIAL_RE = re.compile(r"^\.\d{8}T\d{6}Z-(\d+)\.partial$")
 class Report:
     interrupted: list[int] = field(default_factory=list)
     restores_interrupted: list[int] = field(default_factory=list)
+    locks_released: list[str] = field(default_factory=list)  # of dead vmbackup_prune runs
     overlays: list[str] = field(default_factory=list)
     jobs_aborted: list[str] = field(default_factory=list)
     thawed: list[str] = field(default_factory=list)
@@ -45,6 +54,7 @@ class Report:
         parts = [
             f"{len(self.interrupted)} runs interrupted",
             f"{len(self.restores_interrupted)} restores interrupted",
+            f"{len(self.locks_released)} prune locks released",
             f"{len(self.overlays)} overlays merged",
             f"{len(self.jobs_aborted)} jobs aborted",
             f"{len(self.thawed)} guests thawed",
@@ -86,6 +96,7 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
         run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
         if run.status == RunStatus.RUNNING and is_dead(run, stale_after):
             _repair_run(run, report)
+    _release_dead_prune_locks(report)
     _repair_finished(report, stale_after, mine)
     _repair_restores(report, stale_after, mine)
     hosts = Host.objects.all() if cluster is None else Host.objects.filter(cluster=cluster)
@@ -94,6 +105,25 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     _remove_orphan_partials(report)
     report.adopted = adopt.adopt(_roots())
     return report
+
+
+def _release_dead_prune_locks(report: Report) -> None:
+    """A ``vmbackup_prune`` killed mid-way leaves its lock: released once its process is
+    gone (same machine) or after a day (another machine), so backups of the VM resume."""
+    for lock in PruneLock.objects.all():
+        host, _, pid = lock.holder.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif lock.since > timezone.now() - timedelta(days=1):
+            continue
+        lock.delete()
+        report.locks_released.append(lock.holder)
 
 
 def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:

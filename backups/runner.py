@@ -28,6 +28,7 @@ from .models import (
     BackupRun,
     Kind,
     Method,
+    PruneLock,
     Restore,
     RestoreMode,
     RunStatus,
@@ -220,6 +221,8 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     )
     if in_place.exists():
         raise Refused(f"{run.vm.name} is being restored in place; back it up when that has ended")
+    if PruneLock.objects.filter(vm=run.vm).exists():
+        raise Refused(f"{run.vm.name}'s backups are being pruned (vmbackup_prune); try again")
     try:
         domain = hv.domain(str(run.vm.uuid))
     except hypervisor.HypervisorError as exc:

@@ -122,3 +122,49 @@ def test_it_waits_while_a_restore_reads_the_vms_chains(chain):
 
     assert not Backup.objects.filter(pruned_at__isnull=False).exists()
     assert all(Path(b.path).is_dir() for b, _ref in points)
+
+
+def test_a_manual_prune_and_a_backup_never_touch_one_vm_together(chain, monkeypatch):
+    """vmbackup_prune holds the VM: a backup claimed meanwhile stands back, and a prune
+    that finds a backup running skips the VM."""
+    from backups import jobs
+    from backups import prune as prune_mod
+    from backups.models import BackupRun, PruneLock, RunStatus
+
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=1)
+    seen = {}
+    real = prune_mod.prune_vm
+
+    def prune_while_a_backup_starts(vm_, policy_, **kwargs):
+        run = jobs.request_backup(vm_, method="push", enqueue=False)
+        jobs.run_backup(run.pk)
+        seen["run"] = BackupRun.objects.get(pk=run.pk)
+        return real(vm_, policy_, **kwargs)
+
+    monkeypatch.setattr(prune_mod, "prune_vm", prune_while_a_backup_starts)
+    prune(policy)
+
+    assert seen["run"].status == RunStatus.FAILED
+    assert "being pruned" in seen["run"].error
+    assert not PruneLock.objects.exists()  # released at the end
+    assert Backup.objects.filter(pruned_at__isnull=False).count() == 4
+
+    monkeypatch.setattr(prune_mod, "prune_vm", real)
+    BackupRun.objects.create(vm=vm, status=RunStatus.RUNNING)
+    assert prune(policy) == [f"{vm.name}\tskipped: a backup or prune is running"]
+
+
+def test_reconcile_releases_the_lock_of_a_dead_prune(db):
+    import socket
+    import uuid
+
+    from backups import reconcile
+    from backups.models import Host, PruneLock, VirtualMachine
+
+    host = Host.objects.create(name="h", uri="test:///default")
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    PruneLock.objects.create(vm=vm, holder=f"{socket.gethostname()}:999999999")
+    report = reconcile.reconcile()
+    assert not PruneLock.objects.exists() and report.locks_released
+    assert report.errors == []

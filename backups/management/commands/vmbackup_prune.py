@@ -2,6 +2,7 @@ from django.core.management.base import BaseCommand
 
 from backups import prune
 from backups.models import BackupPolicy
+from backups.runner import worker_id
 
 
 class Command(BaseCommand):
@@ -17,12 +18,18 @@ class Command(BaseCommand):
             policies = policies.filter(name=policy)
         for p in policies:
             for vm in p.vms.all():
-                if vm.runs.active().exists():
-                    self.stdout.write(f"{vm.name}\tskipped: a backup is running")
+                if dry_run:
+                    self._report(prune.prune_vm(vm, p, dry_run=True))
                     continue
-                report = prune.prune_vm(vm, p, dry_run=dry_run)
-                if report.skipped:
-                    self.stdout.write(f"{vm.name}\tskipped: {report.skipped}")
-                    continue
-                for line in report.lines():
-                    self.stdout.write(line)
+                with prune.holding(vm, worker_id()) as free:
+                    if not free:
+                        self.stdout.write(f"{vm.name}\tskipped: a backup or prune is running")
+                        continue
+                    self._report(prune.prune_vm(vm, p))
+
+    def _report(self, report) -> None:
+        if report.skipped:
+            self.stdout.write(f"{report.vm}\tskipped: {report.skipped}")
+            return
+        for line in report.lines():
+            self.stdout.write(line)
