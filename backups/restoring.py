@@ -16,6 +16,7 @@ import os
 import pwd
 import re
 import shutil
+import time
 import uuid as uuidlib
 from pathlib import Path
 
@@ -70,18 +71,27 @@ class RestoreCancelled(Exception):
 
 # Steps before which a cancel request is honoured; after "define" / "switch" the restore
 # has made its change and finishes.
+CANCEL_CHECK_EVERY = 2.0  # seconds between cancel checks while a disk is being copied
 CANCELLABLE = frozenset({"verify", "staging", "convert", "tpm", "publish", "partial", "switch"})
 
 
 class _Progress:
     def __init__(self, restore: Restore):
         self.restore = restore
+        self.checked = 0.0
+
+    def check_cancel(self, every: float = 0.0) -> None:
+        """Raise RestoreCancelled when the user asked; at most one query per ``every`` s."""
+        now = time.monotonic()
+        if now - self.checked < every:
+            return
+        self.checked = now
+        if Restore.objects.filter(pk=self.restore.pk, cancel_requested=True).exists():
+            raise RestoreCancelled("cancelled by user")
 
     def step(self, step: str, **data) -> None:
-        if step in CANCELLABLE and (
-            Restore.objects.filter(pk=self.restore.pk, cancel_requested=True).exists()
-        ):
-            raise RestoreCancelled("cancelled by user")
+        if step in CANCELLABLE:
+            self.check_cancel()
         self.restore.step = step
         self.restore.journal = [
             *self.restore.journal,
@@ -314,6 +324,7 @@ def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: _Progress, ba
 
     def report(fraction: float) -> None:
         progress.bytes(base + int(fraction * disk.virtual_size))
+        progress.check_cancel(every=CANCEL_CHECK_EVERY)  # raising here kills qemu-img
 
     qemu_img.convert(
         str(backup_dir / disk.file),

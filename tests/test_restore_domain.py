@@ -345,3 +345,31 @@ def test_a_cancelled_restore_stops_before_writing(domains, backup_root, synced, 
     restore.refresh_from_db()
     assert restore.status == RunStatus.CANCELLED and restore.error == "cancelled by user"
     assert list(restore_root.iterdir()) == []
+
+
+def test_a_cancel_stops_the_copy_mid_disk(domains, backup_root, synced, restore_root,
+                                          monkeypatch):  # fmt: skip
+    from backups import restoring
+
+    dom = domains.create([DiskSpec("vda", "qcow2", 256, [(0, 200, 0x3C)])], start=True)
+    backup = push(synced(dom)).backup
+    real_convert = restoring.qemu_img.convert
+    seen = []
+
+    def convert(*args, progress=None, **kwargs):
+        Restore.objects.update(cancel_requested=True)  # the user clicks while it copies
+
+        def report(fraction):
+            seen.append(fraction)
+            progress(fraction)
+
+        real_convert(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(restoring.qemu_img, "convert", convert)
+    monkeypatch.setattr(restoring.qemu_img, "PROGRESS_INTERVAL", 0)  # every percent
+    monkeypatch.setattr(restoring, "CANCEL_CHECK_EVERY", 0)
+    restore = restore_now(backup, restore_root)
+
+    assert restore.status == RunStatus.CANCELLED
+    assert seen and seen[-1] < 1.0  # stopped inside the disk, not after it
+    assert list(restore_root.iterdir()) == []
