@@ -45,6 +45,9 @@ def partial_name(path: str, restore_id: int) -> str:
 
 
 def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, str]]) -> str:
+    """Check, write every replacement beside its original, switch them all, then record.
+    ``created`` (hidden files) and ``swaps`` (switched paths) tell the caller what to undo
+    when this raises before the point of no return."""
     vm = restore.backup.vm
     uuid = str(vm.uuid)
     refuse_while_backing_up(vm)
@@ -54,17 +57,39 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     manifest = verify_chain(backup_dir, progress)
     current = {d.target: d for d in domain.disks if d.device == "disk"}
     plan, notes = _plan(manifest, current)
-
     by_dir: dict[Path, list] = {}
     for disk, path, _fmt in plan:
         by_dir.setdefault(Path(path).parent, []).append(disk)
     for directory, disks in by_dir.items():
         require_space(directory, needed_bytes(backup_dir, disks))
 
+    files = _write_replacements(restore, domain, manifest, plan, notes, progress, created)
+    require_unchanged(backup_dir, before)
+    progress.step("switch", files=[path for _partial, path in files])
+    _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files
+    _switch(files, restore.pk, progress, created, swaps)
+    progress.step("switched", kept=[kept for _path, kept in swaps if kept])
+    swaps.clear()  # the point of no return: nothing after this puts the old disks back
+
+    if manifest.memory:
+        notes.append("the RAM state is not resumed: the VM boots from its restored disks")
+    notes.append(
+        "the replaced files are kept as <file>.before-restore-"
+        f"{restore.pk}; delete them when the restored VM is good"
+    )
+    renew_generation_id(hv, uuid, notes)
+    progress.step("genid")
+    record_result(restore, hv, progress, path=str(Path(plan[0][1]).parent), uuid=uuid, notes=notes)
+    return f"restored {vm.name} in place ({len(plan)} disks)"
+
+
+def _write_replacements(restore, domain, manifest, plan, notes, progress, created) -> list:
+    """Every replacement written, flushed, beside what it replaces: [(hidden file, path)]."""
+    backup_dir = Path(restore.backup.path)
     total = sum(disk.virtual_size for disk, _path, _fmt in plan)
     progress.bytes(0, total)
     done = 0
-    files: list[tuple[str, str]] = []  # (partial, real path it replaces)
+    files: list[tuple[str, str]] = []
     for disk, path, fmt in plan:
         partial = _new_partial(path, restore.pk, progress, created)
         flatten(backup_dir, disk, Path(partial), fmt, progress, done)
@@ -84,7 +109,7 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     for partial, _path in files:
         _flush(Path(partial))
     if manifest.tpm:
-        tpm = str(Path(settings.VMBACKUP_SWTPM_DIR) / uuid)
+        tpm = str(Path(settings.VMBACKUP_SWTPM_DIR) / str(restore.backup.vm.uuid))
         partial = partial_name(tpm, restore.pk)
         if os.path.lexists(partial):
             raise RestoreError(f"{partial} already exists; remove it and try again")
@@ -95,31 +120,20 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
             _same_owner_tree(Path(tpm), Path(partial))
         archive.make_durable(Path(partial))
         files.append((partial, tpm))
+    return files
 
-    require_unchanged(backup_dir, before)
-    progress.step("switch", files=[path for _partial, path in files])
-    _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files
+
+def _switch(files, restore_id: int, progress, created: list[Path], swaps: list) -> None:
+    """One rename pair per file, each journaled before it happens (reconcile replays it)."""
     for partial, path in files:
-        kept = kept_name(path, restore.pk) if os.path.lexists(path) else ""
-        progress.step("swap", path=path, kept=kept)  # before the renames: reconcile reads it
+        kept = kept_name(path, restore_id) if os.path.lexists(path) else ""
+        progress.step("swap", path=path, kept=kept)
         if kept:
             os.rename(path, kept)
         swaps.append((path, kept))
         os.rename(partial, path)
         created.remove(Path(partial))
         archive.fsync_dir(Path(path).parent)
-    progress.step("switched", kept=[kept for _path, kept in swaps if kept])
-    swaps.clear()  # the point of no return: nothing after this puts the old disks back
-    if manifest.memory:
-        notes.append("the RAM state is not resumed: the VM boots from its restored disks")
-    notes.append(
-        "the replaced files are kept as <file>.before-restore-"
-        f"{restore.pk}; delete them when the restored VM is good"
-    )
-    renew_generation_id(hv, uuid, notes)
-    progress.step("genid")
-    record_result(restore, hv, progress, path=str(Path(plan[0][1]).parent), uuid=uuid, notes=notes)
-    return f"restored {vm.name} in place ({len(plan)} disks)"
 
 
 def renew_generation_id(hv, uuid: str, notes: list[str]) -> None:
