@@ -28,6 +28,7 @@ from .models import (
     BackupRun,
     Host,
     Restore,
+    RestoreMode,
     RunStatus,
     Trigger,
     VerifyStatus,
@@ -387,16 +388,23 @@ def _restore(request, restore_id: int) -> Restore:
     return access.fetch(request, queryset, restore_id)
 
 
-def _restore_context(restore: Restore) -> dict:
+def _restore_perm(restore: Restore) -> str:
+    """Who may start a restore of this kind may also cancel it."""
+    in_place = restore.mode == RestoreMode.IN_PLACE
+    return access.RESTORE_IN_PLACE if in_place else access.RESTORE_BACKUP
+
+
+def _restore_context(request, restore: Restore) -> dict:
     done, total = restore.bytes_done, restore.bytes_total
     percent = min(100, round(100 * done / total)) if total else None
-    return {"restore": restore, "percent": percent}
+    can_cancel = request.user.has_perm(_restore_perm(restore))
+    return {"restore": restore, "percent": percent, "can_cancel": can_cancel}
 
 
 @require_POST
 def restore_cancel(request, restore_id: int):
     restore = _restore(request, restore_id)
-    access.require(request, access.RESTORE_BACKUP)
+    access.require(request, _restore_perm(restore))
     if restore.is_finished:
         messages.info(request, f"Restore {restore.pk} has already finished ({restore.status}).")
     else:
@@ -408,14 +416,16 @@ def restore_cancel(request, restore_id: int):
 @require_GET
 def restore_detail(request, restore_id: int):
     restore = _restore(request, restore_id)
-    return render(request, "backups/restore_detail.html", _restore_context(restore))
+    return render(request, "backups/restore_detail.html", _restore_context(request, restore))
 
 
 @require_GET
 def restore_progress(request, restore_id: int):
     """The polled fragment; HTTP 286 tells htmx to stop polling once the restore has ended."""
     restore = _restore(request, restore_id)
-    response = render(request, "backups/partials/restore_progress.html", _restore_context(restore))
+    response = render(
+        request, "backups/partials/restore_progress.html", _restore_context(request, restore)
+    )
     if restore.is_finished:
         response.status_code = 286
     return response

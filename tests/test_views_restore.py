@@ -433,3 +433,18 @@ def test_cancel_needs_the_restore_permission_and_a_post(viewer_client, restorer_
     assert restorer_client.get(cancel_url(restore)).status_code == 405
     restore.refresh_from_db()
     assert restore.status == RunStatus.QUEUED
+
+
+def test_an_in_place_restore_is_cancelled_with_the_in_place_permission(
+    django_user_model, restorer_client, backup
+):
+    only_in_place = support._client(
+        support._user(django_user_model, "ines", access.VIEW, access.RESTORE_IN_PLACE)
+    )
+    restore = Restore.objects.create(backup=backup, mode="in-place", name="web-1")
+    assert restorer_client.post(cancel_url(restore)).status_code == 403
+    page = only_in_place.get(reverse("restore_progress", args=[restore.pk])).content.decode()
+    assert "Cancel restore</button>" in page
+    assert only_in_place.post(cancel_url(restore)).status_code == 302
+    restore.refresh_from_db()
+    assert restore.status == RunStatus.CANCELLED
