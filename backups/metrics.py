@@ -18,7 +18,15 @@ from django.utils import timezone
 from django.views.decorators.http import require_safe
 
 from . import access, dashboard
-from .models import ACTIVE_STATUSES, Backup, BackupRun, RunStatus, VerifyStatus, VirtualMachine
+from .models import (
+    ACTIVE_STATUSES,
+    Backup,
+    BackupRun,
+    Restore,
+    RunStatus,
+    VerifyStatus,
+    VirtualMachine,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Outcomes only: queued/running counts fall as runs start and end, so they are not counters.
@@ -126,6 +134,18 @@ def _run_families() -> list[Family]:
     return [total, active]
 
 
+def _restore_families() -> list[Family]:
+    rows = Restore.objects.order_by().values("status").annotate(n=Count("pk"))
+    by_status = {row["status"]: row["n"] for row in rows}
+    total = Family("vmbackup_restores_total", "counter", "Finished restores by outcome")
+    for status in FINISHED_STATUSES:
+        if status != RunStatus.SKIPPED:  # restores are never skipped
+            total.add(by_status.get(status, 0), status=status.value)
+    active = Family("vmbackup_restores_active", "gauge", "Restores queued or running")
+    active.add(sum(by_status.get(status, 0) for status in ACTIVE_STATUSES))
+    return [total, active]
+
+
 def collect(now: datetime | None = None) -> list[Family]:
     """Every metric, read from the database (and django-q2's cluster stats in the cache)."""
     now = now or timezone.now()
@@ -142,7 +162,7 @@ def collect(now: datetime | None = None) -> list[Family]:
     online = dashboard.workers_online()
     if online is not None:
         workers.add(online)
-    return [*_vm_families(now, stored), corrupt, *_run_families(), workers]
+    return [*_vm_families(now, stored), corrupt, *_run_families(), *_restore_families(), workers]
 
 
 def _escape(value: str) -> str:

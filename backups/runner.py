@@ -190,6 +190,8 @@ def _prune_after(run: BackupRun) -> None:
         report = prune.prune_vm(run.vm, run.policy)
         if report.deleted:
             run.log("pruned", backups=report.deleted, rebased=report.rebased)
+        if report.skipped:
+            run.log("prune-skipped", reason=report.skipped)  # the next run catches up
     except Exception as exc:  # the backup itself succeeded; report, do not fail it
         log.exception("pruning after run %s failed", run.pk)
         run.log("prune-failed", error=str(exc))

@@ -201,8 +201,8 @@ def test_it_costs_the_same_queries_for_10_and_200_vms(
     scraper, host, count, django_assert_num_queries
 ):
     support.populate(host, count)
-    # protection rows, uuids + last success, stored backups, runs by status
-    with django_assert_num_queries(4):
+    # protection rows, uuids + last success, stored backups, runs and restores by status
+    with django_assert_num_queries(5):
         response = scraper.get(URL)
     _, samples = parse(response.content.decode())
     assert len(series(samples, "vmbackup_vm_protected")) == count
@@ -218,3 +218,22 @@ def test_it_renders_families_without_labels():
         "# TYPE vmbackup_x gauge\n"
         "vmbackup_x 1.5\n"
     )
+
+
+def test_it_counts_restores_by_outcome_and_the_active_ones(scraper, host):
+    from backups.models import Restore
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web")
+    backup = support.make_backup(vm)
+    for i, status in enumerate(["succeeded", "succeeded", "failed", "queued", "running"]):
+        Restore.objects.create(backup=backup, name=f"r-{i}", root="/r", status=status)
+
+    _, samples = parse(scraper.get(URL).content.decode())
+
+    assert series(samples, "vmbackup_restores_total") == {
+        (("status", "succeeded"),): 2,
+        (("status", "failed"),): 1,
+        (("status", "interrupted"),): 0,
+        (("status", "cancelled"),): 0,
+    }
+    assert series(samples, "vmbackup_restores_active") == {(): 2}
