@@ -317,9 +317,11 @@ def backup_restore_sh(request, backup_id: int):
 # --- restores --------------------------------------------------------------------------------
 
 
-def _restore_refusal(backup: Backup) -> str:
+def _restore_refusal(backup: Backup, in_place: bool = False) -> str:
     """Why the dashboard will not restore this backup; empty when it will. The worker checks
     the whole chain again; this only stops what is known to be lost already."""
+    if in_place and backup.vm.gone_at:
+        return f"{backup.vm.name} is no longer defined on its host; restore it as a new domain."
     if backup.pruned_at:
         return "This backup was pruned; there is nothing left to restore."
     if backup.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
@@ -333,46 +335,39 @@ def _restore_refusal(backup: Backup) -> str:
 @require_http_methods(["GET", "POST"])
 def backup_restore(request, backup_id: int):
     backup = _backup(request, backup_id, access.RESTORE_BACKUP)
-    refusal = _restore_refusal(backup)
-    if refusal:
-        messages.error(request, refusal)
-        return redirect("backup_detail", backup.pk)
     form = RestoreForm(request.POST if request.method == "POST" else None, backup=backup)
-    if form.is_valid():
-        try:
-            restore = jobs.request_restore(backup, **form.cleaned_data, user=request.user)
-        except jobs.RestoreRefused as exc:
-            form.add_error(None, str(exc))
-        else:
-            messages.success(request, f"Restore of {backup} as {restore.name} queued.")
-            return redirect("restore_detail", restore.pk)
-    return render(request, "backups/backup_restore.html", {"backup": backup, "form": form})
+    return _restore_page(
+        request, backup, form, "backups/backup_restore.html", "as {name}", in_place=False
+    )
 
 
 @require_http_methods(["GET", "POST"])
 def backup_restore_in_place(request, backup_id: int):
     backup = _backup(request, backup_id, access.RESTORE_IN_PLACE)
-    refusal = _restore_refusal(backup) or (
-        f"{backup.vm.name} is no longer defined on its host; restore it as a new domain."
-        if backup.vm.gone_at
-        else ""
+    form = RestoreInPlaceForm(request.POST if request.method == "POST" else None, backup=backup)
+    return _restore_page(
+        request, backup, form, "backups/backup_restore_in_place.html", "over {name}", True
     )
+
+
+def _restore_page(request, backup: Backup, form, template: str, how: str, in_place: bool):
+    """Both restore forms: refused backups go back to their page; a valid form queues the
+    restore (the engine's refusal shows on the form), else the form is shown again."""
+    refusal = _restore_refusal(backup, in_place=in_place)
     if refusal:
         messages.error(request, refusal)
         return redirect("backup_detail", backup.pk)
-    form = RestoreInPlaceForm(request.POST if request.method == "POST" else None, backup=backup)
     if form.is_valid():
+        fields = {k: v for k, v in form.cleaned_data.items() if k != "confirm"}
         try:
-            restore = jobs.request_restore(
-                backup, in_place=True, start=form.cleaned_data["start"], user=request.user
-            )
+            restore = jobs.request_restore(backup, **fields, in_place=in_place, user=request.user)
         except jobs.RestoreRefused as exc:
             form.add_error(None, str(exc))
         else:
-            messages.success(request, f"Restore of {backup} over {backup.vm.name} queued.")
+            what = how.format(name=restore.name)
+            messages.success(request, f"Restore of {backup} {what} queued.")
             return redirect("restore_detail", restore.pk)
-    context = {"backup": backup, "form": form}
-    return render(request, "backups/backup_restore_in_place.html", context)
+    return render(request, template, {"backup": backup, "form": form})
 
 
 @require_GET

@@ -43,6 +43,26 @@ def restore_now(backup, start=False) -> Restore:
     return restore
 
 
+def row_backup(host, tmp_path) -> Backup:
+    """A backup row only (no files): for the journal-driven repair tests."""
+    from backups.models import VirtualMachine
+
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
+    return Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
+
+
+def dead_restore(backup, **fields) -> Restore:
+    """An in-place restore left running by a worker that is gone (no such pid here)."""
+    fields.setdefault("worker", f"{socket.gethostname()}:999999999")
+    return Restore.objects.create(
+        backup=backup,
+        mode=RestoreMode.IN_PLACE,
+        name=backup.vm.name,
+        status=RunStatus.RUNNING,
+        **fields,
+    )
+
+
 def hidden_leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".restore-" in p.name)
 
@@ -134,14 +154,7 @@ def test_a_backup_is_refused_while_the_vm_is_restored_in_place(domains, changed_
 
 
 def test_reconcile_rolls_back_a_restore_that_died_mid_switch(db, host, tmp_path):
-    from backups.models import VirtualMachine
-
-    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
-    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
-    restore = Restore.objects.create(
-        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
-        worker=f"{socket.gethostname()}:999999999",
-    )  # fmt: skip
+    restore = dead_restore(row_backup(host, tmp_path))
     vda, vdb = tmp_path / "vda.qcow2", tmp_path / "vdb.raw"
     # vda was switched (original kept, restored copy in place); vdb was not yet
     Path(restore_in_place.kept_name(str(vda), restore.pk)).write_text("vda original")
@@ -174,14 +187,7 @@ def journal(restore, *paths, swapped) -> list[dict]:
 def test_reconcile_leaves_disks_the_worker_already_put_back(db, host, tmp_path):
     """The worker undid its switch, then died before recording the outcome: the disks at
     the paths are the originals again and must not be mistaken for restored copies."""
-    from backups.models import VirtualMachine
-
-    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
-    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
-    restore = Restore.objects.create(
-        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
-        worker=f"{socket.gethostname()}:999999999",
-    )  # fmt: skip
+    restore = dead_restore(row_backup(host, tmp_path))
     vda, vdb = tmp_path / "vda.qcow2", tmp_path / "vdb.raw"
     vda.write_text("vda original")
     vdb.write_text("vdb original")
@@ -288,10 +294,7 @@ def test_reconcile_never_switches_disks_under_a_vm_started_mid_restore(domains, 
     import shutil
 
     dom, vm, backup, copies = changed_vm
-    restore = Restore.objects.create(
-        backup=backup, mode=RestoreMode.IN_PLACE, name=vm.name, status=RunStatus.RUNNING,
-        worker=f"{socket.gethostname()}:999999999",
-    )  # fmt: skip
+    restore = dead_restore(backup)
     vda = dom.disks["vda"]
     kept = restore_in_place.kept_name(str(vda), restore.pk)
     partial = restore_in_place.partial_name(str(vda), restore.pk)
@@ -321,14 +324,8 @@ def test_reconcile_never_switches_disks_under_a_vm_started_mid_restore(domains, 
 
 
 def test_another_machines_dead_restore_is_left_to_that_machine(db, host, tmp_path):
-    from backups.models import VirtualMachine
-
-    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="vm")
-    backup = Backup.objects.create(vm=vm, path=str(tmp_path / "backup"))
-    restore = Restore.objects.create(
-        backup=backup, mode=RestoreMode.IN_PLACE, name="vm", status=RunStatus.RUNNING,
-        worker="elsewhere:123", heartbeat_at=timezone.now() - timedelta(hours=1),
-    )  # fmt: skip
+    restore = dead_restore(row_backup(host, tmp_path), worker="elsewhere:123",
+                           heartbeat_at=timezone.now() - timedelta(hours=1))  # fmt: skip
 
     report = reconcile.reconcile()
 
