@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -19,32 +20,51 @@ from . import archive
 from .models import Backup, BackupPolicy, BackupRun, VirtualMachine
 
 
-def adopt(roots: set[str]) -> list[str]:
-    """Create rows for published backups under ``roots`` that have none; returns their paths."""
+@dataclass
+class Adopted:
+    paths: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # what could not be trusted, and why
+
+
+def adopt(roots: set[str]) -> Adopted:
+    """Create rows for published backups under ``roots`` that have none.
+
+    A root is untrusted input: a VM directory that is a symlink, or a backup whose
+    manifest cannot be read, is skipped and reported — it never stops the rest (reconcile
+    runs this every ten minutes, and one bad entry must not disable it)."""
     known = set(Backup.objects.values_list("path", flat=True))
     vms = {str(vm.uuid): vm for vm in VirtualMachine.objects.all()}
-    adopted = []
+    result = Adopted()
     for root in sorted(roots):
         base = Path(root)
         if not base.is_dir():
             continue
-        for vm_dir in sorted(
-            p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
-        ):
-            for path in archive.list_backups(root, vm_dir.name):  # oldest first: parents first
+        for vm_dir in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
+            if vm_dir.is_symlink() or not vm_dir.is_dir():
+                if vm_dir.is_symlink():
+                    result.skipped.append(f"{vm_dir}: a symlink in a backup root; not read")
+                continue
+            try:
+                paths = archive.list_backups(root, vm_dir.name)  # oldest first: parents first
+            except (archive.ArchiveError, OSError) as exc:
+                result.skipped.append(f"{vm_dir}: {exc}")
+                continue
+            for path in paths:
                 if str(path) in known:
                     continue
-                if _adopt_one(path, vms, root):
+                try:
+                    adopted = _adopt_one(path, vms, root)
+                except (archive.ArchiveError, OSError) as exc:
+                    result.skipped.append(f"{path}: not adopted: {exc}")
+                    continue
+                if adopted:
                     known.add(str(path))
-                    adopted.append(str(path))
-    return adopted
+                    result.paths.append(str(path))
+    return result
 
 
 def _adopt_one(path: Path, vms: dict, root: str) -> bool:
-    try:
-        manifest = archive.read_manifest(path)
-    except archive.ArchiveError:
-        return False  # not ours to judge here; verify reports unreadable manifests
+    manifest = archive.read_manifest(path)  # an unreadable one is reported by the caller
     vm = vms.get(manifest.vm_uuid)
     if vm is None:
         return False
@@ -70,7 +90,7 @@ def _adopt_one(path: Path, vms: dict, root: str) -> bool:
             method=manifest.method,
             consistency=manifest.consistency,
             checkpoint=manifest.checkpoint or "",
-            size_bytes=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+            size_bytes=sum(p.lstat().st_size for p in path.rglob("*") if archive.is_regular(p)),
             manifest=json.loads(manifest.to_json()),
         )
     return True

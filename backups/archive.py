@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,9 @@ GENERATED = frozenset({MANIFEST, "domain.xml", "RESTORE.md", "restore.sh", SUMS}
 FORMATS = frozenset({"qcow2", "raw"})
 KINDS = frozenset({"full", "incremental"})
 CHUNK = 8 * 1024 * 1024
+MAX_METADATA = 4 * 1024 * 1024  # backup.json / SHA256SUMS larger than this are not ours
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _STAMP = r"\d{8}T\d{6}Z"
 _BACKUP_RE = re.compile(rf"^({_STAMP})-([1-9]\d*)$")
@@ -53,6 +58,84 @@ class ArchiveError(Exception):
 def _need(cond: object, message: str) -> None:
     if not cond:
         raise ArchiveError(message)
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None, name: str = "") -> int:
+    """Open a file of a backup for reading, only if it is a regular file.
+
+    Backup roots are untrusted input: a FIFO named like an image would block a reader
+    forever, a symlink would lead it to /etc/shadow or /dev/zero.  ``O_NOFOLLOW`` refuses
+    the link, ``O_NONBLOCK`` makes opening a FIFO return at once, and ``fstat`` on what was
+    actually opened decides — nothing is read before that.
+    """
+    name = name or os.fspath(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArchiveError(f"{name}: a symlink, not followed") from None
+        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EWOULDBLOCK):
+            raise ArchiveError(f"{name}: a special file, not read") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ArchiveError(f"{name}: {_kind(mode)}, not a regular file; not read")
+    return fd
+
+
+def open_member(directory: str | os.PathLike, rel: str) -> int:
+    """``open_regular`` of ``rel`` (``tpm/x`` allowed) below a backup directory, with no
+    symlink followed on the way: neither the directory itself nor any component below it."""
+    try:
+        dfd = os.open(directory, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ArchiveError(f"{directory}: not a plain directory (symlink?)") from None
+        raise
+    try:
+        *dirs, base = rel.split("/")
+        for part in dirs:
+            try:
+                fd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ArchiveError(f"{rel}: {part} is not a plain directory") from None
+                raise
+            os.close(dfd)
+            dfd = fd
+        return open_regular(base, dir_fd=dfd, name=rel)
+    finally:
+        os.close(dfd)
+
+
+def read_member(directory: str | os.PathLike, rel: str, limit: int = MAX_METADATA) -> bytes:
+    """A small file of a backup (manifest, sums), refused when it is not a regular file
+    or larger than ``limit`` (a hostile 'manifest' must not fill the worker's memory)."""
+    with open(open_member(directory, rel), "rb") as f:
+        data = f.read(limit + 1)
+    _need(len(data) <= limit, f"{rel} is larger than {limit} bytes; not ours")
+    return data
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """lstat says regular file (no symlink followed, nothing opened)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_int(value: object, minimum: int = 0) -> bool:
@@ -222,6 +305,11 @@ def _check_lineage(m: Manifest) -> None:
     else:
         ok = isinstance(m.parent, str) and _BACKUP_RE.match(m.parent)
         _need(bool(ok), f"an incremental needs a parent backup name: {m.parent!r}")
+        # an image reads what its header names: only the parent, which is checked with it
+        for disk in m.disks:
+            parent = disk.backing and _BACKING_RE.match(disk.backing).group(1)
+            ok = parent in (None, m.parent)
+            _need(ok, f"{disk.file} builds on {parent}, not on its parent {m.parent}")
 
 
 def _known(cls: type, data: object) -> dict:
@@ -251,9 +339,27 @@ def hash_file(
     flush: bool = False,
     on_bytes: Callable[[int], None] | None = None,
 ) -> str:
-    """SHA-256 of a file read front to back; the kernel is told so, to read ahead harder
-    and (afterwards) to drop the pages, so hashing a huge image does not evict the
-    host's working set.
+    """SHA-256 of a regular file (``open_regular``: no symlink followed, no FIFO waited on)."""
+    return hash_fd(open_regular(path), chunk, flush=flush, on_bytes=on_bytes)
+
+
+def hash_member(directory: str | os.PathLike, rel: str) -> tuple[str, int]:
+    """SHA-256 and size of a file below a backup directory (``open_member``)."""
+    fd = open_member(directory, rel)
+    size = os.fstat(fd).st_size
+    return hash_fd(fd), size
+
+
+def hash_fd(
+    fd: int,
+    chunk: int = CHUNK,
+    *,
+    flush: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> str:
+    """SHA-256 of an open file read front to back (the descriptor is closed); the kernel
+    is told so, to read ahead harder and (afterwards) to drop the pages, so hashing a huge
+    image does not evict the host's working set.
 
     ``flush`` is for a file just written: its dirty pages are written back by a second
     thread while this one hashes, so dropping the pages afterwards does not stall on a
@@ -262,7 +368,7 @@ def hash_file(
     digest = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0) as f:
         writeback = None
         if flush:
             writeback = threading.Thread(target=os.fdatasync, args=(f.fileno(),), daemon=True)
@@ -304,14 +410,23 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """``_write_atomic`` for files only root may read (journals)."""
+    _write_atomic(path, data, 0o600)
+
+
 def _tree(directory: Path) -> set[str]:
-    """Every file below `directory`, named as in SHA256SUMS; symlinks are refused, since
-    sha256sum would follow them out of the backup."""
+    """Every file below `directory`, named as in SHA256SUMS.  Symlinks and special files
+    are refused (sha256sum would follow a link out of the backup, and block on a FIFO);
+    ``os.walk`` does not follow links into directories, and nothing is opened here."""
     found = set()
     for dirpath, dirnames, filenames in os.walk(directory):
         for name in dirnames + filenames:
-            rel = Path(dirpath, name).relative_to(directory).as_posix()
-            _need(not Path(dirpath, name).is_symlink(), f"symlink in backup directory: {rel}")
+            path = Path(dirpath, name)
+            rel = path.relative_to(directory).as_posix()
+            mode = path.lstat().st_mode
+            ok = stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and name in dirnames)
+            _need(ok, f"{_kind(mode)} in backup directory: {rel}")
             found.update([rel] if name in filenames else [])
     return found
 
@@ -455,7 +570,7 @@ def discard(staging: Path, root: str | os.PathLike) -> None:
 
 def read_manifest(backup_dir: str | os.PathLike) -> Manifest:
     try:
-        text = Path(backup_dir, MANIFEST).read_bytes()
+        text = read_member(backup_dir, MANIFEST)
     except OSError as exc:
         raise ArchiveError(f"cannot read {MANIFEST} in {backup_dir}: {exc}") from exc
     return Manifest.from_json(text)
@@ -466,7 +581,7 @@ def list_backups(root: str | os.PathLike, vm_name: str) -> list[Path]:
     found = []
     for entry in vm_dir(root, vm_name).glob("*/" + MANIFEST):
         match = _BACKUP_RE.match(entry.parent.name)
-        if match and entry.is_file() and not entry.parent.is_symlink():
+        if match and is_regular(entry) and not entry.parent.is_symlink():
             found.append((match.group(1), int(match.group(2)), entry.parent))
     return [entry for *_key, entry in sorted(found)]
 
@@ -484,7 +599,7 @@ def list_partials(root: str | os.PathLike) -> list[Path]:
 def read_sums(backup_dir: str | os.PathLike) -> dict[str, str]:
     """Parse SHA256SUMS; names that would leave the directory are refused."""
     try:
-        text = Path(backup_dir, SUMS).read_text()
+        text = read_member(backup_dir, SUMS).decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"cannot read {SUMS} in {backup_dir}: {exc}") from exc
     sums: dict[str, str] = {}

@@ -4,8 +4,8 @@ sums after retention folded a parent into it (the other half of the on-disk cont
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +17,13 @@ from backups.archive import (
     DiskEntry,
     Manifest,
     _coverage_problems,
+    _kind,
     _need,
     _tree,
     _write_generated,
-    hash_file,
+    hash_member,
+    is_regular,
+    open_member,
     read_manifest,
     read_sums,
 )
@@ -41,30 +44,41 @@ def verify(
     hashed: dict[str, str] | None = None,
 ) -> VerifyResult:
     """Re-read a backup the way a restore would.  qcow2 has no data checksums, so the
-    SHA-256 pass is what finds bit rot; ``qemu-img check`` adds metadata consistency and
-    proves an incremental's backing chain still opens.
+    SHA-256 pass is what finds bit rot; the image headers must say what the manifest says
+    (format, size, backing file, no external data file) before ``qemu-img check`` adds
+    metadata consistency.
+
+    Everything here is untrusted input: files are opened only as regular files (no link
+    followed, no FIFO waited on), and qemu-img never opens a backing file (``check`` runs
+    on the image alone; ``info`` does not open the chain).
 
     ``hashed``: digests the caller computed from these very files moments ago (the check
     right after a backup); they are compared with SHA256SUMS instead of being read again.
     Scheduled verification passes nothing and re-reads everything.
     """
     backup_dir = Path(os.path.abspath(backup_dir))
+    problem = _directory_problem(backup_dir)
+    if problem:
+        return VerifyResult(False, (problem,), 0, 0)
     try:
         sums = read_sums(backup_dir)
-    except ArchiveError as exc:
+    except (ArchiveError, OSError) as exc:
         return VerifyResult(False, (str(exc),), 0, 0)
     errors: list[str] = []
     fresh = {name: digest for name, digest in (hashed or {}).items() if name in sums}
     errors += [f"{n}: checksum mismatch" for n, d in sorted(fresh.items()) if sums[n] != d]
-    errors += [f"{n}: missing" for n in sorted(fresh) if not (backup_dir / n).is_file()]
+    errors += [f"{n}: missing" for n in sorted(fresh) if not is_regular(backup_dir / n)]
     rest = {name: digest for name, digest in sums.items() if name not in fresh}
     checked, total = _verify_sums(backup_dir, rest, errors)
     checked += len(fresh)
     try:
         unlisted = _tree(backup_dir) - sums.keys() - {SUMS}
         errors += [f"{name}: not listed in {SUMS}" for name in sorted(unlisted)]
+    except (ArchiveError, OSError) as exc:
+        errors.append(str(exc))
+    try:
         manifest = read_manifest(backup_dir)
-    except ArchiveError as exc:
+    except (ArchiveError, OSError) as exc:
         errors.append(str(exc))
         manifest = None
     if manifest is not None:
@@ -74,15 +88,32 @@ def verify(
     return VerifyResult(not errors, tuple(errors), checked, total)
 
 
+def _directory_problem(backup_dir: Path) -> str | None:
+    """The backup directory and its VM directory must be plain directories: a symlink
+    there would make everything below read from elsewhere."""
+    for path in (backup_dir, backup_dir.parent):
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return f"{path} does not exist"
+        except OSError as exc:
+            return f"{path}: {exc}"
+        if not stat.S_ISDIR(mode):
+            return f"{path}: {_kind(mode)}, not a plain directory; not read"
+    return None
+
+
 def _verify_sums(directory: Path, sums: dict[str, str], errors: list[str]) -> tuple[int, int]:
     checked = total = 0
     for name, expected in sorted(sums.items()):
-        path = directory / name
         try:
-            actual = hash_file(path)
-            total += path.stat().st_size
+            actual, size = hash_member(directory, name)
+            total += size
         except FileNotFoundError:
             errors.append(f"{name}: missing")
+            continue
+        except ArchiveError as exc:
+            errors.append(str(exc))
             continue
         except OSError as exc:
             errors.append(f"{name}: cannot read: {exc}")
@@ -93,53 +124,93 @@ def _verify_sums(directory: Path, sums: dict[str, str], errors: list[str]) -> tu
     return checked, total
 
 
+def header_problems(directory: Path, disk: DiskEntry) -> list[str]:
+    """What an image's header says, compared with its manifest entry, before any qemu-img
+    call that would act on it (check, measure, convert, rebase): a header that names
+    another backing file (``/etc/hostname``, a FIFO) or an external data file would make
+    qemu-img read the host's files into a backup or block on them.  ``qemu-img info``
+    reads only the header of this one file."""
+    path = directory / disk.file
+    try:
+        os.close(open_member(directory, disk.file))
+    except FileNotFoundError:
+        return [f"{disk.file}: missing"]
+    except (ArchiveError, OSError) as exc:
+        return [str(exc)]
+    try:
+        info = qemu_img.info(str(path), disk.image_format)
+    except qemu_img.QemuImgError as exc:
+        return [f"{disk.file}: {exc}"]
+    problems = []
+    if info.format != disk.image_format:
+        problems.append(f"{disk.file}: header says {info.format}, not {disk.image_format}")
+    if info.virtual_size != disk.virtual_size:
+        problems.append(
+            f"{disk.file}: virtual size {info.virtual_size}, manifest says {disk.virtual_size}"
+        )
+    if (info.backing_filename, info.backing_format) != (disk.backing, disk.backing_format):
+        problems.append(f"{disk.file}: backs onto {info.backing_filename!r}, not {disk.backing!r}")
+    if info.data_file is not None:
+        problems.append(f"{disk.file}: names an external data file {info.data_file!r}")
+    if disk.backing and not problems and not is_regular(directory / disk.backing):
+        problems.append(f"{disk.file}: its backing file {disk.backing} is missing or not a file")
+    return problems
+
+
 def _image_problems(directory: Path, manifest: Manifest) -> list[str]:
     problems = []
     for disk in manifest.disks:
-        path = directory / disk.file
-        if disk.image_format != "qcow2" or not path.is_file():
-            continue  # raw has no metadata; a missing file was reported by the hash pass
+        header = header_problems(directory, disk)
+        if header or disk.image_format != "qcow2":
+            problems += header  # raw has no metadata to check
+            continue
         try:
-            result = qemu_img.check(str(path), "qcow2")
-            info = qemu_img.info(str(path), "qcow2")
+            result = qemu_img.check(str(directory / disk.file), "qcow2")
         except qemu_img.QemuImgError as exc:
             problems.append(f"{disk.file}: {exc}")
             continue
         if not result.ok:
             problems.append(f"{disk.file}: qemu-img check failed: {result.output}")
-        if (info.backing_filename, info.backing_format) != (disk.backing, disk.backing_format):
-            problems.append(
-                f"{disk.file}: backs onto {info.backing_filename!r}, not {disk.backing!r}"
-            )
     return problems
 
 
-def update_after_rebase(backup_dir: str | os.PathLike, manifest: Manifest) -> None:
-    """Record that retention rewrote images here (folded a parent in, moved the backing).
+def chain_dirs(backup_dir: str | os.PathLike) -> list[Path]:
+    """The backup and every backup it builds on, newest first (siblings by name).  Raises
+    ArchiveError when a link is missing or unreadable, or the chain loops."""
+    dirs: list[Path] = []
+    current: Path | None = Path(os.path.abspath(backup_dir))
+    while current is not None:
+        _need(current not in dirs and len(dirs) < 1000, f"chain of {backup_dir} loops")
+        problem = _directory_problem(current)
+        _need(problem is None, f"backup {current.name} (the chain needs it): {problem}")
+        dirs.append(current)
+        parent = read_manifest(current).parent
+        current = current.parent / parent if parent else None
+    return dirs
 
-    Images whose entry in `manifest` differs from the stored one are re-hashed; the
-    others keep their recorded digest, so bit rot in an untouched file is not blessed
-    as the new truth.  Each rewritten file is replaced atomically, SHA256SUMS last.
-    """
+
+def verify_chain(backup_dir: str | os.PathLike) -> list[tuple[Path, VerifyResult]]:
+    """``verify`` of the backup and of every backup it builds on, newest first: what a
+    restore reads, and what a fold rewrites.  A broken link (missing, unreadable) is
+    returned as a failed result for that link."""
+    try:
+        dirs = chain_dirs(backup_dir)
+    except (ArchiveError, OSError) as exc:
+        return [(Path(backup_dir), VerifyResult(False, (str(exc),), 0, 0))]
+    return [(directory, verify(directory)) for directory in dirs]
+
+
+def record_rewrite(backup_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Record that retention rewrote images here (folded a parent in, moved the backing):
+    ``manifest`` carries the new digests, taken from the rewritten files before they were
+    switched in.  The other files keep their recorded digest, so bit rot in an untouched
+    file is never blessed as the new truth.  Each file is replaced atomically, SHA256SUMS
+    last."""
     backup_dir = Path(backup_dir)
     old = read_manifest(backup_dir)
     same = (old.vm_uuid, old.run_id) == (manifest.vm_uuid, manifest.run_id)
     _need(same, f"manifest is for another backup than {backup_dir}")
     sums = {k: v for k, v in read_sums(backup_dir).items() if k not in GENERATED - {"domain.xml"}}
-    previous = {disk.target: disk for disk in old.disks}
-    disks = tuple(_refreshed(backup_dir, d, previous.get(d.target)) for d in manifest.disks)
-    for disk in disks:
+    for disk in manifest.disks:
         sums[disk.file] = disk.sha256
-    manifest = dataclasses.replace(manifest, disks=disks)
     _write_generated(backup_dir, manifest, sums)
-
-
-def _refreshed(directory: Path, disk: DiskEntry, old: DiskEntry | None) -> DiskEntry:
-    if disk == old:
-        return disk
-    path = directory / disk.file
-    try:
-        digest, size = hash_file(path), path.stat().st_size
-    except OSError as exc:
-        raise ArchiveError(f"cannot re-hash {path}: {exc}") from exc
-    return dataclasses.replace(disk, sha256=digest, bytes=size)

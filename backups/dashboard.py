@@ -414,10 +414,14 @@ KEEP_FIELDS = [
 ]
 
 
-def retention_preview(policy_values: dict, vms) -> list[dict]:
-    """What a policy with these keep_* values would keep of each VM's published backups."""
+def retention_preview(policy_values: dict, vms, policy=None) -> list[dict]:
+    """What a policy with these keep_* values would keep of each VM's backups — of those
+    the policy owns, exactly what ``vmbackup_prune --dry-run`` and the prune decide on (a
+    new policy owns none yet; backups of other policies and manual ones are not its own)."""
     rules = retention.Policy(**{name: int(policy_values.get(name) or 0) for name in KEEP_FIELDS})
-    backups = Backup.objects.published().filter(vm__in=vms).order_by("vm_id", "-created_at")
+    owned = Backup.objects.published().filter(vm__in=vms)
+    owned = owned.retained_by(policy) if policy is not None and policy.pk else owned.none()
+    backups = owned.order_by("vm_id", "-created_at")
     by_vm = defaultdict(list)
     for backup in backups:
         by_vm[backup.vm_id].append(backup)

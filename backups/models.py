@@ -342,6 +342,11 @@ class BackupQuerySet(models.QuerySet):
     def published(self):
         return self.filter(pruned_at__isnull=True)
 
+    def retained_by(self, policy):
+        """The backups whose retention ``policy`` decides; None: those without a policy
+        (manual ones, and those of a deleted policy), kept by ``VMBACKUP_KEEP_MANUAL``."""
+        return self.filter(policy__isnull=True) if policy is None else self.filter(policy=policy)
+
 
 class Backup(models.Model):
     """A published backup directory; its ``backup.json`` is the source of truth on disk."""

@@ -47,3 +47,16 @@ def run_finished(run: BackupRun) -> None:
     except Exception as exc:  # mail trouble must not turn into a backup failure
         log.warning("could not mail %s about run %s: %s", to, run.pk, exc)
         run.log("notify-failed", error=str(exc))
+
+
+def prune_refused(vm, policy, reason: str) -> None:
+    """Retention refused to fold into a backup whose chain failed verification: the chain
+    stays as it is, and someone should look (restore another point, re-run a full)."""
+    to = [e.strip() for e in (policy.notify_to if policy else "").split(",") if e.strip()]
+    if not to:
+        return
+    subject = f"[vmbackup] retention of {vm.name} stopped: a backup failed verification"
+    try:
+        send_mail(subject, reason + "\n", settings.DEFAULT_FROM_EMAIL, to, fail_silently=False)
+    except Exception as exc:  # mail trouble must not hide the refusal, which is logged
+        log.warning("could not mail %s about %s: %s", to, vm.name, exc)

@@ -1,16 +1,20 @@
 """Apply a retention policy to one VM's backups without ever breaking a kept chain.
 
 The decisions come from the pure ``retention`` module; this module does the I/O: a pruned
-backup that a kept incremental depends on is first folded into that incremental
-(``qemu-img rebase`` onto the nearest kept ancestor, or onto nothing to make it a full), its
-manifest and SHA256SUMS rewritten, and only then is the pruned directory deleted.
+backup that a kept incremental depends on is first folded into that incremental (``fold``:
+verified first, written beside, switched by rename, journaled), and only then is the pruned
+directory deleted. Nothing is rewritten or deleted that was not checked just before: a fold
+needs the whole chain it reads to verify (SHA-256, headers against the manifest), and a
+deletion needs the directory to be the row's backup that nothing kept still builds on.
+
+Backups without a policy (made by "Back up now" or ``vmbackup_run`` without one, or left
+by a deleted policy) follow ``VMBACKUP_KEEP_MANUAL``: the newest N of each VM are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
+import logging
 import os
 import re
 import shutil
@@ -21,9 +25,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import archive, archive_check, qemu_img, retention
-from .models import ACTIVE_STATUSES, Backup, BackupPolicy, Kind, PruneLock, Restore
+from . import archive, archive_check, fold, notify, retention
+from .models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
 
+log = logging.getLogger(__name__)
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
 
 
@@ -34,6 +39,8 @@ class Report:
     rebased: list[int] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
     skipped: str = ""  # why nothing was pruned this time, if something stood in the way
+    refused: list[str] = field(default_factory=list)  # folds/deletes refused, with the reason
+    recovered: list[str] = field(default_factory=list)  # folds a dead prune left, finished
 
     def lines(self) -> list[str]:
         return [
@@ -43,7 +50,9 @@ class Report:
         ]
 
 
-def policy_of(policy: BackupPolicy) -> retention.Policy:
+def policy_of(policy: BackupPolicy | None) -> retention.Policy:
+    if policy is None:
+        return retention.Policy(keep_last=settings.VMBACKUP_KEEP_MANUAL)
     return retention.Policy(
         keep_last=policy.keep_last,
         keep_hourly=policy.keep_hourly,
@@ -54,9 +63,10 @@ def policy_of(policy: BackupPolicy) -> retention.Policy:
     )
 
 
-def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
+def prune_vm(vm, policy: BackupPolicy | None, *, dry_run: bool = False) -> Report:
+    """Prune the backups ``policy`` owns (None: the VM's backups without a policy)."""
     # only this policy's own backups: a VM in two policies keeps both retentions apart
-    owned = vm.backups.published().filter(policy=policy).order_by("created_at", "id")
+    owned = vm.backups.published().retained_by(policy).order_by("created_at", "id")
     backups = {b.pk: b for b in owned}
     points = [
         retention.Point(b.pk, b.created_at, b.parent_id, b.protected) for b in backups.values()
@@ -66,20 +76,95 @@ def prune_vm(vm, policy: BackupPolicy, *, dry_run: bool = False) -> Report:
     report.decisions = [(backups[d.point.id], d.keep, d.reason) for d in plan.decisions]
     if dry_run:
         return report
+    _recover_folds(backups.values(), report)
     # A restore reading this VM's chains must not be handed a half-rebased image: checked
     # before every step (a restore that starts meanwhile notices the change and fails
     # cleanly, see restoring.require_unchanged). The next prune catches up.
+    verified: dict[str, archive_check.VerifyResult] = {}
+    held: set[int] = set()  # backups a refused fold still needs: never deleted this time
     for step in plan.rebases:
         if _restore_active(vm, report):
             return report
-        fold(backups[step.point_id], backups.get(step.new_parent_id))
+        child = backups[step.point_id]
+        problems = _chain_problems(child, verified)
+        if problems:
+            held |= _chain_ids(child)
+            _refuse(vm, policy, child, problems, report)
+            continue
+        try:
+            fold.fold(child, backups.get(step.new_parent_id))
+        except (fold.FoldError, archive.ArchiveError, OSError) as exc:
+            held |= _chain_ids(child)
+            _refuse(vm, policy, child, [str(exc)], report)
+            continue
         report.rebased.append(step.point_id)
-    for backup_id in plan.deletes:
+    # children before their parents: a parent is deleted only once nothing builds on it
+    for backup_id in sorted(plan.deletes, key=lambda i: (backups[i].created_at, i), reverse=True):
+        if backup_id in held:
+            continue
         if _restore_active(vm, report):
             return report
-        delete(backups[backup_id])
+        try:
+            delete(backups[backup_id])
+        except archive.ArchiveError as exc:
+            report.refused.append(f"backup {backup_id} not deleted: {exc}")
+            continue
         report.deleted.append(backup_id)
     return report
+
+
+def _recover_folds(backups, report: Report) -> None:
+    """Finish or undo what a prune killed mid-fold left in these backups' directories."""
+    for vm_dir in {Path(b.path).parent for b in backups}:
+        for journal in fold.journals(vm_dir):
+            try:
+                done = fold.recover(journal)
+            except (fold.FoldError, archive.ArchiveError, OSError) as exc:
+                report.refused.append(str(exc))
+                continue
+            if done:
+                report.recovered.append(done)
+
+
+def _chain_problems(child: Backup, verified: dict) -> list[str]:
+    """Verify everything a fold of ``child`` reads (its whole chain), once per prune."""
+    problems = []
+    for directory, result in _verify_chain(Path(child.path), verified):
+        row = Backup.objects.filter(path=str(directory)).first()
+        if row is not None:
+            row.mark_verified(result.ok, "; ".join(result.errors))
+        if not result.ok:
+            problems.append(f"{directory.name}: " + "; ".join(result.errors[:5]))
+    return problems
+
+
+def _verify_chain(top: Path, verified: dict):
+    try:
+        dirs = archive_check.chain_dirs(top)
+    except (archive.ArchiveError, OSError) as exc:
+        return [(top, archive_check.VerifyResult(False, (str(exc),), 0, 0))]
+    for directory in dirs:
+        if str(directory) not in verified:
+            verified[str(directory)] = archive_check.verify(directory)
+    return [(directory, verified[str(directory)]) for directory in dirs]
+
+
+def _chain_ids(child: Backup) -> set[int]:
+    ids, node = set(), child
+    while node is not None and node.pk not in ids:
+        ids.add(node.pk)
+        node = node.parent
+    return ids
+
+
+def _refuse(vm, policy, child: Backup, problems: list[str], report: Report) -> None:
+    reason = (
+        f"not folding into backup {child.pk} ({Path(child.path).name}): its chain failed "
+        "verification, every file of it kept: " + "; ".join(problems)
+    )
+    report.refused.append(reason)
+    log.error("%s: %s", vm.name, reason)
+    notify.prune_refused(vm, policy, reason)
 
 
 @contextlib.contextmanager
@@ -107,57 +192,36 @@ def _restore_active(vm, report: Report) -> bool:
     return False
 
 
-def fold(child: Backup, new_parent: Backup | None) -> None:
-    """Rebase ``child``'s images onto ``new_parent`` (None: standalone) and record it."""
-    manifest = archive.read_manifest(child.path)
-    parent_files = (
-        {d.target: d.file for d in archive.read_manifest(new_parent.path).disks}
-        if new_parent
-        else {}
-    )
-    disks = []
-    for disk in manifest.disks:
-        if disk.backing is None:
-            disks.append(disk)
-            continue
-        backing = None
-        if new_parent and disk.target in parent_files:
-            backing = f"../{Path(new_parent.path).name}/{parent_files[disk.target]}"
-        qemu_img.rebase(
-            str(Path(child.path, disk.file)),
-            "qcow2",
-            backing,
-            "qcow2" if backing else None,
-            timeout=settings.Q_TIMEOUT,
-        )
-        disks.append(
-            dataclasses.replace(disk, backing=backing, backing_format="qcow2" if backing else None)
-        )
-    manifest = dataclasses.replace(
-        manifest,
-        disks=tuple(disks),
-        parent=Path(new_parent.path).name if new_parent else None,
-        kind=Kind.INCREMENTAL if new_parent else Kind.FULL,
-    )
-    archive_check.update_after_rebase(child.path, manifest)
-    child.parent = new_parent
-    child.kind = manifest.kind
-    child.manifest = json.loads(archive.read_manifest(child.path).to_json())
-    child.save(update_fields=["parent", "kind", "manifest"])
-
-
 def _roots() -> set[Path]:
     roots = {settings.VMBACKUP_ROOT, *BackupPolicy.objects.values_list("destination", flat=True)}
     return {Path(os.path.realpath(r)) for r in roots if r and os.path.isabs(r)}
 
 
 def delete(backup: Backup) -> None:
-    """Remove a published directory — only one that looks exactly like ours under a root."""
+    """Remove a published directory — only one that is what its row says (a plain
+    directory named like ours, directly under a VM directory of a root, whose manifest is
+    this backup's) and that no other published backup still builds on."""
     path = Path(backup.path)
     real = Path(os.path.realpath(path))
     if not _BACKUP_NAME.match(path.name) or real.parent.parent not in _roots():
         raise archive.ArchiveError(f"refusing to delete {path}: not a backup under a root")
-    if real.exists():
-        shutil.rmtree(real)
+    if os.path.lexists(path):
+        if path.is_symlink() or path.parent.is_symlink() or not path.is_dir():
+            raise archive.ArchiveError(f"refusing to delete {path}: not a plain directory")
+        _require_own_manifest(backup, path)
+        needed = Backup.objects.published().filter(parent=backup).exclude(pk=backup.pk)
+        if needed.exists():
+            raise archive.ArchiveError(f"refusing to delete {path}: backup {needed[0].pk} needs it")
+        shutil.rmtree(path)
+        archive.fsync_dir(path.parent)
     backup.pruned_at = timezone.now()
     backup.save(update_fields=["pruned_at"])
+
+
+def _require_own_manifest(backup: Backup, path: Path) -> None:
+    try:
+        manifest = archive.read_manifest(path)
+    except archive.ArchiveError:
+        return  # an unreadable manifest is rot in a backup retention prunes anyway
+    if manifest.vm_uuid != str(backup.vm.uuid):
+        raise archive.ArchiveError(f"refusing to delete {path}: its manifest is another VM's")

@@ -10,6 +10,7 @@ errors that carry qemu-img's own stderr so an operator can act on them.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -32,6 +33,11 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
 # 1 (check could not complete) and anything else is an error.
 _CHECK_OK, _CHECK_CORRUPT, _CHECK_LEAKS, _CHECK_UNSUPPORTED = 0, 2, 3, 63
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once here: the child between fork and exec should do as little as possible
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (AttributeError, OSError):  # not Linux: children may outlive a killed parent there
+    _prctl = None
 
 
 class QemuImgError(Exception):
@@ -66,6 +72,7 @@ class ImageInfo:
     dirty: bool
     bitmaps: tuple[str, ...]
     corrupt: bool
+    data_file: str | None = None  # qcow2 external data file: guest data read from elsewhere
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,21 @@ def _share(force_share: bool) -> list[str]:
     return ["-U"] if force_share else []
 
 
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """qemu-img runs in its own session (a Ctrl-C meant for a command must not tear an image
+    half-written), so nothing would stop it when the command or worker that started it is
+    killed: it would go on rewriting a backup nobody journals any more, or hold a file open
+    forever.  The kernel kills it instead when its parent dies (``PR_SET_PDEATHSIG``)."""
+
+    def child() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return child
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """qemu-img runs in its own session, so killing the group also takes any wrapper's
     children and guarantees nobody is left holding our pipes open."""
@@ -187,6 +209,7 @@ def _execute(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
     except OSError as exc:
         raise QemuImgError(f"cannot run {executable}: {exc}", argv=argv) from exc
@@ -266,6 +289,7 @@ def info(
         dirty=bool(data.get("dirty-flag", False)),
         bitmaps=tuple(b["name"] for b in specific.get("bitmaps", ())),
         corrupt=bool(specific.get("corrupt", False)),
+        data_file=specific.get("data-file"),
     )
 
 
@@ -420,15 +444,23 @@ def convert_from_nbd(
 def check(
     path: str, fmt: str, *, force_share: bool = True, timeout: float = DEFAULT_TIMEOUT
 ) -> CheckResult:
-    """Verify image metadata.
+    """Verify the metadata of this one image.
 
+    The backing chain is never opened (``"backing": null``): a check is about this file,
+    and the backing name in its header is guest-reachable data that might name a FIFO, a
+    device or a host file; callers compare it with what they expect (``info``) instead.
     Leaks are wasted space, not lost data, so they leave `ok` True.  Raw images have no
     metadata to check; qemu-img refuses (exit 63) and we report that as ok rather than
     making every caller special-case raw.  `output` holds stdout and stderr, since the
     per-cluster ERROR lines a human needs go to stderr.
     """
     path, fmt = validate_path(path), _validate_format(fmt)
-    argv = [QEMU_IMG, "check", "--output=json", *_share(force_share), "-f", fmt, path]
+    if fmt == "qcow2":
+        spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
+        target = ["json:" + json.dumps(spec, separators=(",", ":"))]
+    else:
+        target = ["-f", fmt, path]
+    argv = [QEMU_IMG, "check", "--output=json", *_share(force_share), *target]
     ok_codes = (_CHECK_OK, _CHECK_CORRUPT, _CHECK_LEAKS, _CHECK_UNSUPPORTED)
     proc = _run(argv, _validate_timeout(timeout), ok_returncodes=ok_codes)
     output = "\n".join(s for s in (proc.stdout.strip(), proc.stderr.strip()) if s)

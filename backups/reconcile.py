@@ -21,7 +21,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import adopt, archive, hypervisor, methods, notify
+from . import adopt, archive, fold, hypervisor, methods, notify
 from .models import (
     BackupPolicy,
     BackupRun,
@@ -48,6 +48,7 @@ class Report:
     restarted: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
+    folds: list[str] = field(default_factory=list)  # folds of a killed prune, finished/undone
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -60,6 +61,7 @@ class Report:
             f"{len(self.thawed)} guests thawed",
             f"{len(self.restarted)} guests restarted",
             f"{len(self.partials)} partial dirs removed",
+            f"{len(self.folds)} folds repaired",
             f"{len(self.adopted)} backups adopted from disk",
         ]
         if self.errors:
@@ -103,7 +105,10 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     for host in hosts:
         _repair_host(host, report)
     _remove_orphan_partials(report)
-    report.adopted = adopt.adopt(_roots())
+    _repair_folds(report)
+    adopted = adopt.adopt(_roots())
+    report.adopted = adopted.paths
+    report.errors += adopted.skipped
     return report
 
 
@@ -390,3 +395,20 @@ def _remove_orphan_partials(report: Report) -> None:
                 report.partials.append(str(partial))
             except archive.ArchiveError as exc:
                 report.errors.append(str(exc))
+
+
+def _repair_folds(report: Report) -> None:
+    """Folds a killed prune left half-done: finished when their rewritten images are
+    complete and recorded, undone otherwise (see ``fold``); a fold still running is left."""
+    for root in _roots():
+        for vm_dir in sorted(Path(root).iterdir()):
+            if vm_dir.name.startswith(".") or vm_dir.is_symlink() or not vm_dir.is_dir():
+                continue
+            for journal in fold.journals(vm_dir):
+                try:
+                    done = fold.recover(journal)
+                except (fold.FoldError, archive.ArchiveError, OSError) as exc:
+                    report.errors.append(str(exc))
+                    continue
+                if done:
+                    report.folds.append(f"{vm_dir.name}: {done}")

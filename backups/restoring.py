@@ -51,18 +51,10 @@ def check_request(name: str, root: str) -> None:
 
 def chain_dirs(backup_dir: Path) -> list[Path]:
     """The backup and every backup it builds on, newest first (siblings by name)."""
-    dirs, seen = [], set()
-    current: Path | None = backup_dir
-    while current is not None:
-        if current in seen or len(dirs) > 1000:
-            raise RestoreError(f"backup chain of {backup_dir} is circular or too long")
-        seen.add(current)
-        if not current.is_dir():
-            raise RestoreError(f"backup {current} is missing (the chain needs it)")
-        dirs.append(current)
-        parent = archive.read_manifest(current).parent
-        current = current.parent / parent if parent else None
-    return dirs
+    try:
+        return archive_check.chain_dirs(backup_dir)
+    except archive.ArchiveError as exc:
+        raise RestoreError(f"backup chain of {backup_dir.name} is unusable: {exc}") from exc
 
 
 class RestoreCancelled(Exception):
@@ -282,24 +274,18 @@ def require_unchanged(backup_dir: Path, before: dict[str, tuple[int, int, int]])
 
 
 def verify_chain(backup_dir: Path, progress: _Progress) -> archive.Manifest:
-    """Check the backup and every backup it builds on before anything is written."""
+    """Check the backup and every backup it builds on before anything is written: every
+    file hashed, every image header as its manifest says (an image reads only its parent,
+    ``archive`` refuses any other backing), before qemu-img opens a chain."""
     dirs = chain_dirs(backup_dir)
     progress.step("verify", backups=[d.name for d in dirs])
-    for directory in dirs:
+    for directory in reversed(dirs):  # the full first: a broken link reports its own fault
         result = archive_check.verify(directory)
         if not result.ok:
             raise RestoreError(
                 f"backup {directory.name} failed its check, not restoring: "
                 + "; ".join(result.errors[:5])
             )
-        manifest = archive.read_manifest(directory)
-        for disk in manifest.disks:
-            # the images must read only what was just checked: the parent, nothing beside it
-            if disk.backing and disk.backing.split("/")[1] != manifest.parent:
-                raise RestoreError(
-                    f"backup {directory.name}: disk {disk.target} builds on "
-                    f"{disk.backing}, not on its parent {manifest.parent}; not restoring"
-                )
     return archive.read_manifest(backup_dir)
 
 

@@ -180,10 +180,9 @@ def _execute(run: BackupRun) -> str:
 
 
 def _prune_after(run: BackupRun) -> None:
-    """Apply the policy's retention while this run still holds the VM's one active slot,
-    so no other backup of the VM can read a chain while it is being folded."""
-    if run.policy is None:
-        return
+    """Apply the policy's retention (without a policy: ``VMBACKUP_KEEP_MANUAL``) while this
+    run still holds the VM's one active slot, so no other backup of the VM can read a
+    chain while it is being folded."""
     from . import prune
 
     try:
@@ -192,6 +191,8 @@ def _prune_after(run: BackupRun) -> None:
             run.log("pruned", backups=report.deleted, rebased=report.rebased)
         if report.skipped:
             run.log("prune-skipped", reason=report.skipped)  # the next run catches up
+        if report.refused:
+            run.log("prune-refused", reasons=report.refused)
     except Exception as exc:  # the backup itself succeeded; report, do not fail it
         log.exception("pruning after run %s failed", run.pk)
         run.log("prune-failed", error=str(exc))

@@ -459,7 +459,7 @@ def _policy_preview(form: PolicyForm) -> dict:
     return {
         "next_runs": runs,
         "cron_error": cron_error,
-        "retention": dashboard.retention_preview(values, vms) if keep_ok else None,
+        "retention": (dashboard.retention_preview(values, vms, form.instance) if keep_ok else None),
     }
 
 

@@ -70,3 +70,27 @@ def synced(host):
         return VirtualMachine.objects.get(uuid=dom.uuid)
 
     return sync
+
+
+@pytest.fixture
+def restore_root(settings, domains):
+    """A configured restore root; every domain a test restores into it is removed."""
+    import subprocess
+    import uuid
+
+    from backups.models import Restore
+
+    root = domains_mod.make_dir(
+        domains_mod.BASE / f"{domains_mod.PREFIX}restore-{uuid.uuid4().hex[:8]}"
+    )
+    settings.VMBACKUP_RESTORE_ROOTS = [str(root)]
+    try:
+        yield root
+    finally:
+        for restore in Restore.objects.exclude(domain_uuid=""):
+            domains_mod.remove_domain(domains.conn, restore.domain_uuid)
+        for name in Restore.objects.values_list("name", flat=True):
+            with_name = [d for d in domains.conn.listAllDomains() if d.name() == name]
+            for dom in with_name:
+                domains_mod.remove_domain(domains.conn, dom.UUIDString())
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], timeout=60)

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,7 +203,10 @@ def test_it_builds_convert_argv_for_existing_zero_target(fake_run):
 def test_it_builds_check_argv_and_parses_result(fake_run):
     fake_run.stdout = json.dumps({"image-end-offset": 262144, "check-errors": 0})
     result = qemu_img.check("/a.qcow2", "qcow2")
-    assert fake_run.argv == ["qemu-img", "check", "--output=json", "-U", "-f", "qcow2", "/a.qcow2"]
+    standalone = (
+        'json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"/a.qcow2"}}'
+    )
+    assert fake_run.argv == ["qemu-img", "check", "--output=json", "-U", standalone]
     assert result == CheckResult(True, 0, 0, 0, 262144, fake_run.stdout)
 
 
@@ -215,8 +219,8 @@ def test_it_builds_check_argv_and_parses_result(fake_run):
 )
 def test_it_maps_check_exit_codes(fake_run, rc, payload, ok, corruptions, leaks):
     fake_run.returncode, fake_run.stdout = rc, json.dumps(payload)
-    result = qemu_img.check("/a.qcow2", "qcow2", force_share=False)
-    assert fake_run.argv == ["qemu-img", "check", "--output=json", "-f", "qcow2", "/a.qcow2"]
+    result = qemu_img.check("/a.raw", "raw", force_share=False)
+    assert fake_run.argv == ["qemu-img", "check", "--output=json", "-f", "raw", "/a.raw"]
     assert (result.ok, result.corruptions, result.leaks) == (ok, corruptions, leaks)
 
 
@@ -664,3 +668,58 @@ def test_it_commits_an_overlay_into_its_base(tmp_path):
     qemu_img.commit(str(overlay), "qcow2")
     assert qemu_img.compare(str(base), "qcow2", str(overlay), "qcow2")
     qemu_io(base, "qcow2", "read -P 0x22 1M 1M")  # raises if the data did not land in base
+
+
+@needs_qemu
+def test_it_checks_an_image_without_opening_a_hostile_backing_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-u", "-b", str(fifo), "-F", "raw", str(top), "1M"],
+        check=True,
+        capture_output=True,
+    )
+    started = time.monotonic()
+    assert qemu_img.check(str(top), "qcow2", timeout=20).ok
+    info = qemu_img.info(str(top), "qcow2", timeout=20)
+    assert info.backing_filename == str(fifo) and info.data_file is None
+    assert time.monotonic() - started < 10  # a FIFO opened for reading would block forever
+
+
+@needs_qemu
+def test_it_kills_qemu_img_when_the_process_that_started_it_dies(tmp_path):
+    """A command killed mid-copy (TERM, KILL, OOM) must not leave qemu-img rewriting a
+    backup on its own; the child is started by a Python process that is then killed."""
+    script = tmp_path / "parent.py"
+    pidfile = tmp_path / "qemu-img.pid"
+    fake = tmp_path / "bin" / "qemu-img"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 300\n")
+    fake.chmod(0o755)
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from backups import qemu_img\n"
+        f"qemu_img.QEMU_IMG = {str(fake)!r}\n"
+        "qemu_img.info('/nonexistent.qcow2', 'qcow2', timeout=300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "qemu-img outlived the process that started it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

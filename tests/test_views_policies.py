@@ -102,11 +102,14 @@ def test_it_previews_without_saving(owner_client, policy):
 
 
 def test_it_previews_retention_with_reasons(owner_client, policy, vm):
-    old_full = support.make_backup(vm, ago=timedelta(days=4))
-    support.make_backup(vm, ago=timedelta(days=3), kind=Kind.INCREMENTAL, parent=old_full)
-    protected = support.make_backup(vm, ago=timedelta(days=2), protected=True)
-    support.make_backup(vm, ago=timedelta(days=1))
-    newest = support.make_backup(vm, ago=timedelta(hours=1))
+    old_full = support.make_backup(vm, ago=timedelta(days=4), policy=policy)
+    support.make_backup(
+        vm, ago=timedelta(days=3), kind=Kind.INCREMENTAL, parent=old_full, policy=policy
+    )
+    protected = support.make_backup(vm, ago=timedelta(days=2), protected=True, policy=policy)
+    support.make_backup(vm, ago=timedelta(days=1), policy=policy)
+    newest = support.make_backup(vm, ago=timedelta(hours=1), policy=policy)
+    support.make_backup(vm, ago=timedelta(hours=2))  # manual: not this policy's to prune
     BackupPolicy.objects.filter(pk=policy.pk).update(
         keep_last=2, keep_daily=0, keep_weekly=0, keep_monthly=0
     )

@@ -83,6 +83,9 @@ VMBACKUP_OVERLAY_RESERVE_MIB = envint("VMBACKUP_OVERLAY_RESERVE_MIB", 1024)
 VMBACKUP_SWTPM_DIR = env("VMBACKUP_SWTPM_DIR", "/var/lib/libvirt/swtpm")
 # A run whose heartbeat is older than this is considered dead by reconcile.
 VMBACKUP_STALE_AFTER = envint("VMBACKUP_STALE_AFTER", 300)
+# Backups made without a policy ("Back up now", vmbackup_run): the newest N of each VM are
+# kept (protected ones always); 0 keeps them all.
+VMBACKUP_KEEP_MANUAL = envint("VMBACKUP_KEEP_MANUAL", 5)
 # Seconds to wait for a guest to shut down (offline method) before refusing.
 VMBACKUP_SHUTDOWN_TIMEOUT = envint("VMBACKUP_SHUTDOWN_TIMEOUT", 300)
 

@@ -21,7 +21,9 @@ class Command(BaseCommand):
             raise CommandError("name backups (id or path) or use --all")
         bad = 0
         for backup in selected:
-            line = verify.verify_backup(backup)
+            # oldest first with --all: each backup's ancestors were just re-read before it;
+            # a backup named alone is checked with the whole chain it needs
+            line = verify.verify_backup(backup, chain=not all)
             bad += not line.startswith("ok")
             self.stdout.write(line)
         if bad:
