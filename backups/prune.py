@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from . import archive, archive_check, qemu_img, retention
 from .models import ACTIVE_STATUSES, Backup, BackupPolicy, Kind, PruneLock, Restore
+from .roots import refusal as root_refusal
 
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
 
@@ -148,7 +149,7 @@ def fold(child: Backup, new_parent: Backup | None) -> None:
 
 def _roots() -> set[Path]:
     roots = {settings.VMBACKUP_ROOT, *BackupPolicy.objects.values_list("destination", flat=True)}
-    return {Path(os.path.realpath(r)) for r in roots if r and os.path.isabs(r)}
+    return {Path(os.path.realpath(r)) for r in roots if r and not root_refusal(r)}
 
 
 def delete(backup: Backup) -> None:

@@ -53,6 +53,17 @@ def backup_root(settings, _swept):
 
 
 @pytest.fixture
+def allow_root(settings):
+    """Adds a directory to VMBACKUP_ROOTS, as an operator configures a second destination."""
+
+    def allow(path):
+        settings.VMBACKUP_ROOTS = [*settings.VMBACKUP_ROOTS, str(path)]
+        return path
+
+    return allow
+
+
+@pytest.fixture
 def host(db, libvirt_uri):
     from backups.models import Host
 
@@ -70,3 +81,9 @@ def synced(host):
         return VirtualMachine.objects.get(uuid=dom.uuid)
 
     return sync
+
+
+@pytest.fixture(autouse=True)
+def _test_uris(settings):
+    """Tests may point a host at libvirt's test:/// driver; production settings refuse it."""
+    settings.VMBACKUP_ALLOW_TEST_URI = True
