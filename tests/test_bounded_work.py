@@ -33,6 +33,12 @@ def test_it_queues_one_verification_per_backup(
     assert [args for args, _ in async_calls] == [("backups.jobs.verify_backup", backup.pk)]
 
 
+def test_the_backup_page_says_a_verification_is_queued(owner_client, backup, async_calls):
+    jobs.request_verify(backup)
+    page = owner_client.get(reverse("backup_detail", args=[backup.pk])).content.decode()
+    assert "a verification is queued or running since" in page
+
+
 def test_it_takes_a_verification_again_once_the_job_ended(owner_client, backup, async_calls):
     jobs.request_verify(backup)
     jobs.verify_backup(backup.pk)  # the directory is missing: recorded, and the mark cleared
