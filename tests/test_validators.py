@@ -160,3 +160,15 @@ def test_reconcile_leaves_partials_under_a_destination_outside_the_roots(rogue, 
     settings.VMBACKUP_ROOTS = [rogue.destination]
     assert reconcile.reconcile().partials == [str(partial)]
     assert not partial.exists()
+
+
+def test_reconcile_leaves_a_dead_runs_staging_outside_the_roots(rogue, test_vm):
+    staging = Path(rogue.destination, "test", ".20260101T000000Z-9.partial")
+    staging.mkdir(parents=True)
+    run = BackupRun.objects.create(
+        vm=test_vm, policy=rogue, status="running", worker="elsewhere:1", staging_path=str(staging)
+    )
+    report = reconcile.reconcile(stale_after=0)
+    run.refresh_from_db()
+    assert run.status == "interrupted"
+    assert staging.is_dir() and str(staging) not in report.partials
