@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django_q.models import Failure, OrmQ, Schedule, Success
 
 from . import jobs
 from .models import Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
@@ -89,11 +90,53 @@ class BackupAdmin(admin.ModelAdmin):
 
     @admin.action(description="Verify now", permissions=["verify_backup"])
     def verify_now(self, request, queryset):
+        queued, busy = 0, 0
         for backup in queryset.select_related("vm__host"):
-            jobs.request_verify(backup)
-        self.message_user(request, f"{queryset.count()} verification(s) queued")
+            try:
+                jobs.request_verify(backup)
+                queued += 1
+            except jobs.VerifyQueued:
+                busy += 1
+        self.message_user(request, f"{queued} verification(s) queued")
+        if busy:
+            self.message_user(
+                request,
+                f"{busy} backup(s) already had a verification queued or running; not queued again",
+                messages.WARNING,
+            )
 
     def has_verify_backup_permission(self, request):
         return request.user.has_perm("backups.verify_backup")
 
     readonly_fields = [f.name for f in Backup._meta.fields if f.name not in {"id", "protected"}]
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """django-q2's queue, schedules and task results, shown but never written from here.
+
+    A schedule's ``func`` (and a queued task's payload) names any callable, which the worker
+    runs as root: editing them from a web form would make the admin a root shell. Our
+    schedules are written by ``vmbackup_schedules``; results are kept for reading only.
+    """
+
+    actions = None  # django-q2's "resubmit" would run a stored task again
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+def _read_only_django_q() -> None:
+    for model in (Schedule, Success, Failure, OrmQ):
+        if admin.site.is_registered(model):
+            base = type(admin.site.get_model_admin(model))
+            admin.site.unregister(model)
+            admin.site.register(model, type(f"ReadOnly{base.__name__}", (ReadOnlyAdmin, base), {}))
+
+
+_read_only_django_q()

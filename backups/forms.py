@@ -4,10 +4,11 @@ import posixpath
 import re
 
 from django import forms
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
-from . import cron, restoring
+from . import restoring, roots
 from .models import BackupPolicy, Method, RunStatus, VirtualMachine
 
 # Disk targets as libvirt names them: vda, sdb, hdc, nvme0n1, ...
@@ -71,15 +72,14 @@ class PolicyForm(forms.ModelForm):
             present.distinct().select_related("host").order_by("name", "host__name")
         )
         self.fields["vms"].label_from_instance = lambda vm: f"{vm.name} ({vm.host.name})"
+        self.fields["destination"].help_text = (
+            f"blank: {settings.VMBACKUP_ROOT}; else one of the backup roots (VMBACKUP_ROOTS): "
+            + ", ".join(roots.configured())
+        )
 
     def clean_schedule(self) -> str:
-        value = " ".join(self.cleaned_data["schedule"].split())
-        if value:
-            try:
-                cron.parse(value)
-            except cron.CronError as exc:
-                raise ValidationError(f"Not a valid cron expression: {exc}") from exc
-        return value
+        """Spaces tidied; the model's validator judges the expression (for the admin too)."""
+        return " ".join(self.cleaned_data["schedule"].split())
 
     def clean_destination(self) -> str:
         value = self.cleaned_data["destination"].strip()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from . import domain_xml
+from . import domain_xml, uris
 from .domain_xml import DiskInfo as DiskInfo  # re-exported: callers see one boundary
 from .domain_xml import DomainInfo as DomainInfo
 from .domain_xml import TpmInfo as TpmInfo
@@ -92,6 +92,9 @@ class Session:
         self._completed: dict[str, dict] = {}
         self._job_ended = threading.Condition()  # wakes wait_backup the moment a job ends
         self._restarted = False
+        refused = uris.refusal(self.uri)  # asked again here: the row may have been edited
+        if refused:
+            raise HypervisorError(f"refusing to connect: {refused}")
         try:
             self._conn = libvirt.open(self.uri)
             self._callback = self._conn.domainEventRegisterAny(

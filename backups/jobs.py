@@ -6,8 +6,11 @@ never looks for a row the web request has not committed yet.
 """
 
 import logging
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -68,7 +71,23 @@ def request_cancel(run: BackupRun) -> None:
         BackupRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(cancel_requested=True)
 
 
+class VerifyQueued(Exception):
+    """A verification of this backup is already queued or running."""
+
+
 def request_verify(backup: Backup) -> None:
+    """Enqueue one verification; raises ``VerifyQueued`` while one is queued or running.
+
+    Each verification re-reads the whole backup, so repeated clicks must not pile up. The
+    mark is taken atomically on the row and cleared when the job ends; a mark older than the
+    longest a job may run (``Q_TIMEOUT``, after which django-q2 has ended it) is stale.
+    """
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.Q_TIMEOUT)
+    free = Q(verify_queued_at__isnull=True) | Q(verify_queued_at__lt=stale)
+    if not Backup.objects.filter(free, pk=backup.pk).update(verify_queued_at=now):
+        raise VerifyQueued(f"A verification of {backup} is already queued or running.")
+    backup.verify_queued_at = now
     _enqueue("backups.jobs.verify_backup", backup.pk, vm=backup.vm, name=f"verify-{backup.pk}")
 
 
@@ -96,7 +115,28 @@ def run_backup(run_id: int) -> str:
 
 
 class RestoreRefused(Exception):
-    """A restore request that cannot be taken (name in use by another restore, bad input)."""
+    """A restore request that cannot be taken (name in use by another restore, bad input,
+    too many restores on the host)."""
+
+
+def _check_restore_cap(host) -> None:
+    """At most ``VMBACKUP_MAX_RESTORES_PER_HOST`` queued or running restores per host: each
+    one writes whole disks, and more would only share the same disks and network.
+
+    Called inside the transaction that creates the restore, with the host row locked
+    (PostgreSQL; SQLite's writers are serialised at BEGIN), so two requests cannot both
+    take the last place.
+    """
+    from .models import Host, Restore
+
+    cap = settings.VMBACKUP_MAX_RESTORES_PER_HOST
+    Host.objects.select_for_update().filter(pk=host.pk).first()
+    active = Restore.objects.filter(vm__host=host, status__in=ACTIVE_STATUSES).count()
+    if active >= cap:
+        raise RestoreRefused(
+            f"{host.name} already has {active} restore(s) queued or running (at most {cap}, "
+            "VMBACKUP_MAX_RESTORES_PER_HOST); request this one when one has ended"
+        )
 
 
 def request_restore(
@@ -125,6 +165,7 @@ def request_restore(
     mode = RestoreMode.IN_PLACE if in_place else RestoreMode.NEW
     try:
         with transaction.atomic():
+            _check_restore_cap(backup.vm.host)
             restore = Restore.objects.create(
                 backup=backup,
                 vm=backup.vm,
@@ -174,8 +215,11 @@ def run_restore(restore_id: int) -> str:
 def verify_backup(backup_id: int) -> str:
     from . import verify
 
-    backup = Backup.objects.select_related("vm").get(pk=backup_id)
-    return verify.verify_backup(backup)
+    try:
+        backup = Backup.objects.select_related("vm").get(pk=backup_id)
+        return verify.verify_backup(backup)
+    finally:
+        Backup.objects.filter(pk=backup_id).update(verify_queued_at=None)
 
 
 def sync_inventory() -> str:
@@ -246,4 +290,11 @@ def reconcile(cluster: str | None = None) -> str:
     return reconcile_mod.reconcile(cluster=cluster).summary()
 
 
-__all__ = ["ACTIVE_STATUSES", "RunActive", "request_backup", "request_cancel", "request_verify"]
+__all__ = [
+    "ACTIVE_STATUSES",
+    "RunActive",
+    "VerifyQueued",
+    "request_backup",
+    "request_cancel",
+    "request_verify",
+]

@@ -10,12 +10,20 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from . import uris
+from .validators import validate_backup_root, validate_cron, validate_libvirt_uri
+
 
 class Host(models.Model):
     """A libvirt connection; one django-q2 cluster per host runs its backups."""
 
     name = models.CharField(max_length=100, unique=True)
-    uri = models.CharField(max_length=255, default="qemu:///system")
+    uri = models.CharField(
+        max_length=255,
+        default="qemu:///system",
+        validators=[validate_libvirt_uri],
+        help_text=uris.HELP,
+    )
     cluster = models.CharField(
         max_length=64, blank=True, help_text="django-q2 cluster that runs jobs for this host"
     )
@@ -125,7 +133,11 @@ class BackupPolicy(models.Model):
     enabled = models.BooleanField(default=True)
     vms = models.ManyToManyField(VirtualMachine, related_name="policies", blank=True)
     schedule = models.CharField(
-        max_length=100, blank=True, default="0 2 * * *", help_text="cron; blank: manual only"
+        max_length=100,
+        blank=True,
+        default="0 2 * * *",
+        validators=[validate_cron],
+        help_text="cron; blank: manual only",
     )
     method = models.CharField(max_length=16, choices=Method.choices, default=Method.AUTO)
     compression = models.CharField(
@@ -140,7 +152,10 @@ class BackupPolicy(models.Model):
     )
     verify_after = models.BooleanField(default=True)
     destination = models.CharField(
-        max_length=1024, blank=True, help_text="backup root; blank: VMBACKUP_ROOT"
+        max_length=1024,
+        blank=True,
+        validators=[validate_backup_root],
+        help_text="one of the backup roots (VMBACKUP_ROOTS); blank: VMBACKUP_ROOT",
     )
     full_every = models.PositiveIntegerField(
         default=7, help_text="incremental chains: a full backup after this many incrementals"
@@ -381,6 +396,9 @@ class Backup(models.Model):
     )
     verified_at = models.DateTimeField(null=True, blank=True)
     verify_error = models.TextField(blank=True)
+    verify_queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="a verification is queued or running since then"
+    )
     pruned_at = models.DateTimeField(null=True, blank=True)
 
     objects = BackupQuerySet.as_manager()

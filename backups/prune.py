@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from . import archive, archive_check, fold, notify, retention
 from .models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
+from .roots import refusal as root_refusal
 
 log = logging.getLogger(__name__)
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
@@ -194,7 +195,7 @@ def _restore_active(vm, report: Report) -> bool:
 
 def _roots() -> set[Path]:
     roots = {settings.VMBACKUP_ROOT, *BackupPolicy.objects.values_list("destination", flat=True)}
-    return {Path(os.path.realpath(r)) for r in roots if r and os.path.isabs(r)}
+    return {Path(os.path.realpath(r)) for r in roots if r and not root_refusal(r)}
 
 
 def delete(backup: Backup) -> None:

@@ -31,6 +31,7 @@ from .models import (
     RestoreMode,
     RunStatus,
 )
+from .roots import refusal as root_refusal
 
 log = logging.getLogger(__name__)
 OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
@@ -327,7 +328,8 @@ def _repair_run(run: BackupRun, report: Report) -> None:
 
 
 def _root_of(run: BackupRun) -> str:
-    return run.policy.root if run.policy else settings.VMBACKUP_ROOT
+    root = run.policy.root if run.policy else settings.VMBACKUP_ROOT
+    return settings.VMBACKUP_ROOT if root_refusal(root) else root  # only under our roots
 
 
 def _still_active(run_id: int) -> bool:
@@ -379,7 +381,7 @@ def _our_overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict
 def _roots() -> set[str]:
     roots = {settings.VMBACKUP_ROOT}
     roots |= {p.root for p in BackupPolicy.objects.all()}
-    return {r for r in roots if r and os.path.isabs(r) and os.path.isdir(r)}
+    return {r for r in roots if r and not root_refusal(r) and os.path.isdir(r)}
 
 
 def _remove_orphan_partials(report: Report) -> None:

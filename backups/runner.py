@@ -33,6 +33,7 @@ from .models import (
     RestoreMode,
     RunStatus,
 )
+from .roots import refusal as root_refusal
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
@@ -219,6 +220,9 @@ def _root(run: BackupRun) -> str:
 
 def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     """Refuse with a clear reason before anything is written."""
+    root = _root(run)
+    if root_refusal(root):  # a policy row edited in the database: write nothing there
+        raise Refused(root_refusal(root))
     in_place = Restore.objects.filter(
         vm=run.vm, mode=RestoreMode.IN_PLACE, status__in=ACTIVE_STATUSES
     )
@@ -247,9 +251,6 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     for disk in disks:
         if not os.access(disk.source, os.R_OK):
             raise Refused(f"disk {disk.target} ({disk.source}) is not readable")
-    root = _root(run)
-    if not os.path.isabs(root):
-        raise Refused(f"backup root {root!r} is not an absolute path")
     os.makedirs(root, mode=0o755, exist_ok=True)
     if method == Method.PUSH:
         directory = archive.vm_dir(root, domain.name)

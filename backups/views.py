@@ -225,8 +225,11 @@ def backup_verify(request, backup_id: int):
     if backup.pruned_at:
         messages.error(request, "This backup was pruned; there is nothing left to verify.")
     else:
-        jobs.request_verify(backup)
-        messages.success(request, f"Verification of {backup} queued.")
+        try:
+            jobs.request_verify(backup)
+            messages.success(request, f"Verification of {backup} queued.")
+        except jobs.VerifyQueued as exc:
+            messages.info(request, f"{exc} It was not queued again.")
     return _back(backup, request)
 
 

@@ -53,6 +53,17 @@ def backup_root(settings, _swept):
 
 
 @pytest.fixture
+def allow_root(settings):
+    """Adds a directory to VMBACKUP_ROOTS, as an operator configures a second destination."""
+
+    def allow(path):
+        settings.VMBACKUP_ROOTS = [*settings.VMBACKUP_ROOTS, str(path)]
+        return path
+
+    return allow
+
+
+@pytest.fixture
 def host(db, libvirt_uri):
     from backups.models import Host
 
@@ -94,3 +105,9 @@ def restore_root(settings, domains):
             for dom in with_name:
                 domains_mod.remove_domain(domains.conn, dom.UUIDString())
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _test_uris(settings):
+    """Tests may point a host at libvirt's test:/// driver; production settings refuse it."""
+    settings.VMBACKUP_ALLOW_TEST_URI = True

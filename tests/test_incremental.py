@@ -165,10 +165,10 @@ def test_it_never_deletes_a_checkpoint_it_did_not_create(domains, backup_root, s
     assert last.backup.checkpoint not in names  # ours, superseded: dropped
 
 
-def test_it_never_chains_across_policies_or_directories(domains, backup_root, synced, tmp_path):
+def test_it_never_chains_across_policies_or_directories(domains, backup_root, synced, allow_root):
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
     vm = synced(dom)
-    elsewhere = make_dir(backup_root / "nas")
+    elsewhere = allow_root(make_dir(backup_root / "nas"))
     nas = BackupPolicy.objects.create(name="nas", schedule="", destination=str(elsewhere))
     assert push(vm, nas).kind == "full"
     manual = push(vm)  # no policy: VMBACKUP_ROOT, its own chain

@@ -90,15 +90,15 @@ def test_it_keeps_every_remaining_point_restorable(chain, rules, protect, expect
         assert archive.read_manifest(newest.path).kind == "full"
 
 
-def test_it_prunes_only_the_policys_own_backups(domains, backup_root, synced):
+def test_it_prunes_only_the_policys_own_backups(domains, backup_root, synced, allow_root):
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
     vm = synced(dom)
     keep_all = {"keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
     daily = BackupPolicy.objects.create(name="daily", schedule="", keep_last=1, **keep_all)
+    nas = allow_root(make_dir(backup_root / "nas"))
     monthly = BackupPolicy.objects.create(
-        name="monthly", schedule="", keep_last=5, destination=str(make_dir(backup_root / "nas")),
-        **keep_all,
-    )  # fmt: skip
+        name="monthly", schedule="", keep_last=5, destination=str(nas), **keep_all
+    )
     daily.vms.add(vm)
     monthly.vms.add(vm)
     other = push(vm, monthly).backup

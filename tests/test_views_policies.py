@@ -69,6 +69,8 @@ def test_it_edits_a_policy(owner_client, policy, vm):
         ("schedule", "0 2 * * funday", "not a number or a name"),
         ("destination", "backups/vms", "Use an absolute path"),
         ("destination", "/srv/../etc", "must not contain"),
+        ("destination", "/etc", "/etc is not a configured backup root"),
+        ("schedule", "0 25 * * *", "hour: 25 is outside 0-23"),
         ("exclude_disks", "vda; rm -rf /", "not valid"),
         ("notify_to", "ops@example.com, nope", "Not an email address: nope"),
     ],
@@ -168,3 +170,18 @@ def test_it_gives_up_on_a_date_that_never_comes():
 def test_it_rejects_invalid_cron(expr):
     with pytest.raises(cron.CronError):
         cron.parse(expr)
+
+
+def test_it_saves_a_destination_that_is_a_configured_root(owner_client, settings):
+    settings.VMBACKUP_ROOTS = ["/srv/nas"]
+    response = owner_client.post(CREATE, form_data(destination="/srv/nas/"))
+    assert response.status_code == 302
+    assert BackupPolicy.objects.get().destination == "/srv/nas"
+
+
+def test_it_names_the_configured_roots_beside_the_destination(owner_client, settings):
+    settings.VMBACKUP_ROOT, settings.VMBACKUP_ROOTS = "/srv/main", ["/srv/nas"]
+    response = owner_client.get(CREATE)
+    assert "one of the backup roots (VMBACKUP_ROOTS): /srv/main, /srv/nas" in (
+        response.content.decode()
+    )

@@ -6,6 +6,7 @@ Every variable is listed in README.md's configuration table. Secrets may be give
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -68,6 +69,13 @@ CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
 # What to back up and where.
 VMBACKUP_LIBVIRT_URI = env("VMBACKUP_LIBVIRT_URI", "qemu:///system")
 VMBACKUP_ROOT = env("VMBACKUP_ROOT", "/var/backups/vms")
+# Every directory a policy may name as its destination (comma-separated); the worker writes,
+# prunes and adopts nowhere else. VMBACKUP_ROOT is always one of them.
+VMBACKUP_ROOTS = envlist("VMBACKUP_ROOTS", [VMBACKUP_ROOT])
+# Accept libvirt's test:/// driver as a host URI (the test suite does; production never).
+VMBACKUP_ALLOW_TEST_URI = envbool("VMBACKUP_ALLOW_TEST_URI", False)
+# Restores queued or running at once per host; one more is refused until one ends.
+VMBACKUP_MAX_RESTORES_PER_HOST = envint("VMBACKUP_MAX_RESTORES_PER_HOST", 2)
 # Directories the dashboard may restore into (comma-separated); a restore writes nowhere else.
 VMBACKUP_RESTORE_ROOTS = envlist("VMBACKUP_RESTORE_ROOTS", ["/var/lib/libvirt/images"])
 # Where external snapshot overlays are written (None: next to each disk).
@@ -113,6 +121,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "django_q",
+    "axes",
     "backups",
 ]
 
@@ -127,6 +136,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes requires
 ]
 
 ROOT_URLCONF = "vmbackup_site.urls"
@@ -194,9 +204,24 @@ CACHES = {
 }
 
 AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Login throttling (django-axes): after VMBACKUP_LOGIN_FAILURES failed logins for one
+# username from one address, that pair is locked out for VMBACKUP_LOGIN_COOLOFF_MINUTES
+# (even with the right password); a successful login resets the count. Unlock earlier
+# with "manage.py axes_reset_username NAME" or in the admin.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = envint("VMBACKUP_LOGIN_FAILURES", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("VMBACKUP_LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/lockout.html"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "overview"
 LOGOUT_REDIRECT_URL = "login"
@@ -215,8 +240,20 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", False)
+# Logged-in sessions end after this many seconds (default 8 hours: one working day).
+SESSION_COOKIE_AGE = envint("SESSION_COOKIE_AGE", 8 * 3600)
+# Production behind a TLS-terminating proxy that sets X-Forwarded-Proto: one switch for
+# secure cookies, HSTS and the redirect to https. Only with a proxy that overwrites the
+# header: Django trusts it.
+VMBACKUP_HTTPS = envbool("VMBACKUP_HTTPS", False)
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", VMBACKUP_HTTPS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+if VMBACKUP_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", False)
 
 Q_WORKERS = envint("Q_WORKERS", 2)
 Q_TIMEOUT = envint("Q_TIMEOUT", 24 * 3600)

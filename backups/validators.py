@@ -1,0 +1,30 @@
+"""Model field validators: every form that saves a model (the dashboard's and the admin's)
+runs them through ``full_clean``, so no form can store what the worker would refuse."""
+
+from django.core.exceptions import ValidationError
+
+from . import cron, roots, uris
+
+
+def validate_libvirt_uri(value: str) -> None:
+    reason = uris.refusal(value)
+    if reason:
+        raise ValidationError(reason, code="libvirt_uri")
+
+
+def validate_backup_root(value: str) -> None:
+    """A policy destination: one of the configured roots (blank, the default, is not run)."""
+    if roots.refusal(value):
+        allowed = ", ".join(roots.configured())
+        raise ValidationError(
+            f"{value} is not a configured backup root; use one of: {allowed} "
+            "(or leave blank for VMBACKUP_ROOT). Roots are set by VMBACKUP_ROOTS.",
+            code="backup_root",
+        )
+
+
+def validate_cron(value: str) -> None:
+    try:
+        cron.parse(value)
+    except cron.CronError as exc:
+        raise ValidationError(f"Not a valid cron expression: {exc}", code="cron") from exc
