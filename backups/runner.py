@@ -21,7 +21,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, chain, hypervisor, methods, notify, qemu_img
+from . import archive, archive_check, chain, hypervisor, methods, notify, private, qemu_img
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -249,7 +249,7 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     root = _root(run)
     if not os.path.isabs(root):
         raise Refused(f"backup root {root!r} is not an absolute path")
-    os.makedirs(root, mode=0o755, exist_ok=True)
+    _make_root(root)
     if method == Method.PUSH:
         directory = archive.vm_dir(root, domain.name)
         kind_plan = chain.plan(run.vm, policy, hv, disks, directory)
@@ -281,6 +281,15 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
         "root": root,
         "plan": kind_plan,
     }
+
+
+def _make_root(root: str) -> None:
+    """A root we create is search-only for others (0711): QEMU, running as its own user,
+    must pass through it to write push targets, and it lists nothing. Everything below it
+    is 0700/0600. A root that exists keeps the mode its owner chose."""
+    if not os.path.isdir(root):
+        os.makedirs(root, exist_ok=True)
+        os.chmod(root, private.TRAVERSE)
 
 
 def _shut_down(run, hv, domain, policy) -> None:
@@ -460,13 +469,13 @@ def _copy_extras(hv, domain, staging: Path, hasher: Hasher, checkpoint: str | No
     if checkpoint:
         extras["checkpoint_xml"] = hv.checkpoint_xml(domain.uuid, checkpoint)
         target = staging / "checkpoint.xml"
-        target.write_text(extras["checkpoint_xml"])
+        private.write_file(target, extras["checkpoint_xml"])
         hasher.add(target)
     if domain.tpm and domain.tpm.backend == "emulator":
         extras["tpm"] = _copy_tpm(domain.uuid, staging, hasher)
     if domain.nvram and os.path.exists(domain.nvram):
         target = staging / "nvram.fd"
-        shutil.copyfile(domain.nvram, target)
+        private.copy_file(domain.nvram, target)
         hasher.add(target)
         extras["nvram"] = target.name
     return extras
@@ -479,7 +488,7 @@ def _copy_tpm(uuid: str, staging: Path, hasher: Hasher) -> str | None:
     if not source.is_dir():
         return None
     target = staging / "tpm"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock", "*.pid", "*.sock"))
+    private.copy_tree(source, target, skip=(".lock", "*.pid", "*.sock"))
     for path in sorted(p for p in target.rglob("*") if p.is_file()):
         hasher.add(path, name=str(path.relative_to(staging)))
     return "tpm"
