@@ -79,6 +79,19 @@ def copy_tree(
             copy_file(entry.path, destination)
 
 
+def make_root(root: str | os.PathLike) -> None:
+    """A root we create is search-only for others (0711): QEMU, running as its own user,
+    must pass through it to write push targets, and it lists nothing. Everything below it
+    is 0700/0600. A root that exists keeps the mode its owner chose; missing parents are
+    made 0711 too (the worker's umask would make them 0700, closed to QEMU)."""
+    for path in [*reversed(Path(root).parents), Path(root)]:
+        try:
+            os.mkdir(path, TRAVERSE)
+        except FileExistsError:
+            continue
+        os.chmod(path, TRAVERSE)
+
+
 def owner_of(user: str) -> tuple[int, int] | None:
     """(uid, gid) of ``user``, or None when there is no such user (QEMU runs as root)."""
     try:

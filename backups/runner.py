@@ -249,7 +249,7 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     root = _root(run)
     if not os.path.isabs(root):
         raise Refused(f"backup root {root!r} is not an absolute path")
-    _make_root(root)
+    private.make_root(root)
     if method == Method.PUSH:
         directory = archive.vm_dir(root, domain.name)
         kind_plan = chain.plan(run.vm, policy, hv, disks, directory)
@@ -281,19 +281,6 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
         "root": root,
         "plan": kind_plan,
     }
-
-
-def _make_root(root: str) -> None:
-    """A root we create is search-only for others (0711): QEMU, running as its own user,
-    must pass through it to write push targets, and it lists nothing. Everything below it
-    is 0700/0600. A root that exists keeps the mode its owner chose; missing parents are
-    made 0711 too (the worker's umask would make them 0700, closed to QEMU)."""
-    for path in [*reversed(Path(root).parents), Path(root)]:
-        try:
-            os.mkdir(path, private.TRAVERSE)
-        except FileExistsError:
-            continue
-        os.chmod(path, private.TRAVERSE)
 
 
 def _shut_down(run, hv, domain, policy) -> None:
