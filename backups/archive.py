@@ -397,7 +397,7 @@ def _fsync(path: Path, flags: int = os.O_DIRECTORY) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Temp file + fsync + rename: a reader (or a crash) sees the old or the new file,
     never half of one.  The caller fsyncs the directory once all renames are done."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -445,23 +445,25 @@ def staging_dir(root: str | os.PathLike, vm_name: str, stamp: str, run_id: int) 
 
     The root itself must already exist: a missing root usually means an unmounted
     destination, and filling the mount point's parent file system is worse than failing.
-    Mode 0755 lets a QEMU running as another user (after the caller chowns) write in it.
+    Private (0700), like the VM's directory: a push job lends both to QEMU's user for
+    the job only (``private.lent_to``); the VM's directory is made 0700 again here in case
+    a killed worker could not take it back.
     """
     name = final_name(stamp, run_id)
     parent = vm_dir(root, vm_name)
     _need(parent.parent.is_dir(), f"backup root {parent.parent} does not exist")
     with contextlib.suppress(FileExistsError):
-        parent.mkdir(0o755)
-        parent.chmod(0o755)
+        parent.mkdir(0o700)
         _fsync(parent.parent)
     _need(parent.is_dir(), f"{parent} is not a directory")
+    parent.chmod(0o700)
     _need(not os.path.lexists(parent / name), f"backup {parent / name} already exists")
     path = parent / f".{name}.partial"
     try:
-        os.mkdir(path, 0o755)
+        os.mkdir(path, 0o700)
     except FileExistsError:
         raise ArchiveError(f"staging directory {path} already exists") from None
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o700)
     return path
 
 
@@ -508,9 +510,9 @@ def _coverage_problems(manifest: Manifest, sums: dict[str, str]) -> list[str]:
 def _write_generated(directory: Path, manifest: Manifest, sums: dict[str, str]) -> None:
     """SHA256SUMS goes last because it covers the other three."""
     files = [
-        (MANIFEST, manifest.to_json(), 0o644),
-        ("RESTORE.md", restore.restore_md(manifest), 0o644),
-        ("restore.sh", restore.restore_sh(manifest), 0o755),
+        (MANIFEST, manifest.to_json(), 0o600),
+        ("RESTORE.md", restore.restore_md(manifest), 0o600),
+        ("restore.sh", restore.restore_sh(manifest), 0o700),
     ]
     for name, text, mode in files:
         data = text.encode()

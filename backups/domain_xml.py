@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import allowlist
+
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
@@ -214,7 +216,8 @@ def restored_xml(
     New name and UUID; every ``<mac>`` dropped so libvirt generates fresh addresses; each
     restored disk (``disks``: target -> (path, format)) pointed at its standalone file;
     disks that are not in the backup are left out (a disk we do not have must not silently
-    point at the original VM's live image); fixed graphics ports become automatic.
+    point at the original VM's live image); fixed graphics ports become automatic; and
+    nothing outside ``allowlist`` (host paths, devices, raw hypervisor options) is kept.
     Returns the XML and one note for each thing the caller should tell the user.
     """
     root = ET.fromstring(xml)
@@ -226,7 +229,7 @@ def restored_xml(
     for disk in devices.findall("disk"):
         target = _text(disk.find("target"), "dev")
         if disk.get("device", "disk") == "cdrom":
-            continue  # read-only media are not backed up; they stay as defined
+            continue  # not backed up; the allowlist empties it
         if target not in disks:
             # a disk we do not have (a LUN, a shared or network disk...) must not be handed
             # to a second guest next to the original
@@ -243,10 +246,7 @@ def restored_xml(
             disk.insert(0, driver)
         driver.set("type", fmt)  # cache/io/discard settings are kept
         disk.insert(list(disk).index(driver) + 1, ET.Element("source", file=path))
-    for tag, what in (("filesystem", "shared directory"), ("hostdev", "host device")):
-        for node in devices.findall(tag):
-            devices.remove(node)
-            notes.append(f"a {what} ({tag}) of the original is left out: add it by hand if wanted")
+    notes += allowlist.restrict(root)
     genid = root.find("genid")
     if genid is not None:
         genid.text = None  # a clone must not share the VM generation ID: libvirt makes one

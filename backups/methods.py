@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hypervisor, qemu_img
+from . import hypervisor, private, qemu_img
 from .models import Consistency, Method
 
 BACKUP_FORMATS = {"qcow2", "raw"}
@@ -153,6 +152,7 @@ def _copy_disks(ctx: Context, copy: Callable[[hypervisor.DiskInfo, Path, Callabl
         out = ctx.staging / f"{disk.target}.qcow2"
         size = disk.capacity or 0
         ctx.journal("copy", target=disk.target, file=out.name)
+        private.create_file(out)  # 0600 from the start: qemu-img writes into it, keeps it
         copy(disk, out, progress.disk(size))
         progress.finished(size)
         ctx.image_done(out)
@@ -244,22 +244,26 @@ def _pull(ctx: Context) -> Result:
     ctx.journal("backup-begin", mode="pull", socket=socket, checkpoint=ctx.checkpoint)
     finished = False
     try:
-        consistency = _begin_job(ctx, scratch, pull_socket=socket)
+        # QEMU opens the scratch files libvirt creates in staging: lent for the job only
+        with private.lent_to(ctx.staging, ctx.qemu_user):
+            try:
+                consistency = _begin_job(ctx, scratch, pull_socket=socket)
 
-        def copy(disk, out: Path, report) -> None:
-            qemu_img.convert_from_nbd(
-                socket,
-                disk.target,
-                str(out),
-                compression=ctx.compression,
-                progress=report,
-                timeout=ctx.timeout,
-            )
+                def copy(disk, out: Path, report) -> None:
+                    qemu_img.convert_from_nbd(
+                        socket,
+                        disk.target,
+                        str(out),
+                        compression=ctx.compression,
+                        progress=report,
+                        timeout=ctx.timeout,
+                    )
 
-        images = _copy_disks(ctx, copy)
-        finished = True
+                images = _copy_disks(ctx, copy)
+                finished = True
+            finally:
+                ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
     finally:
-        ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
         if not finished:
             drop_checkpoint(ctx)
         for path in scratch.values():
@@ -288,15 +292,15 @@ def _begin_job(ctx: Context, files: dict[str, str], pull_socket: str | None = No
 
 def _socket_dir(ctx: Context) -> Path:
     """A short private directory for the NBD socket (unix socket paths are limited to
-    108 bytes, so not inside the backup root), owned by the user QEMU runs as."""
+    108 bytes, so not inside the backup root), owned by the user QEMU runs as. The pull
+    directory itself is search-only (0711): QEMU passes through it, nobody lists it."""
     path = Path(ctx.pull_dir) / str(ctx.run_id)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    Path(ctx.pull_dir).chmod(0o755)
-    try:
-        user = pwd.getpwnam(ctx.qemu_user)
-        os.chown(path, user.pw_uid, user.pw_gid)
-    except KeyError:  # QEMU runs as root here
-        pass
+    path.chmod(private.DIR)
+    Path(ctx.pull_dir).chmod(private.TRAVERSE)
+    owner = private.owner_of(ctx.qemu_user)
+    if owner is not None:  # else QEMU runs as root here
+        os.chown(path, *owner)
     return path
 
 
@@ -311,16 +315,19 @@ def _push(ctx: Context) -> Result:
     ctx.journal(
         "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
     )
-    try:
-        consistency = _begin_job(ctx, targets)
-    except hypervisor.HypervisorError:
-        _end_push(ctx)  # e.g. the thaw failed after the job had started
-        raise
-    _wait_push(ctx)
+    # QEMU opens the targets libvirt creates in staging: lent for the job only, and taken
+    # back (with each file) before anything is hashed
+    with private.lent_to(ctx.staging, ctx.qemu_user):
+        try:
+            consistency = _begin_job(ctx, targets)
+        except hypervisor.HypervisorError:
+            _end_push(ctx)  # e.g. the thaw failed after the job had started
+            raise
+        _wait_push(ctx)
     images = []
     for disk in ctx.disks:
         out = Path(targets[disk.target])
-        _own(out)
+        private.take_back(out)
         backing = ctx.backing.get(disk.target) if ctx.incremental else None
         if backing:
             qemu_img.rebase(str(out), "qcow2", backing, "qcow2", unsafe=True)
@@ -367,13 +374,6 @@ def drop_checkpoint(ctx: Context) -> None:
                 ctx.journal("checkpoint-dropped", checkpoint=ctx.checkpoint)
 
 
-def _own(path: Path) -> None:
-    """QEMU created the file as its own user: make it ours and not world-readable."""
-    with contextlib.suppress(OSError):
-        os.chown(path, os.getuid(), os.getgid())
-    path.chmod(0o600)
-
-
 def overlay_path(ctx: Context, disk: hypervisor.DiskInfo) -> str:
     """Overlays carry the run id in a dot-name so reconcile can tell ours from anyone's."""
     directory = ctx.overlay_dir or os.path.dirname(disk.source)
@@ -408,7 +408,7 @@ def snapshot(ctx: Context, with_memory: bool = False) -> Result:
     finally:
         commit_overlays(ctx.hv, ctx.uuid, overlays, ctx.journal)
     if memory:
-        _own(ctx.staging / memory)
+        private.take_back(ctx.staging / memory)
         ctx.image_done(ctx.staging / memory)
     if with_memory:
         consistency = Consistency.MEMORY

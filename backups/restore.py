@@ -311,6 +311,7 @@ hints() {
 }
 
 main() {
+    umask 077  # the restored disks hold the VM's secrets
     PARTIAL=
     trap 'if [ -n "$PARTIAL" ]; then rm -f -- "$PARTIAL"; fi' EXIT
     trap 'exit 130' HUP INT TERM

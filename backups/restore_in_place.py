@@ -18,7 +18,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, domain_xml, hypervisor
+from . import archive, domain_xml, hypervisor, private
 from .reconcile import OVERLAY_RE
 from .restoring import (
     RestoreError,
@@ -99,7 +99,8 @@ def _write_replacements(restore, domain, manifest, plan, notes, progress, create
     if manifest.nvram and domain.nvram:
         nvram = os.path.realpath(domain.nvram)
         partial = _new_partial(nvram, restore.pk, progress, created)
-        shutil.copyfile(backup_dir / manifest.nvram, partial)
+        with open(backup_dir / manifest.nvram, "rb") as src, open(partial, "r+b") as dst:
+            shutil.copyfileobj(src, dst)  # into the 0600 file _new_partial made
         _same_owner_and_mode(nvram, partial)
         files.append((partial, nvram))
     elif domain.nvram:
@@ -115,7 +116,7 @@ def _write_replacements(restore, domain, manifest, plan, notes, progress, create
             raise RestoreError(f"{partial} already exists; remove it and try again")
         progress.step("partial", path=partial)
         created.append(Path(partial))
-        shutil.copytree(backup_dir / manifest.tpm, partial)
+        private.copy_tree(backup_dir / manifest.tpm, partial)
         if os.path.isdir(tpm):
             _same_owner_tree(Path(tpm), Path(partial))
         archive.make_durable(Path(partial))
@@ -244,11 +245,13 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
 
 
 def _same_owner_and_mode(original: str, new: str) -> None:
-    """The replacement gets the replaced file's owner and mode (libvirt may relabel)."""
+    """The replacement gets the replaced file's owner, group and mode, except that others
+    may never read it: a restored disk holds the backup's secrets, QEMU gets it through its
+    owner or group (libvirt's DAC driver relabels it at start), never through others."""
     if os.path.exists(original):
         st = os.stat(original)
         os.chown(new, st.st_uid, st.st_gid)
-        os.chmod(new, st.st_mode & 0o7777)
+        os.chmod(new, st.st_mode & 0o770)
 
 
 def _same_owner_tree(original: Path, new: Path) -> None:

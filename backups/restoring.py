@@ -23,7 +23,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, domain_xml, hypervisor, qemu_img
+from . import archive, archive_check, domain_xml, hypervisor, private, qemu_img
 from .models import ACTIVE_STATUSES, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,10 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     require_space(root, needed_bytes(backup_dir, manifest.disks))
 
     progress.step("staging", path=str(staging))
-    os.mkdir(staging, 0o711)
+    # 0711, not 0700: libvirt's DAC driver hands each disk file to QEMU's user when the
+    # domain starts, but QEMU still has to pass through this directory to open them.
+    # Search-only lists nothing; every file in it is 0600.
+    private.mkdir(staging, private.TRAVERSE)
     created.append(staging)
     total = sum(d.virtual_size for d in manifest.disks)
     progress.bytes(0, total)
@@ -177,13 +180,13 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     disks: dict[str, tuple[str, str]] = {}
     for disk in manifest.disks:
         out = staging / f"{disk.target}.{disk.format}"
+        private.create_file(out)  # 0600 before a byte is copied
         flatten(backup_dir, disk, out, disk.format, progress, done)
         done += disk.virtual_size
         disks[disk.target] = (str(final / out.name), disk.format)
     nvram = None
     if manifest.nvram:
-        shutil.copyfile(backup_dir / manifest.nvram, staging / "nvram.fd")
-        os.chmod(staging / "nvram.fd", 0o600)
+        private.copy_file(backup_dir / manifest.nvram, staging / "nvram.fd")
         nvram = str(final / "nvram.fd")
 
     require_unchanged(backup_dir, before)
@@ -312,6 +315,8 @@ def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: _Progress, ba
         progress.bytes(base + int(fraction * disk.virtual_size))
         progress.check_cancel(every=CANCEL_CHECK_EVERY)  # raising here kills qemu-img
 
+    # ``out`` exists already, created 0600 by the caller: qemu-img writes into it and
+    # keeps its mode, so the disk is never readable by others, not even mid-copy
     qemu_img.convert(
         str(backup_dir / disk.file),
         disk.image_format,
@@ -320,13 +325,12 @@ def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: _Progress, ba
         progress=report,
         timeout=settings.Q_TIMEOUT,
     )
-    os.chmod(out, 0o600)  # a guest's disk is private; libvirt hands it to QEMU at start
 
 
 def _restore_tpm(source: Path, target: Path) -> None:
     """The TPM state goes where libvirt's swtpm looks for the new UUID, owned by the user
-    swtpm runs as (``tss`` on Debian) when there is one."""
-    shutil.copytree(source, target)
+    swtpm runs as (``tss`` on Debian) when there is one; private (0700/0600) throughout."""
+    private.copy_tree(source, target)
     with contextlib.suppress(KeyError):
         user = pwd.getpwnam("tss")
         for path in [target, *target.rglob("*")]:

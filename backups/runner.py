@@ -21,7 +21,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, chain, hypervisor, methods, notify, qemu_img
+from . import archive, archive_check, chain, hypervisor, methods, notify, private, qemu_img
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -251,7 +251,7 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     for disk in disks:
         if not os.access(disk.source, os.R_OK):
             raise Refused(f"disk {disk.target} ({disk.source}) is not readable")
-    os.makedirs(root, mode=0o755, exist_ok=True)
+    private.make_root(root)
     if method == Method.PUSH:
         directory = archive.vm_dir(root, domain.name)
         kind_plan = chain.plan(run.vm, policy, hv, disks, directory)
@@ -462,13 +462,13 @@ def _copy_extras(hv, domain, staging: Path, hasher: Hasher, checkpoint: str | No
     if checkpoint:
         extras["checkpoint_xml"] = hv.checkpoint_xml(domain.uuid, checkpoint)
         target = staging / "checkpoint.xml"
-        target.write_text(extras["checkpoint_xml"])
+        private.write_file(target, extras["checkpoint_xml"])
         hasher.add(target)
     if domain.tpm and domain.tpm.backend == "emulator":
         extras["tpm"] = _copy_tpm(domain.uuid, staging, hasher)
     if domain.nvram and os.path.exists(domain.nvram):
         target = staging / "nvram.fd"
-        shutil.copyfile(domain.nvram, target)
+        private.copy_file(domain.nvram, target)
         hasher.add(target)
         extras["nvram"] = target.name
     return extras
@@ -481,7 +481,7 @@ def _copy_tpm(uuid: str, staging: Path, hasher: Hasher) -> str | None:
     if not source.is_dir():
         return None
     target = staging / "tpm"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock", "*.pid", "*.sock"))
+    private.copy_tree(source, target, skip=(".lock", "*.pid", "*.sock"))
     for path in sorted(p for p in target.rglob("*") if p.is_file()):
         hasher.add(path, name=str(path.relative_to(staging)))
     return "tpm"

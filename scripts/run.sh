@@ -6,7 +6,9 @@ ADDR=${1:-127.0.0.1:8000}
 DEMO=${2:-0}
 PY=.venv/bin/python
 export VMBACKUP_ROOT=${VMBACKUP_ROOT:-/var/backups/vms}
-mkdir -p "$VMBACKUP_ROOT" && chmod 755 "$VMBACKUP_ROOT"
+# A root made here is search-only (QEMU passes through it to write push targets); one
+# that exists keeps its mode. Below it everything is private (manage.py sets umask 077).
+[ -d "$VMBACKUP_ROOT" ] || mkdir -p -m 0711 "$VMBACKUP_ROOT"
 
 $PY manage.py migrate --noinput >/dev/null
 $PY manage.py createcachetable >/dev/null

@@ -327,20 +327,23 @@ def test_it_publishes_a_complete_backup(root: Path):
         "RESTORE.md",
         "restore.sh",
     }
-    assert (published / "restore.sh").stat().st_mode & 0o777 == 0o755
-    assert (published / "backup.json").stat().st_mode & 0o777 == 0o644
+    for name in ("backup.json", "domain.xml", "RESTORE.md", "SHA256SUMS"):
+        assert (published / name).stat().st_mode & 0o777 == 0o600
+    assert (published / "restore.sh").stat().st_mode & 0o777 == 0o700
     assert (published / "domain.xml").read_text() == "<domain/>\n"
     assert archive.read_manifest(published).nvram == "nvram.fd"
     assert list((root / "web").glob(".*")) == []
     assert archive.list_backups(root, "web") == [published]
 
 
-def test_it_creates_staging_dirs_readable_by_other_users(root: Path):
+def test_it_creates_private_staging_and_vm_dirs(root: Path):
+    (root / "web").mkdir(0o755)  # as a killed push job may have left it: made private again
+    (root / "web").chmod(0o711)
     staging = archive.staging_dir(root, "web", "20261130T010000Z", 4)
 
     assert staging == root / "web" / ".20261130T010000Z-4.partial"
-    assert staging.stat().st_mode & 0o777 == 0o755
-    assert (root / "web").stat().st_mode & 0o777 == 0o755
+    assert staging.stat().st_mode & 0o777 == 0o700
+    assert (root / "web").stat().st_mode & 0o777 == 0o700
     with pytest.raises(ArchiveError, match="exists"):
         archive.staging_dir(root, "web", "20261130T010000Z", 4)
 

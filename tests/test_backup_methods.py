@@ -9,6 +9,7 @@ import pytest
 from backups import jobs, qemu_img
 from backups.models import RunStatus
 from tests.domains import DiskSpec, make_dir
+from tests.modes import assert_private
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
@@ -88,6 +89,8 @@ def test_it_backs_up_a_qcow2_and_a_raw_disk(
     assert run.bytes_hashed == run.bytes_to_hash >= images  # the checksum pass, reported
     if method == "memory":
         assert (path / "memory.save").stat().st_size > 0
+    assert_private(backup_root / dom.name)  # the VM's directory, the backup, every file
+    assert all(p.stat().st_uid == os.getuid() for p in path.rglob("*"))
 
 
 def test_it_picks_offline_for_a_shut_off_domain_and_push_for_a_running_one(
@@ -124,6 +127,7 @@ def test_it_copies_uefi_nvram(domains, backup_root, synced):
     dom.nvram.write_bytes(b"\x01" * 4096)
     run = backup(synced(dom), "offline")
     assert (Path(run.backup.path) / "nvram.fd").read_bytes() == b"\x01" * 4096
+    assert_private(backup_root / dom.name)
 
 
 def test_it_copies_the_emulated_tpm_state(domains, backup_root, synced):
@@ -133,6 +137,7 @@ def test_it_copies_the_emulated_tpm_state(domains, backup_root, synced):
     copied = Path(run.backup.path, "tpm", "tpm2", "tpm2-00.permall")
     assert copied.read_bytes() == state.read_bytes()
     assert run.backup.manifest["tpm"] == "tpm"
+    assert_private(backup_root / dom.name)
     assert_restorable(dom, Path(run.backup.path), dom.dir)
 
 
@@ -155,3 +160,17 @@ def test_it_can_pull_a_full_backup_over_nbd_with_compression(
     assert_vm_untouched(domains, dom, running=True)
     assert not list(Path(settings.VMBACKUP_NBD_DIR).iterdir())  # socket dir removed
     assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+    assert_private(backup_root / dom.name)
+    # QEMU passes through the pull directory to its socket; nobody lists it
+    assert_private(Path(settings.VMBACKUP_NBD_DIR), {Path(settings.VMBACKUP_NBD_DIR): 0o711})
+
+
+def test_it_creates_a_missing_root_search_only_and_all_below_private(
+    domains, backup_root, synced, settings
+):
+    root = backup_root / "new" / "root"
+    settings.VMBACKUP_ROOT = str(root)
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x16)])])
+    backup(synced(dom), "offline")
+    # QEMU (another user) must pass through a root to write push targets; it lists nothing
+    assert_private(root.parent, {root.parent: 0o711, root: 0o711})

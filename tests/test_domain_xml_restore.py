@@ -86,8 +86,12 @@ def test_each_restored_disk_points_at_its_standalone_file():
 def test_a_disk_not_in_the_backup_is_left_out_never_shared_with_the_original():
     root, notes = restored()
     targets = [d.find("target").get("dev") for d in root.iter("disk")]
-    assert targets == ["vda", "vdb", "sda"]  # the cdrom stays as defined
-    assert notes == ["disk vdc was not in the backup and is left out"]
+    assert targets == ["vda", "vdb", "sda"]  # the cdrom stays, emptied
+    assert disk(root, "sda").find("source") is None
+    assert notes == [
+        "disk vdc was not in the backup and is left out",
+        "the cdrom sda is emptied (it held /isos/install.iso)",
+    ]
 
 
 def test_nvram_points_at_the_restored_copy_or_is_made_fresh():

@@ -12,6 +12,7 @@ import pytest
 from backups import hypervisor, jobs, qemu_img, reconcile
 from backups.models import Backup, Restore, RunStatus
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir
+from tests.modes import assert_private
 from tests.test_incremental import push, snapshot_copy, write
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
@@ -28,8 +29,21 @@ def restore_now(backup: Backup, root: Path, name: str | None = None, start: bool
     return restore
 
 
+def modes_at_copy(monkeypatch) -> dict[str, int]:
+    """The mode each restored image has when qemu-img starts writing into it."""
+    seen, real = {}, qemu_img.convert
+
+    def convert(src, src_fmt, dst, dst_fmt, **kwargs):
+        seen[dst] = os.stat(dst).st_mode & 0o777
+        return real(src, src_fmt, dst, dst_fmt, **kwargs)
+
+    monkeypatch.setattr(qemu_img, "convert", convert)
+    return seen
+
+
 def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_root, synced,
-                                                                restore_root):  # fmt: skip
+                                                                restore_root,
+                                                                monkeypatch):  # fmt: skip
     dom = domains.create(
         [DiskSpec("vda", "qcow2", 32, [(0, 4, 0xA1)]), DiskSpec("vdb", "raw", 8, [(1, 1, 0xB1)])],
         start=True,
@@ -45,10 +59,14 @@ def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_
     assert incremental.kind == "incremental"
     write(domains, dom, 0, "write -P 0xe3 0 1M")  # after the backup: must not show up
 
+    copying = modes_at_copy(monkeypatch)
     restore = restore_now(incremental, restore_root, start=True)
 
     assert restore.status == RunStatus.SUCCEEDED, restore.error
     final = restore_root / restore.name
+    assert sorted(copying.values()) == [0o600, 0o600]  # private before the first byte
+    # search-only: QEMU's user (which libvirt gives the files at start) must reach them
+    assert_private(final, {final: 0o711})
     assert Path(restore.path) == final
     assert sorted(p.name for p in restore_root.iterdir()) == [restore.name]
     for target, fmt in dom.formats.items():

@@ -12,6 +12,7 @@ from django.utils import timezone
 from backups import jobs, qemu_img, reconcile, restore_in_place
 from backups.models import Backup, Restore, RestoreMode, RunStatus
 from tests.domains import DiskSpec, make_dir
+from tests.test_restore_domain import modes_at_copy
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
@@ -84,13 +85,19 @@ def changed_vm(domains, backup_root, synced):
     return dom, vm, backup, copies
 
 
-def test_it_puts_the_backup_back_and_keeps_what_it_replaced(domains, changed_vm):
+def test_it_puts_the_backup_back_and_keeps_what_it_replaced(domains, changed_vm, monkeypatch):
     dom, vm, backup, copies = changed_vm
     xml_before = domains.lookup(dom).XMLDesc(0)
+    dom.disks["vda"].chmod(0o640)  # a disk the admin shares with a group: the group stays
+    dom.disks["vdb"].chmod(0o644)  # others may read the disk: not the restored one
+    copying = modes_at_copy(monkeypatch)
 
     restore = restore_now(backup, start=True)
 
     assert restore.status == RunStatus.SUCCEEDED, restore.error
+    assert sorted(copying.values()) == [0o600, 0o600]  # private before the first byte
+    assert dom.disks["vda"].stat().st_mode & 0o777 == 0o640
+    assert dom.disks["vdb"].stat().st_mode & 0o777 == 0o640
     assert restore.mode == RestoreMode.IN_PLACE and restore.domain_uuid == dom.uuid
     for target, path in dom.disks.items():
         fmt = dom.formats[target]

@@ -42,6 +42,7 @@ def envlist(name: str, default: list[str]) -> list[str]:
 
 DATA_DIR = Path(env("VMBACKUP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.chmod(0o700)  # the database holds session keys: whoever reads it is the admin
 
 
 def _secret_key() -> str:
@@ -158,10 +159,22 @@ TEMPLATES = [
 ]
 
 
+def _private_sqlite(name: Path) -> None:
+    """The database file 0600 before SQLite first opens it (an empty file is an empty
+    database); SQLite gives its -wal and -shm files the database's mode. Files an earlier
+    version left readable by others are narrowed."""
+    if name.parent.is_dir():
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (name, Path(f"{name}-wal"), Path(f"{name}-shm")):
+            if path.exists() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+
+
 def _database(url: str | None) -> dict:
     """SQLite in the data dir by default; ``DATABASE_URL=postgres://...`` for scale-out."""
     if not url:
         name = Path(env("VMBACKUP_SQLITE_PATH", str(DATA_DIR / "vmbackup.sqlite3")))
+        _private_sqlite(name)
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
