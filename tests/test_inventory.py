@@ -64,7 +64,7 @@ def test_it_follows_rename_undefine_and_redefine(domains, host):
 
 
 def test_it_records_a_connection_failure_on_the_host(db):
-    host = Host.objects.create(name="nowhere", uri="qemu+unix:///system?socket=/nonexistent")
+    host = Host.objects.create(name="nowhere", uri="qemu+tls://127.0.0.1:1/system")
     with pytest.raises(inventory.hypervisor.HypervisorError):
         inventory.sync_host(host)
     host.refresh_from_db()

@@ -10,7 +10,7 @@ import pytest
 from backups import allowlist, jobs
 from backups.models import RunStatus
 from tests.domains import DiskSpec
-from tests.test_restore_domain import restore_now, restore_root  # noqa: F401  (fixture)
+from tests.test_restore_domain import restore_now
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
