@@ -379,7 +379,10 @@ class Backup(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="backups",
-        help_text="the policy whose retention owns this backup (none: kept until removed)",
+        help_text=(
+            "the policy whose retention owns this backup "
+            "(none: VMBACKUP_KEEP_MANUAL keeps the newest of each VM)"
+        ),
     )
     path = models.CharField(max_length=1024, unique=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)

@@ -185,3 +185,45 @@ def test_it_names_the_configured_roots_beside_the_destination(owner_client, sett
     assert "one of the backup roots (VMBACKUP_ROOTS): /srv/main, /srv/nas" in (
         response.content.decode()
     )
+
+
+def test_the_preview_the_dry_run_and_the_prune_decide_the_same(
+    owner_client, policy, vm, settings, tmp_path
+):
+    """What the policy page shows is what ``vmbackup_prune --dry-run`` prints and what the
+    prune does: the policy's own backups only; manual ones follow VMBACKUP_KEEP_MANUAL."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from backups.models import Backup
+
+    settings.VMBACKUP_ROOT = str(tmp_path)  # the directories are gone already: rows only
+    settings.VMBACKUP_KEEP_MANUAL = 1
+    policy.vms.add(vm)
+    BackupPolicy.objects.filter(pk=policy.pk).update(
+        keep_last=2, keep_daily=0, keep_weekly=0, keep_monthly=0
+    )
+
+    def backup(days: int, run_id: int, **fields):
+        created = datetime(2026, 11, 20, 2, tzinfo=UTC) + timedelta(days=days)
+        path = tmp_path / vm.name / f"{created:%Y%m%dT%H%M%SZ}-{run_id}"
+        return support.make_backup(vm, path=str(path), created_at=created, **fields)
+
+    owned = [backup(d, 10 + d, policy=policy) for d in range(5)]
+    manual = [backup(d, 20 + d) for d in range(3)]
+
+    preview = owner_client.get(edit(policy)).context["retention"]
+    shown = {b.pk: keep for b, keep, _reason in preview[0]["rows"]}
+    out = StringIO()
+    call_command("vmbackup_prune", "--dry-run", stdout=out)
+    dry = {
+        int(f[2]): f[3] == "keep"
+        for f in (line.split("\t") for line in out.getvalue().splitlines())
+    }
+    call_command("vmbackup_prune", stdout=StringIO())
+    kept = set(Backup.objects.published().values_list("pk", flat=True))
+
+    assert shown == {b.pk: b.pk in kept for b in owned}
+    assert dry == {b.pk: b.pk in kept for b in owned + manual}
+    assert kept == {owned[3].pk, owned[4].pk, manual[2].pk}
