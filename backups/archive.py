@@ -44,7 +44,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _STAMP = r"\d{8}T\d{6}Z"
 _BACKUP_RE = re.compile(rf"^({_STAMP})-([1-9]\d*)$")
-_PARTIAL_RE = re.compile(rf"^\.({_STAMP}-[1-9]\d*)\.partial$")
+# ``.<stamp>-<run>.<site>.partial`` (versions before the site id: no ``.<site>``)
+_PARTIAL_RE = re.compile(rf"^\.({_STAMP}-[1-9]\d*)(?:\.([0-9a-f]{{8}}))?\.partial$")
 _BACKING_RE = re.compile(rf"^\.\./({_STAMP}-[1-9]\d*)/([^/]+)$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _SUMS_LINE_RE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
@@ -440,8 +441,11 @@ def _looks_partial(path: Path) -> bool:
     return name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial")
 
 
-def staging_dir(root: str | os.PathLike, vm_name: str, stamp: str, run_id: int) -> Path:
-    """Create the private ``.partial`` directory a backup is written into.
+def staging_dir(
+    root: str | os.PathLike, vm_name: str, stamp: str, run_id: int, site: str | None = None
+) -> Path:
+    """Create the private ``.partial`` directory a backup is written into, named with the
+    installation's ``site`` id so only its own reconcile ever removes it.
 
     The root itself must already exist: a missing root usually means an unmounted
     destination, and filling the mount point's parent file system is worse than failing.
@@ -458,7 +462,8 @@ def staging_dir(root: str | os.PathLike, vm_name: str, stamp: str, run_id: int) 
     _need(parent.is_dir(), f"{parent} is not a directory")
     parent.chmod(0o700)
     _need(not os.path.lexists(parent / name), f"backup {parent / name} already exists")
-    path = parent / f".{name}.partial"
+    _need(site is None or re.fullmatch(r"[0-9a-f]{8}", site), f"bad site id {site!r}")
+    path = parent / (f".{name}.{site}.partial" if site else f".{name}.partial")
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -586,6 +591,13 @@ def list_backups(root: str | os.PathLike, vm_name: str) -> list[Path]:
         if match and is_regular(entry) and not entry.parent.is_symlink():
             found.append((match.group(1), int(match.group(2)), entry.parent))
     return [entry for *_key, entry in sorted(found)]
+
+
+def partial_owner(path: Path) -> tuple[str | None, int] | None:
+    """(site id or None for an older version's name, run id) of a backup's ``.partial``
+    directory; None when the name is not one of ours at all."""
+    match = _PARTIAL_RE.match(path.name)
+    return match and (match.group(2), int(match.group(1).rpartition("-")[2]))
 
 
 def list_partials(root: str | os.PathLike) -> list[Path]:

@@ -5,7 +5,9 @@ the next push copies only blocks dirtied since then, into a qcow2 whose backing 
 parent backup's image by a relative path — an ordinary qcow2 chain. Anything that makes that
 chain doubtful (lost checkpoint, missing bitmap, changed disks, parent gone or corrupt, the
 policy's ``full_every``) falls back to a full backup, with the reason recorded on the run.
-Checkpoints are ours only when named ``vmbackup-<run id>``; no other is ever deleted.
+Checkpoints are ours only when named ``vmbackup-<site>-<run id>`` with this installation's
+id (or, from versions before it, ``vmbackup-<run id>`` recorded on one of our backups); no
+other is ever deleted.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ from .models import Backup, Kind, Method, VerifyStatus
 CHECKPOINT_PREFIX = "vmbackup-"
 
 
-def checkpoint_name(run_id: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{run_id}"
+def checkpoint_name(site_id: str, run_id: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{site_id}-{run_id}"
 
 
-def is_ours(name: str) -> bool:
-    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
+def is_ours(name: str, site_id: str, recorded: set[str] = frozenset()) -> bool:
+    """This installation's checkpoint, or an older unnamed-site one our database recorded."""
+    mine = f"{CHECKPOINT_PREFIX}{site_id}-"
+    if name.startswith(mine):
+        return name[len(mine) :].isdigit()
+    legacy = name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
+    return legacy and name in recorded
+
+
+def recorded_checkpoints(vm) -> set[str]:
+    return set(vm.backups.exclude(checkpoint="").values_list("checkpoint", flat=True))
 
 
 @dataclass(frozen=True)
@@ -147,11 +158,13 @@ def needed_checkpoints(vm) -> set[str]:
     return {b.checkpoint for b in newest.values() if b.checkpoint}
 
 
-def drop_old_checkpoints(hv: hypervisor.Session, uuid: str, keep: set[str]) -> list[str]:
+def drop_old_checkpoints(
+    hv: hypervisor.Session, uuid: str, keep: set[str], site_id: str, recorded: set[str]
+) -> list[str]:
     """Delete our checkpoints not in ``keep``: each bitmap costs every guest write."""
     dropped = []
     for name in hv.checkpoints(uuid):
-        if is_ours(name) and name not in keep:
+        if is_ours(name, site_id, recorded) and name not in keep:
             with contextlib.suppress(hypervisor.HypervisorError):
                 hv.delete_checkpoint(uuid, name)
                 dropped.append(name)

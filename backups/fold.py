@@ -31,7 +31,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, archive_check, qemu_img
+from . import archive, archive_check, qemu_img, site
 from .models import Backup, Kind
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ FOREIGN_AFTER = 86400  # seconds before a journal of another machine's prune is 
 
 class FoldError(Exception):
     """A fold that could not be done; the backup is as it was."""
+
+
+class Foreign(Exception):
+    """A fold journal of another installation (another database on this host): not ours."""
 
 
 def holder() -> str:
@@ -70,6 +74,7 @@ def fold(child: Backup, new_parent: Backup | None) -> None:
     journal = journal_path(directory)
     record = {
         "version": 1,
+        "site": site.site_id(),
         "holder": holder(),
         "backup": directory.name,
         "state": "writing",
@@ -190,8 +195,9 @@ def _holder_alive(record: dict, journal: Path) -> bool:
     return time.time() - journal.stat().st_mtime < FOREIGN_AFTER
 
 
-def recover(journal: Path) -> str | None:
-    """Finish or undo the fold a dead prune left; None when its prune is still alive."""
+def recover(journal: Path, me: str) -> str | None:
+    """Finish or undo the fold a dead prune of this installation (site ``me``) left; None
+    when its prune is still alive. Raises ``Foreign`` for another installation's."""
     try:
         record = json.loads(archive.read_member(journal.parent, journal.name))
         directory = journal.parent / archive.safe_component(record["backup"])
@@ -199,6 +205,8 @@ def recover(journal: Path) -> str | None:
         files = {archive.safe_component(f): beside_name(f) for f in record["files"]}
     except (ValueError, KeyError, TypeError, AttributeError, archive.ArchiveError) as exc:
         raise FoldError(f"{journal}: unreadable fold journal: {exc}") from exc
+    if record.get("site") != me:
+        raise Foreign(f"{journal}: a fold of another installation ({record.get('site')})")
     if _holder_alive(record, journal):
         return None
     if record.get("state") != "switching":

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hypervisor, private, qemu_img
+from . import hypervisor, private, qemu_img, site
 from .models import Consistency, Method
 
 BACKUP_FORMATS = {"qcow2", "raw"}
@@ -67,6 +68,7 @@ class Context:
     # parent image (relative path) each incremental disk backs onto
     exclusive: bool = False  # read the sources with the image lock (offline)
     pull_dir: str | None = None  # full push backups: pull over NBD, socket directory here
+    site: str = ""  # this installation's id: in every name a job leaves on the host
     qemu_user: str = "libvirt-qemu"
     timeout: float = 24 * 3600  # one disk copy; the job's own timeout bounds the run
     checkpoint: str | None = None
@@ -294,7 +296,7 @@ def _socket_dir(ctx: Context) -> Path:
     """A short private directory for the NBD socket (unix socket paths are limited to
     108 bytes, so not inside the backup root), owned by the user QEMU runs as. The pull
     directory itself is search-only (0711): QEMU passes through it, nobody lists it."""
-    path = Path(ctx.pull_dir) / str(ctx.run_id)
+    path = Path(ctx.pull_dir) / f"{ctx.site}-{ctx.run_id}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(private.DIR)
     Path(ctx.pull_dir).chmod(private.TRAVERSE)
@@ -375,15 +377,33 @@ def drop_checkpoint(ctx: Context) -> None:
 
 
 def overlay_path(ctx: Context, disk: hypervisor.DiskInfo) -> str:
-    """Overlays carry the run id in a dot-name so reconcile can tell ours from anyone's."""
+    """Overlays carry the installation and the run in a dot-name so reconcile can tell
+    its own from another installation's (which it never touches)."""
     directory = ctx.overlay_dir or os.path.dirname(disk.source)
     if disk.source_type == "block" and not ctx.overlay_dir:
         raise MethodError(f"{disk.target} is a block device: set VMBACKUP_OVERLAY_DIR")
-    return os.path.join(directory, overlay_name(ctx.run_id, disk.target))
+    return os.path.join(directory, overlay_name(ctx.site, ctx.run_id, disk.target))
 
 
-def overlay_name(run_id: int, target: str) -> str:
-    return f".vmbackup-{run_id}-{target}.overlay.qcow2"
+# ``.vmbackup-<site>-<run>-<target>.overlay.qcow2``; versions before the site id wrote
+# ``.vmbackup-<run>-<target>…`` (site None: ours only if our run journaled it)
+OVERLAY_RE = re.compile(rf"^\.vmbackup-(?:({site.PATTERN})-)?(\d+)-(.+)\.overlay\.qcow2$")
+
+
+def overlay_name(site_id: str, run_id: int, target: str) -> str:
+    return f".vmbackup-{site_id}-{run_id}-{target}.overlay.qcow2"
+
+
+@dataclass(frozen=True)
+class OverlayName:
+    site: str | None
+    run_id: int
+    target: str
+
+
+def parse_overlay(path: str) -> OverlayName | None:
+    match = OVERLAY_RE.match(os.path.basename(path or ""))
+    return match and OverlayName(match.group(1), int(match.group(2)), match.group(3))
 
 
 def snapshot(ctx: Context, with_memory: bool = False) -> Result:

@@ -29,12 +29,19 @@ class Host(models.Model):
     )
     last_sync_at = models.DateTimeField(null=True, blank=True)
     last_sync_error = models.TextField(blank=True)
+    # what reconcile found on this host that another installation (or an older version)
+    # left: reported here, never touched
+    foreign_artifacts = models.JSONField(default=list, blank=True)
+    foreign_checked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self):
         return self.name
+
+    def get_absolute_url(self):
+        return reverse("host_detail", args=[self.pk])
 
 
 class VmState(models.TextChoices):
@@ -519,3 +526,16 @@ class PruneLock(models.Model):
 
     def __str__(self):
         return f"prune lock on {self.vm} by {self.holder}"
+
+
+class Installation(models.Model):
+    """This installation's identity, generated once: every artifact a job leaves on a host
+    while it runs (overlays, staging directories, checkpoints, sockets, fold journals) carries
+    it, and reconcile acts only on artifacts bearing it. Another installation on the same
+    libvirt host (a staging install, a test suite) has its own and is left alone."""
+
+    site_id = models.CharField(max_length=16, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return self.site_id

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import archive, archive_check, fold, notify, retention
+from . import archive, archive_check, fold, notify, retention, site
 from .models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
 from .roots import refusal as root_refusal
 
@@ -119,7 +119,9 @@ def _recover_folds(backups, report: Report) -> None:
     for vm_dir in {Path(b.path).parent for b in backups}:
         for journal in fold.journals(vm_dir):
             try:
-                done = fold.recover(journal)
+                done = fold.recover(journal, site.site_id())
+            except fold.Foreign:
+                continue  # reported by reconcile, never touched
             except (fold.FoldError, archive.ArchiveError, OSError) as exc:
                 report.refused.append(str(exc))
                 continue

@@ -1,9 +1,13 @@
 """Repair what a dead worker left behind, from its journal and from what is on the host.
 
 Runs at worker start, periodically and as ``vmbackup_reconcile``. It only ever touches what
-is ours: overlays named ``.vmbackup-<run>-<target>.overlay.qcow2``, backup jobs whose target
-lies in one of our staging directories, partial directories under a backup root, and guests
-a journal says we froze.
+this installation made (``site``): overlays named ``.vmbackup-<site>-<run>-<target>…``,
+backup jobs whose target lies in one of our staging directories, ``.<stamp>-<run>.<site>
+.partial`` directories under a backup root, fold journals with our site, and guests a
+journal says we froze. Names from versions before the site id count as ours only when our
+own database recorded them (the run's journal, its staging path). Anything else that looks
+like vmbackup's — another installation on the same libvirt host, say — is reported on the
+host (``Host.foreign_artifacts``) and never touched.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import adopt, archive, fold, hypervisor, methods, notify
+from . import adopt, archive, fold, hypervisor, methods, notify, site
 from .models import (
     BackupPolicy,
     BackupRun,
@@ -34,8 +37,6 @@ from .models import (
 from .roots import refusal as root_refusal
 
 log = logging.getLogger(__name__)
-OVERLAY_RE = re.compile(r"^\.vmbackup-(\d+)-(.+)\.overlay\.qcow2$")
-PARTIAL_RE = re.compile(r"^\.\d{8}T\d{6}Z-(\d+)\.partial$")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Report:
     adopted: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
     folds: list[str] = field(default_factory=list)  # folds of a killed prune, finished/undone
+    foreign: list[str] = field(default_factory=list)  # another installation's: left alone
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -65,6 +67,8 @@ class Report:
             f"{len(self.folds)} folds repaired",
             f"{len(self.adopted)} backups adopted from disk",
         ]
+        if self.foreign:
+            parts.append(f"{len(self.foreign)} foreign artifacts left alone")
         if self.errors:
             parts.append("errors: " + "; ".join(self.errors))
         return ", ".join(parts)
@@ -103,14 +107,21 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     _repair_finished(report, stale_after, mine)
     _repair_restores(report, stale_after, mine)
     hosts = Host.objects.all() if cluster is None else Host.objects.filter(cluster=cluster)
-    for host in hosts:
-        _repair_host(host, report)
-    _remove_orphan_partials(report)
-    _repair_folds(report)
+    me = site.site_id()
+    found = {host.pk: _repair_host(host, me, report) for host in hosts}
+    local = _remove_orphan_partials(me, report) + _repair_folds(me, report)
+    for host in hosts:  # the roots are on the machine that serves these hosts
+        _record_foreign(host, found[host.pk] + local)
     adopted = adopt.adopt(_roots())
     report.adopted = adopted.paths
     report.errors += adopted.skipped
     return report
+
+
+def _record_foreign(host: Host, foreign: list[str]) -> None:
+    host.foreign_artifacts = foreign
+    host.foreign_checked_at = timezone.now()
+    host.save(update_fields=["foreign_artifacts", "foreign_checked_at"])
 
 
 def _release_dead_prune_locks(report: Report) -> None:
@@ -341,39 +352,58 @@ def _active_run_ids() -> set[int]:
     return set(BackupRun.objects.active().values_list("pk", flat=True))
 
 
-def _repair_host(host: Host, report: Report) -> None:
-    """Overlays of ours that a domain still runs on, with no live run behind them."""
+def _repair_host(host: Host, me: str, report: Report) -> list[str]:
+    """Overlays of ours that a domain still runs on, with no live run behind them; returns
+    the overlays of another installation found there (left alone)."""
+    foreign: list[str] = []
     active = _active_run_ids()
     try:
         with hypervisor.session(host.uri) as hv:
             for domain in hv.domains():
                 try:
-                    _repair_domain(hv, domain, active, report)
+                    foreign += _repair_domain(hv, domain, active, me, report)
                 except (hypervisor.HypervisorError, methods.MethodError) as exc:
                     if hv.exists(domain.uuid):  # a domain undefined meanwhile needs nothing
                         report.errors.append(f"{domain.name}: {exc}")
     except hypervisor.HypervisorError as exc:
         report.errors.append(f"host {host.name}: {exc}")
+    report.foreign += foreign
+    return foreign
 
 
-def _repair_domain(hv, domain, active: set[int], report: Report) -> None:
-    for target, overlay in _our_overlays(hv, domain).items():
-        run_id = int(OVERLAY_RE.match(os.path.basename(overlay)).group(1))
-        if run_id in active or _still_active(run_id):
+def _repair_domain(hv, domain, active: set[int], me: str, report: Report) -> list[str]:
+    foreign = []
+    for target, overlay in _overlays(hv, domain).items():
+        name = methods.parse_overlay(overlay)
+        if not _overlay_is_ours(name, overlay, me):
+            foreign.append(f"{domain.name}: disk {target} runs on {overlay}, not ours")
+            continue
+        if name.run_id in active or _still_active(name.run_id):
             continue
         methods.commit_overlays(hv, domain.uuid, {target: overlay}, lambda *a, **k: None)
         report.overlays.append(overlay)
+    return foreign
 
 
-def _our_overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict[str, str]:
+def _overlay_is_ours(name: methods.OverlayName, path: str, me: str) -> bool:
+    if name.site is not None:
+        return name.site == me
+    run = BackupRun.objects.filter(pk=name.run_id).only("journal").first()
+    journaled = run.journal if run else []
+    return any(path in (step.get("overlays") or {}).values() for step in journaled)
+
+
+def _overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict[str, str]:
+    """Disks (live or in the persistent definition) whose source is named like an overlay
+    of vmbackup's, whoever made it."""
     found = {}
     for disk in domain.disks:
-        if OVERLAY_RE.match(os.path.basename(disk.source or "")):
+        if methods.parse_overlay(disk.source):
             found[disk.target] = disk.source
     inactive = hv.disk_source
     for disk in domain.disks:
         source = inactive(domain.uuid, disk.target, inactive=True) if domain.persistent else None
-        if source and OVERLAY_RE.match(os.path.basename(source)):
+        if source and methods.parse_overlay(source):
             found.setdefault(disk.target, source)
     return found
 
@@ -384,33 +414,54 @@ def _roots() -> set[str]:
     return {r for r in roots if r and not root_refusal(r) and os.path.isdir(r)}
 
 
-def _remove_orphan_partials(report: Report) -> None:
-    """Partial directories that no active run is writing."""
+def _remove_orphan_partials(me: str, report: Report) -> list[str]:
+    """Our partial directories that no active run is writing; returns another
+    installation's (left alone)."""
     active = _active_run_ids()
+    foreign = []
     for root in _roots():
         for partial in archive.list_partials(root):
-            match = PARTIAL_RE.match(partial.name)
-            if match and (int(match.group(1)) in active or _still_active(int(match.group(1)))):
+            owner = archive.partial_owner(partial)
+            if owner is None:
+                continue  # not named like a backup's staging directory: not ours to judge
+            made_by, run_id = owner
+            if made_by != me and not (made_by is None and _staged_by_us(run_id, partial)):
+                foreign.append(f"{partial}: a backup in progress of another installation")
+                continue
+            if run_id in active or _still_active(run_id):
                 continue
             try:
                 archive.discard(partial, root)
                 report.partials.append(str(partial))
             except archive.ArchiveError as exc:
                 report.errors.append(str(exc))
+    report.foreign += foreign
+    return foreign
 
 
-def _repair_folds(report: Report) -> None:
+def _staged_by_us(run_id: int, partial: Path) -> bool:
+    return BackupRun.objects.filter(pk=run_id, staging_path=str(partial)).exists()
+
+
+def _repair_folds(me: str, report: Report) -> list[str]:
     """Folds a killed prune left half-done: finished when their rewritten images are
-    complete and recorded, undone otherwise (see ``fold``); a fold still running is left."""
+    complete and recorded, undone otherwise (see ``fold``); a fold still running, or one
+    of another installation, is left."""
+    foreign = []
     for root in _roots():
         for vm_dir in sorted(Path(root).iterdir()):
             if vm_dir.name.startswith(".") or vm_dir.is_symlink() or not vm_dir.is_dir():
                 continue
             for journal in fold.journals(vm_dir):
                 try:
-                    done = fold.recover(journal)
+                    done = fold.recover(journal, me)
+                except fold.Foreign as exc:
+                    foreign.append(str(exc))
+                    continue
                 except (fold.FoldError, archive.ArchiveError, OSError) as exc:
                     report.errors.append(str(exc))
                     continue
                 if done:
                     report.folds.append(f"{vm_dir.name}: {done}")
+    report.foreign += foreign
+    return foreign

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, domain_xml, hypervisor, private
-from .reconcile import OVERLAY_RE
+from . import archive, domain_xml, hypervisor, methods, private
 from .restoring import (
     RestoreError,
     fingerprint,
@@ -229,7 +228,7 @@ def _plan(manifest, current: dict) -> tuple[list, list[str]]:
                 f"disk {disk.target}'s definition names its backing chain (<backingStore>): "
                 "restore as a new domain instead"
             )
-        if OVERLAY_RE.match(Path(target.source).name):
+        if methods.parse_overlay(target.source):
             raise RestoreError(
                 f"disk {disk.target} still runs on a backup's snapshot overlay: run "
                 "vmbackup_reconcile first"

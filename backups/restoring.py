@@ -23,7 +23,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, domain_xml, hypervisor, private, qemu_img
+from . import archive, archive_check, domain_xml, hypervisor, private, qemu_img, site
 from .models import ACTIVE_STATUSES, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _restore(restore, hv, progress: _Progress, created: list[Path], defined: lis
     if not root.is_dir():
         raise RestoreError(f"restore root {root} does not exist")
     final = root / restore.name
-    staging = root / f".{restore.name}.restore-{restore.pk}.partial"
+    staging = staging_paths(restore)[0]
     refuse_while_backing_up(restore.backup.vm)
     if hv.uuid_by_name(restore.name):
         raise RestoreError(f"a domain named {restore.name} already exists")
@@ -374,4 +374,5 @@ def _finish(restore: Restore, status: str, error: str = "") -> None:
 def staging_paths(restore: Restore) -> list[Path]:
     """Where a dead restore may have left files (for reconcile)."""
     root = Path(os.path.abspath(restore.root))
-    return [root / f".{restore.name}.restore-{restore.pk}.partial"]
+    # named with the installation, as every directory a job leaves while it runs
+    return [root / f".{restore.name}.restore-{site.site_id()}-{restore.pk}.partial"]

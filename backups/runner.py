@@ -21,7 +21,17 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, chain, hypervisor, methods, notify, private, qemu_img
+from . import (
+    archive,
+    archive_check,
+    chain,
+    hypervisor,
+    methods,
+    notify,
+    private,
+    qemu_img,
+    site,
+)
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -149,7 +159,11 @@ def _execute(run: BackupRun) -> str:
             prepared = _preflight(run, hv)
             try:
                 staging = archive.staging_dir(
-                    prepared["root"], run.vm.name, archive.stamp(run.started_at), run.pk
+                    prepared["root"],
+                    run.vm.name,
+                    archive.stamp(run.started_at),
+                    run.pk,
+                    site=prepared["site"],
                 )
                 run.staging_path = str(staging)
                 run.save(update_fields=["staging_path"])
@@ -282,6 +296,7 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
         "method": method,
         "root": root,
         "plan": kind_plan,
+        "site": site.site_id(),
     }
 
 
@@ -344,7 +359,8 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
     if manifest.checkpoint:
         try:
             keep = chain.needed_checkpoints(run.vm) | {manifest.checkpoint}
-            dropped = chain.drop_old_checkpoints(hv, ctx.uuid, keep=keep)
+            recorded = chain.recorded_checkpoints(run.vm)
+            dropped = chain.drop_old_checkpoints(hv, ctx.uuid, keep, ctx.site, recorded)
             if dropped:
                 rc.journal("checkpoints-dropped", names=dropped)
         except hypervisor.HypervisorError as exc:  # the backup stands; the next run tidies
@@ -359,6 +375,7 @@ def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.
         disks=prepared["disks"],
         staging=staging,
         run_id=run.pk,
+        site=prepared["site"],
         compression=run.policy.compression if run.policy else "none",
         overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
         pull_dir=settings.VMBACKUP_NBD_DIR or None,
@@ -438,7 +455,7 @@ def _chain_args(run, prepared: dict) -> dict:
     if prepared["method"] != Method.PUSH:
         return {}
     kind_plan = prepared["plan"]
-    args = {"checkpoint": chain.checkpoint_name(run.pk)}
+    args = {"checkpoint": chain.checkpoint_name(prepared["site"], run.pk)}
     if kind_plan.incremental:
         parent = kind_plan.parent
         files = {d["target"]: d["file"] for d in parent.manifest["disks"]}
@@ -511,7 +528,9 @@ def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> ar
         method=prepared["method"],
         kind=run.kind,
         parent=os.path.basename(plan.parent.path) if plan.incremental else None,
-        checkpoint=extras["checkpoint_xml"] and chain.checkpoint_name(run.pk) or None,
+        checkpoint=extras["checkpoint_xml"]
+        and chain.checkpoint_name(prepared["site"], run.pk)
+        or None,
         consistency=result.consistency,
         started=run.started_at.isoformat(),
         finished=timezone.now().isoformat(),

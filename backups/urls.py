@@ -4,6 +4,7 @@ from . import metrics, views
 
 urlpatterns = [
     path("", views.overview, name="overview"),
+    path("hosts/<int:host_id>/", views.host_detail, name="host_detail"),
     path("vms/<int:vm_id>/", views.vm_detail, name="vm_detail"),
     path("vms/<int:vm_id>/backup/", views.vm_backup, name="vm_backup"),
     path("runs/", views.run_list, name="run_list"),

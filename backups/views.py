@@ -111,6 +111,15 @@ def vm_detail(request, vm_id: int):
     return render(request, "backups/vm_detail.html", context)
 
 
+@require_GET
+def host_detail(request, host_id: int):
+    """A hypervisor host: its connection, its VMs, and what reconcile found there that
+    another installation left (never touched, shown so someone can look)."""
+    host = access.fetch(request, Host, host_id)
+    context = {"host": host, "vms": host.vms.order_by("name")}
+    return render(request, "backups/host_detail.html", context)
+
+
 @require_POST
 def vm_backup(request, vm_id: int):
     vm = access.fetch(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, archive_check, jobs, qemu_img
+from backups import archive, archive_check, jobs, qemu_img, site
 from backups.models import BackupPolicy, RunStatus
 from tests.domains import DiskSpec, guest_write, make_dir, run
 
@@ -153,16 +153,19 @@ def test_it_never_deletes_a_checkpoint_it_did_not_create(domains, backup_root, s
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)
     vm = synced(dom)
     push(vm)
-    domains.lookup(dom).checkpointCreateXML(
-        "<domaincheckpoint><name>theirs</name>"
-        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
-    )
-    write(domains, dom, 0, "write -P 0x66 3M 1M")
+    # a stranger's, and another installation's (its own site id) on the same libvirt host
+    for name in ("theirs", "vmbackup-0badcafe-7", "vmbackup-7"):
+        domains.lookup(dom).checkpointCreateXML(
+            f"<domaincheckpoint><name>{name}</name>"
+            "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+        )
+        write(domains, dom, 0, "write -P 0x66 3M 1M")
     last = push(vm)
     push(vm)
     names = our_checkpoints(domains, dom)
-    assert "theirs" in names
+    assert {"theirs", "vmbackup-0badcafe-7", "vmbackup-7"} <= set(names)
     assert last.backup.checkpoint not in names  # ours, superseded: dropped
+    assert last.backup.checkpoint.startswith(f"vmbackup-{site.site_id()}-")
 
 
 def test_it_never_chains_across_policies_or_directories(domains, backup_root, synced, allow_root):

@@ -9,7 +9,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from backups import hypervisor, jobs, qemu_img, reconcile
+from backups import hypervisor, jobs, qemu_img, reconcile, restoring
 from backups.models import Backup, Restore, RunStatus
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir
 from tests.modes import assert_private
@@ -210,7 +210,7 @@ def test_reconcile_interrupts_a_dead_restore_and_removes_its_staging(db, restore
         worker=f"{socket.gethostname()}:999999999",  # no such pid
         journal=[{"step": "convert"}],
     )
-    staging = make_dir(restore_root / f".{restore.name}.restore-{restore.pk}.partial")
+    staging = make_dir(restoring.staging_paths(restore)[0])
     (staging / "vda.qcow2").write_bytes(b"half")
 
     report = reconcile.reconcile()

@@ -134,7 +134,7 @@ def test_a_clusters_verify_pass_and_reconcile_keep_to_its_hosts(monkeypatch):
         Backup.objects.create(vm=vm, path=f"/nonexistent/{host.name}")
     verified, repaired = [], []
     monkeypatch.setattr(verify, "verify_backup", lambda b: verified.append(b.vm.host.name))
-    monkeypatch.setattr(reconcile, "_repair_host", lambda h, r: repaired.append(h.name))
+    monkeypatch.setattr(reconcile, "_repair_host", lambda h, me, r: repaired.append(h.name) or [])
     monkeypatch.setattr(reconcile.adopt, "adopt", lambda roots: reconcile.adopt.Adopted())
 
     jobs.verify_pass(budget_seconds=60, cluster="rack-a")

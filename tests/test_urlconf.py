@@ -29,6 +29,7 @@ ROUTES = {
     "metrics": (PUBLIC, READ, 401),  # a bearer token or a logged-in viewer
     "admin:login": (PUBLIC, FORM, 200),
     "overview": (PERMISSION, READ, None),
+    "host_detail": (PERMISSION, READ, None),
     "vm_detail": (PERMISSION, READ, None),
     "vm_backup": (PERMISSION, POST, None),
     "run_list": (PERMISSION, READ, None),

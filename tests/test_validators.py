@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ValidationError
 
-from backups import hypervisor, jobs, prune, reconcile, roots, uris
+from backups import hypervisor, jobs, prune, reconcile, roots, site, uris
 from backups.archive import ArchiveError
 from backups.models import Backup, BackupPolicy, BackupRun, Host, VirtualMachine
 from backups.validators import validate_backup_root, validate_cron, validate_libvirt_uri
@@ -153,7 +153,7 @@ def test_prune_deletes_nothing_under_a_destination_outside_the_roots(rogue, test
 
 
 def test_reconcile_leaves_partials_under_a_destination_outside_the_roots(rogue, settings):
-    partial = Path(rogue.destination, "web", ".20260101T000000Z-7.partial")
+    partial = Path(rogue.destination, "web", f".20260101T000000Z-7.{site.site_id()}.partial")
     partial.mkdir(parents=True)
     report = reconcile.reconcile()
     assert partial.is_dir() and report.partials == []
