@@ -21,7 +21,17 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, chain, hypervisor, methods, notify, private, qemu_img
+from . import (
+    archive,
+    archive_check,
+    chain,
+    hypervisor,
+    interrupt,
+    methods,
+    notify,
+    private,
+    qemu_img,
+)
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -166,6 +176,10 @@ def _execute(run: BackupRun) -> str:
     except methods.Cancelled as exc:
         run.mark_cancelled(str(exc))
         return "cancelled"
+    except interrupt.Stopped as exc:  # the command running it was stopped: the undo runs
+        run.mark_interrupted(str(exc))
+        notify.run_finished(run)
+        raise
     except Refused as exc:
         run.mark_failed(f"refused: {exc}")
         notify.run_finished(run)
