@@ -208,6 +208,8 @@ def _prune_after(run: BackupRun) -> None:
             run.log("prune-skipped", reason=report.skipped)  # the next run catches up
         if report.refused:
             run.log("prune-refused", reasons=report.refused)
+    except interrupt.Stopped as exc:  # the backup stands; a fold cut short is finished later
+        run.log("prune-stopped", error=str(exc))
     except Exception as exc:  # the backup itself succeeded; report, do not fail it
         log.exception("pruning after run %s failed", run.pk)
         run.log("prune-failed", error=str(exc))

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from backups import interrupt, jobs, reconcile
+from backups import archive_check, interrupt, jobs, reconcile
 from backups.models import Backup, BackupPolicy, BackupRun, PruneLock, Restore, RunStatus
 from tests.domains import DiskSpec
 from tests.test_incremental import push
@@ -33,7 +34,8 @@ KEEP_ALL = {"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0
 
 
 class Command:
-    """One ``manage.py`` process whose qemu-img ``subcommand`` stalls until killed."""
+    """One ``manage.py`` process whose qemu-img call matching ``stall`` (a shell pattern
+    against its arguments) stalls until killed."""
 
     def __init__(self, tmp_path: Path, args: list[str], *, stall: str, env: dict, fifo=False):
         self.tmp = tmp_path
@@ -44,9 +46,10 @@ class Command:
         wait = f"exec cat {tmp_path / 'fifo'} >/dev/null" if fifo else "exec sleep 300"
         if fifo:
             os.mkfifo(tmp_path / "fifo")
+        pattern = stall.replace(" ", "\\ ")  # a case pattern: spaces escaped
         fake.write_text(
             "#!/bin/sh\n"
-            f'if [ "$1" = {stall} ]; then echo $$ > {self.marker}; {wait}; fi\n'
+            f'case "$*" in {pattern}) echo $$ > {self.marker}; {wait};; esac\n'
             f'exec {QEMU_IMG} "$@"\n'
         )
         fake.chmod(0o755)
@@ -154,7 +157,9 @@ BOTH = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=[
 @pytest.mark.parametrize("fifo", [False, True], ids=["running", "blocked-on-fifo"])
 def test_a_killed_vmbackup_verify_leaves_no_qemu_img(backup, env, tmp_path, signum, fifo):
     status = backup.verify_status
-    cmd = Command(tmp_path, ["vmbackup_verify", str(backup.pk)], stall="check", env=env, fifo=fifo)
+    cmd = Command(
+        tmp_path, ["vmbackup_verify", str(backup.pk)], stall="check *", env=env, fifo=fifo
+    )
     children = cmd.wait_for_stall()
 
     assert cmd.kill(signum) == exit_code(signum), cmd.output()
@@ -172,7 +177,7 @@ def test_a_killed_vmbackup_restore_leaves_no_qemu_img_and_an_interrupted_restore
 ):
     args = ["vmbackup_restore", str(backup.pk), "--name", new_name(), "--wait"]
     env["VMBACKUP_RESTORE_ROOTS"] = str(restore_root)
-    cmd = Command(tmp_path, args, stall="convert", env=env)
+    cmd = Command(tmp_path, args, stall="convert *", env=env)
     children = cmd.wait_for_stall()
 
     assert cmd.kill(signum) == exit_code(signum), cmd.output()
@@ -198,7 +203,7 @@ def test_a_killed_vmbackup_run_leaves_no_qemu_img_and_an_interrupted_run(
 ):
     vm = backup.vm
     cmd = Command(tmp_path, ["vmbackup_run", vm.name, "--method", "offline", "--wait"],
-                  stall="convert", env=env)  # fmt: skip
+                  stall="convert *", env=env)  # fmt: skip
     children = cmd.wait_for_stall()
 
     assert cmd.kill(signum) == exit_code(signum), cmd.output()
@@ -221,7 +226,7 @@ def test_a_vmbackup_run_stopped_mid_snapshot_commits_its_overlay_at_once(
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])], start=True)
     vm = synced(dom)
     cmd = Command(tmp_path, ["vmbackup_run", vm.name, "--method", "snapshot", "--wait"],
-                  stall="convert", env=env)  # fmt: skip
+                  stall="convert *", env=env)  # fmt: skip
     children = cmd.wait_for_stall()
     assert ".overlay." in domains.lookup(dom).XMLDesc(0)
 
@@ -248,10 +253,29 @@ def chain(transactional_db, domains, backup_root, synced):
     return vm, backups
 
 
+def test_a_vmbackup_run_stopped_in_its_prune_keeps_its_backup(chain, env, tmp_path):
+    """The backup is published when the run's own retention folds the chain: it stands,
+    the run succeeded, and the fold cut short is finished or undone by reconcile."""
+    vm, backups = chain
+    cmd = Command(tmp_path, ["vmbackup_run", vm.name, "--method", "push", "--wait"],
+                  stall="rebase *.fold*", env=env)  # fmt: skip
+    children = cmd.wait_for_stall()
+
+    assert cmd.kill(signal.SIGTERM) == 128 + signal.SIGTERM, cmd.output()
+
+    assert_all_gone(children)
+    run = BackupRun.objects.get(vm=vm, backup__isnull=False, pk__gt=backups[-1].run_id)
+    assert run.status == RunStatus.SUCCEEDED
+    assert "prune-stopped" in [entry["step"] for entry in run.journal]
+    assert len(reconcile.reconcile().folds) == 1
+    for backup in [*backups, run.backup]:
+        assert archive_check.verify(backup.path).ok, archive_check.verify(backup.path).errors
+
+
 @BOTH
 def test_a_killed_vmbackup_prune_leaves_no_qemu_img_and_no_lock(chain, env, tmp_path, signum):
     vm, backups = chain
-    cmd = Command(tmp_path, ["vmbackup_prune"], stall="check", env=env)
+    cmd = Command(tmp_path, ["vmbackup_prune"], stall="check *", env=env)
     children = cmd.wait_for_stall()
 
     assert cmd.kill(signum) == exit_code(signum), cmd.output()
@@ -306,6 +330,31 @@ def test_a_prune_with_nothing_in_its_way_exits_0(vm, tmp_path):
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "skipped" not in done.stderr
+
+
+def test_every_qemu_img_runs_in_the_thread_that_runs_the_job(
+    db, domains, backup_root, synced, restore_root, monkeypatch
+):
+    """PR_SET_PDEATHSIG fires when the thread that forked ends: a qemu-img started from
+    the hashing pool would be killed when the pool is shut down, or outlive the job."""
+    from backups import qemu_img, verify
+    from tests.test_restore_domain import restore_now
+
+    threads, real = set(), qemu_img._execute
+
+    def execute(*args, **kwargs):
+        threads.add(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qemu_img, "_execute", execute)
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])])
+    run = jobs.request_backup(synced(dom), method="offline", enqueue=False)
+    jobs.run_backup(run.pk)
+    run.refresh_from_db()
+    assert verify.verify_backup(run.backup).startswith("ok")
+    assert restore_now(run.backup, restore_root).status == RunStatus.SUCCEEDED
+
+    assert threads == {threading.main_thread()}
 
 
 # ------------------------------------------------------------------ every catchable signal
