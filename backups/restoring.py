@@ -23,7 +23,8 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import archive, archive_check, domain_xml, hypervisor, interrupt, private, qemu_img
+from . import archive, archive_check, domain_xml, hypervisor, private, qemu_img
+from .interrupt import Stopped
 from .models import ACTIVE_STATUSES, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ def _execute(restore: Restore) -> str:
         return "cancelled"
     # every failure is recorded as data on the restore; so is a stop of the command running
     # it (vmbackup_restore --wait), then raised again
-    except (Exception, interrupt.Stopped) as exc:
-        if isinstance(exc, interrupt.Stopped):
+    except (Exception, Stopped) as exc:
+        if isinstance(exc, Stopped):
             log.warning("restore %s: %s", restore.pk, exc)
         else:
             log.exception("restore %s failed", restore.pk)
@@ -152,7 +153,7 @@ def _execute(restore: Restore) -> str:
             with contextlib.suppress(Exception):  # reconcile must not redo it
                 progress.step("undone")
         _undo(restore, created, defined)
-        if isinstance(exc, interrupt.Stopped):
+        if isinstance(exc, Stopped):
             _finish(restore, RunStatus.INTERRUPTED, reason)
             raise
         _finish(restore, RunStatus.FAILED, reason)

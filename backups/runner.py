@@ -21,17 +21,8 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import (
-    archive,
-    archive_check,
-    chain,
-    hypervisor,
-    interrupt,
-    methods,
-    notify,
-    private,
-    qemu_img,
-)
+from . import archive, archive_check, chain, hypervisor, methods, notify, private, qemu_img
+from .interrupt import Stopped
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -176,7 +167,7 @@ def _execute(run: BackupRun) -> str:
     except methods.Cancelled as exc:
         run.mark_cancelled(str(exc))
         return "cancelled"
-    except interrupt.Stopped as exc:  # the command running it was stopped: the undo runs
+    except Stopped as exc:  # its command was stopped (interrupt.Guard); the undo has run
         run.mark_interrupted(str(exc))
         notify.run_finished(run)
         raise
@@ -208,7 +199,7 @@ def _prune_after(run: BackupRun) -> None:
             run.log("prune-skipped", reason=report.skipped)  # the next run catches up
         if report.refused:
             run.log("prune-refused", reasons=report.refused)
-    except interrupt.Stopped as exc:  # the backup stands; a fold cut short is finished later
+    except Stopped as exc:  # the backup stands; a fold cut short is finished later
         run.log("prune-stopped", error=str(exc))
     except Exception as exc:  # the backup itself succeeded; report, do not fail it
         log.exception("pruning after run %s failed", run.pk)
