@@ -149,7 +149,11 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     """qemu-img runs in its own session (a Ctrl-C meant for a command must not tear an image
     half-written), so nothing would stop it when the command or worker that started it is
     killed: it would go on rewriting a backup nobody journals any more, or hold a file open
-    forever.  The kernel kills it instead when its parent dies (``PR_SET_PDEATHSIG``)."""
+    forever.  The kernel kills it instead when its parent dies (``PR_SET_PDEATHSIG``).
+
+    The kernel's "parent" is the thread that forked, so qemu-img is only ever run from the
+    thread that runs the job (a command's or a django-q2 worker's main thread), never from
+    a short-lived one such as the hashing pool or the heartbeat."""
 
     def child() -> None:
         if _prctl is not None:

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import archive, archive_check, domain_xml, hypervisor, private, qemu_img, site
+from .interrupt import Stopped
 from .models import ACTIVE_STATUSES, Restore, RestoreMode, RunStatus
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,13 @@ def _execute(restore: Restore) -> str:
         _undo(restore, created, defined)
         _finish(restore, RunStatus.CANCELLED, str(exc))
         return "cancelled"
-    except Exception as exc:  # every failure is recorded as data on the restore
-        log.exception("restore %s failed", restore.pk)
+    # every failure is recorded as data on the restore; so is a stop of the command running
+    # it (vmbackup_restore --wait), then raised again
+    except (Exception, Stopped) as exc:
+        if isinstance(exc, Stopped):
+            log.warning("restore %s: %s", restore.pk, exc)
+        else:
+            log.exception("restore %s failed", restore.pk)
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, OSError) and exc.errno == 28:
             reason = f"destination full (no space left on device): {reason}"
@@ -147,6 +153,9 @@ def _execute(restore: Restore) -> str:
             with contextlib.suppress(Exception):  # reconcile must not redo it
                 progress.step("undone")
         _undo(restore, created, defined)
+        if isinstance(exc, Stopped):
+            _finish(restore, RunStatus.INTERRUPTED, reason)
+            raise
         _finish(restore, RunStatus.FAILED, reason)
         return f"failed: {reason}"
 

@@ -32,6 +32,7 @@ from . import (
     qemu_img,
     site,
 )
+from .interrupt import Stopped
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -180,6 +181,10 @@ def _execute(run: BackupRun) -> str:
     except methods.Cancelled as exc:
         run.mark_cancelled(str(exc))
         return "cancelled"
+    except Stopped as exc:  # its command was stopped (interrupt.Guard); the undo has run
+        run.mark_interrupted(str(exc))
+        notify.run_finished(run)
+        raise
     except Refused as exc:
         run.mark_failed(f"refused: {exc}")
         notify.run_finished(run)
@@ -208,6 +213,8 @@ def _prune_after(run: BackupRun) -> None:
             run.log("prune-skipped", reason=report.skipped)  # the next run catches up
         if report.refused:
             run.log("prune-refused", reasons=report.refused)
+    except Stopped as exc:  # the backup stands; a fold cut short is finished later
+        run.log("prune-stopped", error=str(exc))
     except Exception as exc:  # the backup itself succeeded; report, do not fail it
         log.exception("pruning after run %s failed", run.pk)
         run.log("prune-failed", error=str(exc))

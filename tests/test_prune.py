@@ -5,7 +5,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from backups import archive, archive_check, qemu_img
@@ -118,7 +118,11 @@ def test_it_waits_while_a_restore_reads_the_vms_chains(chain):
         backup=points[-1][0], name="r", root="/nowhere", status=RunStatus.RUNNING
     )
 
-    assert prune(policy) == [f"{vm.name}\tskipped: a restore of this VM is running"]
+    with pytest.raises(CommandError) as raised:
+        prune(policy)
+
+    assert raised.value.returncode == 3
+    assert str(raised.value) == f"{vm.name}: skipped, a restore of this VM is running"
 
     assert not Backup.objects.filter(pruned_at__isnull=False).exists()
     assert all(Path(b.path).is_dir() for b, _ref in points)
@@ -152,7 +156,10 @@ def test_a_manual_prune_and_a_backup_never_touch_one_vm_together(chain, monkeypa
 
     monkeypatch.setattr(prune_mod, "prune_vm", real)
     BackupRun.objects.create(vm=vm, status=RunStatus.RUNNING)
-    assert prune(policy) == [f"{vm.name}\tskipped: a backup or prune is running"]
+    with pytest.raises(CommandError) as raised:
+        prune(policy)
+    assert raised.value.returncode == 3
+    assert str(raised.value) == f"{vm.name}: skipped, a backup or prune of it is running"
 
 
 def test_reconcile_releases_the_lock_of_a_dead_prune(db):

@@ -1,22 +1,32 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import prune
+from backups import interrupt, prune
 from backups.models import BackupPolicy, VirtualMachine
 from backups.runner import worker_id
+
+EXIT_REFUSED = 1  # a fold or deletion refused: a chain failed verification
+EXIT_SKIPPED = 3  # a VM skipped (a backup, restore or other prune of it was running)
 
 
 class Command(BaseCommand):
     help = (
         "Apply each policy's retention, and VMBACKUP_KEEP_MANUAL to backups without a policy; "
-        "--dry-run prints keep/prune with the deciding rule. Exits 1 when a fold or deletion "
-        "was refused (a backup failed verification: every file of its chain is kept)."
+        "--dry-run prints keep/prune with the deciding rule. Exit codes: 1 when a fold or "
+        "deletion was refused (a backup failed verification: every file of its chain is "
+        "kept); 3 when a VM was skipped because a backup, restore or prune of it was running "
+        "(each named on stderr; run again later); 128 + the signal's number when stopped by "
+        "TERM, INT or HUP."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--dry-run", action="store_true")
         parser.add_argument("--policy", help="only this policy (by name)")
 
-    def handle(self, *args, dry_run=False, policy=None, **options):
+    def handle(self, *args, **options):
+        with interrupt.Guard("vmbackup_prune"):
+            self._handle(**options)
+
+    def _handle(self, *, dry_run=False, policy=None, **options):
         policies = BackupPolicy.objects.filter(enabled=True)
         if policy:
             policies = policies.filter(name=policy)
@@ -26,26 +36,29 @@ class Command(BaseCommand):
                 backups__policy__isnull=True, backups__pruned_at__isnull=True
             ).distinct()
             work += [(vm, None) for vm in manual]
-        refused = []
+        refused, skipped = [], []
         for vm, p in work:
             if dry_run:
                 self._report(prune.prune_vm(vm, p, dry_run=True))
                 continue
             with prune.holding(vm, worker_id()) as free:
                 if not free:
-                    self.stdout.write(f"{vm.name}\tskipped: a backup or prune is running")
+                    skipped.append(f"{vm.name}: skipped, a backup or prune of it is running")
                     continue
                 report = prune.prune_vm(vm, p)
                 self._report(report)
                 refused += [f"{vm.name}: {reason}" for reason in report.refused]
+                if report.skipped:
+                    skipped.append(f"{vm.name}: skipped, {report.skipped}")
         if refused:
-            raise CommandError("\n".join(refused))
+            raise CommandError("\n".join(refused + skipped), returncode=EXIT_REFUSED)
+        if skipped:
+            raise CommandError("\n".join(skipped), returncode=EXIT_SKIPPED)
 
     def _report(self, report) -> None:
         for line in report.recovered:
             self.stdout.write(f"{report.vm}\t{line}")
         if report.skipped:
-            self.stdout.write(f"{report.vm}\tskipped: {report.skipped}")
-            return
+            return  # named on stderr, and the exit code says so
         for line in report.lines():
             self.stdout.write(line)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import jobs, restoring
+from backups import interrupt, jobs, restoring
 from backups.models import Backup, RunStatus
 
 
@@ -10,7 +10,9 @@ class Command(BaseCommand):
     help = (
         "Restore a backup as a new domain (the dashboard's restore, for scripts). With --wait "
         "it runs in this process: exit 0 and the new domain's directory as the last line, or "
-        "non-zero and the reason. Nothing is overwritten; the original VM is not touched."
+        "non-zero and the reason. Nothing is overwritten; the original VM is not touched. "
+        "Stopped by TERM, INT or HUP, it undoes what it made, marks the restore interrupted "
+        "and exits 128 + the signal's number (a KILL: reconcile does that)."
     )
 
     def add_arguments(self, parser):
@@ -28,7 +30,11 @@ class Command(BaseCommand):
         parser.add_argument("--start", action="store_true", help="start the new domain")
         parser.add_argument("--wait", action="store_true", help="run here and wait for the end")
 
-    def handle(self, *args, backup, name, root, start, wait, in_place, **options):
+    def handle(self, *args, **options):
+        with interrupt.Guard("vmbackup_restore") as guard:
+            self._handle(guard, **options)
+
+    def _handle(self, guard, *, backup, name, root, start, wait, in_place, **options):
         target = _find_backup(backup)
         roots = restoring.allowed_roots()
         if in_place and (name or root):
@@ -51,6 +57,7 @@ class Command(BaseCommand):
         if not wait:
             self.stdout.write(f"queued restore {restore.pk}")
             return
+        guard.queued(restore)
         jobs.run_restore(restore.pk)
         restore.refresh_from_db()
         if restore.status != RunStatus.SUCCEEDED:

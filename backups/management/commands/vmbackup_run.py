@@ -1,13 +1,15 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import jobs
+from backups import interrupt, jobs
 from backups.models import Method, RunStatus, Trigger, VirtualMachine
 
 
 class Command(BaseCommand):
     help = (
         "Back up one VM (for cron). With --wait the backup runs in this process: exit 0 and "
-        "the published directory as the last line, or non-zero and the reason."
+        "the published directory as the last line, or non-zero and the reason. Stopped by "
+        "TERM, INT or HUP, it undoes what it made, marks the run interrupted and exits 128 + "
+        "the signal's number (a KILL: reconcile does that)."
     )
 
     def add_arguments(self, parser):
@@ -18,7 +20,11 @@ class Command(BaseCommand):
             "--no-space-check", action="store_true", help="skip the free-space pre-check"
         )
 
-    def handle(self, *args, vm, method, wait, no_space_check, **options):
+    def handle(self, *args, **options):
+        with interrupt.Guard("vmbackup_run") as guard:
+            self._handle(guard, **options)
+
+    def _handle(self, guard, *, vm, method, wait, no_space_check, **options):
         target = _find_vm(vm)
         run_options = {"skip_space_check": True} if no_space_check else {}
         try:
@@ -35,6 +41,7 @@ class Command(BaseCommand):
         if not wait:
             self.stdout.write(f"queued run {run.pk}")
             return
+        guard.queued(run)
         jobs.run_backup(run.pk)
         run.refresh_from_db()
         if run.status != RunStatus.SUCCEEDED:

@@ -1,17 +1,25 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import verify
+from backups import interrupt, verify
 from backups.models import Backup
 
 
 class Command(BaseCommand):
-    help = "Re-hash and check stored backups; mark each verified or corrupt."
+    help = (
+        "Re-hash and check stored backups; mark each verified or corrupt. Exits 1 when one "
+        "failed; stopped by TERM, INT or HUP, 128 + the signal's number (the backup being "
+        "checked keeps its last status)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("backups", nargs="*", help="backup ids or directories")
         parser.add_argument("--all", action="store_true")
 
-    def handle(self, *args, backups, all, **options):
+    def handle(self, *args, **options):
+        with interrupt.Guard("vmbackup_verify"):
+            self._handle(**options)
+
+    def _handle(self, *, backups, all, **options):
         published = Backup.objects.published().select_related("vm")
         if all:
             selected = list(published.order_by("created_at"))
