@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django_q.models import Failure, OrmQ, Schedule, Success
 
-from . import jobs
+from . import requests
 from .models import Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
 
 
@@ -47,9 +47,9 @@ class VirtualMachineAdmin(admin.ModelAdmin):
         """The same job as the dashboard's button; a VM already busy is reported, not queued."""
         for vm in queryset.select_related("host"):
             try:
-                run = jobs.request_backup(vm, trigger=Trigger.ADMIN)
+                run = requests.request_backup(vm, trigger=Trigger.ADMIN)
                 self.message_user(request, f"{vm.name}: backup queued (run {run.pk})")
-            except jobs.RunActive as exc:
+            except requests.RunActive as exc:
                 self.message_user(request, str(exc), messages.WARNING)
 
     def has_run_backup_permission(self, request):
@@ -93,9 +93,9 @@ class BackupAdmin(admin.ModelAdmin):
         queued, busy = 0, 0
         for backup in queryset.select_related("vm__host"):
             try:
-                jobs.request_verify(backup)
+                requests.request_verify(backup)
                 queued += 1
-            except jobs.VerifyQueued:
+            except requests.VerifyQueued:
                 busy += 1
         self.message_user(request, f"{queued} verification(s) queued")
         if busy:

@@ -8,7 +8,6 @@ inventory knows (by UUID) are adopted; they are marked unverified until a verify
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -91,6 +90,6 @@ def _adopt_one(path: Path, vms: dict, root: str) -> bool:
             consistency=manifest.consistency,
             checkpoint=manifest.checkpoint or "",
             size_bytes=sum(p.lstat().st_size for p in path.rglob("*") if archive.is_regular(p)),
-            manifest=json.loads(manifest.to_json()),
+            manifest=manifest.to_dict(),
         )
     return True

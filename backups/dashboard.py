@@ -30,8 +30,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django_q.models import Schedule
 
-from . import retention
 from .models import Backup, BackupPolicy, BackupRun, Kind, RunStatus, VirtualMachine
+from .retention import rules as retention
 
 # Protection states, worst first: the overview sorts by this order, then by name.
 FAILING = "failing"
@@ -56,11 +56,6 @@ PER_PAGE = 100  # VMs in the overview's table; rendering a row costs more than i
 
 def stale_after() -> timedelta:
     return timedelta(hours=getattr(settings, "VMBACKUP_STALE_HOURS", 36))
-
-
-def schedule_name(policy_id: int) -> str:
-    """The django-q2 Schedule that runs a policy is named after it."""
-    return f"policy-{policy_id}"
 
 
 def _per_vm(queryset, value):
@@ -157,7 +152,7 @@ def protection_state(row: dict, now: datetime) -> str:
 
 def schedule_next_runs(policies) -> dict[int, datetime]:
     """policy id -> ``next_run`` of its django-q2 Schedule, in one query."""
-    by_name = {schedule_name(p.pk): p.pk for p in policies}
+    by_name = {BackupPolicy.schedule_name_of(p.pk): p.pk for p in policies}
     if not by_name:
         return {}
     rows = Schedule.objects.filter(name__in=by_name).values_list("name", "next_run")
@@ -404,21 +399,14 @@ def chain_rows(backups) -> list[tuple[Backup, int]]:
 
 
 # --- retention preview -----------------------------------------------------------------------
-KEEP_FIELDS = [
-    "keep_last",
-    "keep_hourly",
-    "keep_daily",
-    "keep_weekly",
-    "keep_monthly",
-    "keep_yearly",
-]
 
 
 def retention_preview(policy_values: dict, vms, policy=None) -> list[dict]:
     """What a policy with these keep_* values would keep of each VM's backups — of those
     the policy owns, exactly what ``vmbackup_prune --dry-run`` and the prune decide on (a
     new policy owns none yet; backups of other policies and manual ones are not its own)."""
-    rules = retention.Policy(**{name: int(policy_values.get(name) or 0) for name in KEEP_FIELDS})
+    values = {name: int(policy_values.get(name) or 0) for name in BackupPolicy.KEEP_FIELDS}
+    rules = BackupPolicy(**values).retention_rules()
     owned = Backup.objects.published().filter(vm__in=vms)
     owned = owned.retained_by(policy) if policy is not None and policy.pk else owned.none()
     backups = owned.order_by("vm_id", "-created_at")

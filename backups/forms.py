@@ -8,8 +8,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
-from . import restoring, roots
+from . import roots
 from .models import BackupPolicy, Method, RunStatus, VirtualMachine
+from .restore import rules as restore_rules
 
 # Disk targets as libvirt names them: vda, sdb, hdc, nvme0n1, ...
 TARGET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -118,7 +119,9 @@ class RestoreForm(forms.Form):
     """Restore ``backup`` as a new domain. The worker checks name and root again; the form
     catches the mistakes an operator can see here, before anything is queued."""
 
-    name = forms.CharField(max_length=64, help_text=restoring.NAME_HELP, label="New domain name")
+    name = forms.CharField(
+        max_length=64, help_text=restore_rules.NAME_HELP, label="New domain name"
+    )
     root = forms.ChoiceField(label="Restore into", help_text="the disks go to <root>/<name>/")
     start = forms.BooleanField(required=False, label="Start the new domain when restored")
 
@@ -126,17 +129,17 @@ class RestoreForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.backup = backup
         # The configured roots at request time; one root is still shown, never implied.
-        roots = restoring.allowed_roots()
+        roots = restore_rules.allowed_roots()
         self.fields["root"].choices = [(root, root) for root in roots]
         if roots:
             self.fields["root"].initial = roots[0]
         suggestion = f"{backup.vm.name}-restored"
-        self.fields["name"].initial = suggestion if restoring.NAME_RE.match(suggestion) else ""
+        self.fields["name"].initial = suggestion if restore_rules.NAME_RE.match(suggestion) else ""
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"]
-        if not restoring.NAME_RE.match(name):
-            raise ValidationError(f"Not a valid domain name; use {restoring.NAME_HELP}.")
+        if not restore_rules.NAME_RE.match(name):
+            raise ValidationError(f"Not a valid domain name; use {restore_rules.NAME_HELP}.")
         host = self.backup.vm.host
         if VirtualMachine.objects.present().filter(host=host, name=name).exists():
             raise ValidationError(f"A domain named {name} already exists on {host.name}.")

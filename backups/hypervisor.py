@@ -258,9 +258,6 @@ class Session:
         )
         self._call(dom.undefineFlags, flags, doing="undefine domain")
 
-    def rename(self, uuid: str, new_name: str) -> None:
-        self._call(self._dom(uuid).rename, new_name, 0, doing="rename domain")
-
     def wait_state(self, uuid: str, state: str, timeout: float, interval: float = 0.5) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

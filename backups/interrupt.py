@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from django.utils import timezone
+from .models import RunStatus
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -76,9 +76,5 @@ class Guard:
         raise SystemExit(128 + self.stopped.signum)
 
     def _end_queued(self) -> None:
-        from .models import RunStatus
-
         for row in self.rows:
-            type(row).objects.filter(pk=row.pk, status=RunStatus.QUEUED).update(
-                status=RunStatus.INTERRUPTED, error=str(self.stopped), finished_at=timezone.now()
-            )
+            row.mark_interrupted(str(self.stopped), only=(RunStatus.QUEUED,))

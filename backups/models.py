@@ -11,6 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from . import uris
+from .retention import rules as retention_rules
 from .validators import validate_backup_root, validate_cron, validate_libvirt_uri
 
 
@@ -182,9 +183,29 @@ class BackupPolicy(models.Model):
     def __str__(self):
         return self.name
 
+    KEEP_FIELDS = (
+        "keep_last",
+        "keep_hourly",
+        "keep_daily",
+        "keep_weekly",
+        "keep_monthly",
+        "keep_yearly",
+    )
+
     @property
     def root(self) -> str:
         return self.destination or settings.VMBACKUP_ROOT
+
+    def retention_rules(self) -> retention_rules.Policy:
+        """The keep_* counts as the retention engine takes them (prune, the preview)."""
+        return retention_rules.Policy(
+            **{name: getattr(self, name) or 0 for name in self.KEEP_FIELDS}
+        )
+
+    @staticmethod
+    def schedule_name_of(policy_id: int) -> str:
+        """The django-q2 Schedule that runs a policy is named after it."""
+        return f"policy-{policy_id}"
 
     @property
     def excluded_targets(self) -> set[str]:
@@ -235,21 +256,14 @@ class BackupRunQuerySet(models.QuerySet):
         return self.filter(status__in=ACTIVE_STATUSES)
 
 
-class BackupRun(models.Model):
-    """One attempt to back up one VM; every outcome is recorded here as data."""
+class Job(models.Model):
+    """The lifecycle a backup run and a restore share, and the only place their status
+    changes: claimed once (queued -> running; a second delivery of the task finds nothing),
+    journaled before each side effect, beating while it works, cancelled by request, and
+    finished once — the first outcome recorded stands (a run reconcile already ended keeps
+    that outcome)."""
 
-    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="runs")
-    policy = models.ForeignKey(
-        BackupPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
-    )
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
-    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.BUTTON)
-    method_requested = models.CharField(max_length=16, choices=Method.choices, default=Method.AUTO)
-    method = models.CharField(max_length=16, blank=True)
-    method_reason = models.CharField(max_length=255, blank=True)
-    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.FULL)
-    kind_reason = models.CharField(max_length=255, blank=True)
-    consistency = models.CharField(max_length=24, choices=Consistency.choices, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -257,21 +271,117 @@ class BackupRun(models.Model):
     worker = models.CharField(max_length=100, blank=True, help_text="host:pid of the worker")
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
+    journal = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in ACTIVE_STATUSES
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+    @classmethod
+    def claim(cls, pk: int, holder: str) -> bool:
+        """queued -> running for ``holder`` (``host:pid``); False when another delivery (or a
+        cancel) got there first."""
+        now = timezone.now()
+        return bool(
+            cls.objects.filter(pk=pk, status=RunStatus.QUEUED).update(
+                status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, worker=holder
+            )
+        )
+
+    def log(self, step: str, **data) -> None:
+        """Append a journal entry and save it *before* the side effect it announces."""
+        entry = {"at": timezone.now().isoformat(), "step": step}
+        entry.update(data)
+        self.journal = [*self.journal, entry]
+        self.heartbeat_at = timezone.now()
+        self.save(update_fields=["journal", "heartbeat_at"])
+
+    def beat(self, done: int | None = None, total: int | None = None) -> None:
+        fields = ["heartbeat_at"]
+        self.heartbeat_at = timezone.now()
+        if done is not None:
+            self.bytes_done = done
+            fields.append("bytes_done")
+        if total is not None:
+            self.bytes_total = total
+            fields.append("bytes_total")
+        type(self).objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
+
+    def request_cancel(self) -> None:
+        """A queued job is cancelled at once; a running one is asked to stop at its next
+        step (a restore past its point of no return finishes anyway)."""
+        if not self.finish(RunStatus.CANCELLED, "cancelled by user", only=(RunStatus.QUEUED,)):
+            type(self).objects.filter(pk=self.pk, status=RunStatus.RUNNING).update(
+                cancel_requested=True
+            )
+
+    def finish(self, status: str, error: str = "", *, only=ACTIVE_STATUSES, **fields) -> bool:
+        """End the job unless something else ended it first: the first outcome recorded
+        stands. Returns whether this call recorded it."""
+        now = timezone.now()
+        done = (
+            type(self)
+            .objects.filter(pk=self.pk, status__in=only)
+            .update(status=status, error=error, finished_at=now, **fields)
+        )
+        if done:
+            self.status, self.error, self.finished_at = status, error, now
+            for name, value in fields.items():
+                setattr(self, name, value)
+        else:
+            self.refresh_from_db(fields=["status", "error", "finished_at", *fields])
+        return bool(done)
+
+    def mark_succeeded(self, **fields) -> bool:
+        return self.finish(RunStatus.SUCCEEDED, **fields)
+
+    def mark_failed(self, reason: str, **fields) -> bool:
+        return self.finish(RunStatus.FAILED, reason, **fields)
+
+    def mark_cancelled(self, reason: str = "cancelled by user", **fields) -> bool:
+        return self.finish(RunStatus.CANCELLED, reason, **fields)
+
+    def mark_interrupted(self, reason: str, *, only=ACTIVE_STATUSES, **fields) -> bool:
+        return self.finish(RunStatus.INTERRUPTED, reason, only=only, **fields)
+
+
+class BackupRun(Job):
+    """One attempt to back up one VM; every outcome is recorded here as data."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="runs")
+    policy = models.ForeignKey(
+        BackupPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.BUTTON)
+    method_requested = models.CharField(max_length=16, choices=Method.choices, default=Method.AUTO)
+    method = models.CharField(max_length=16, blank=True)
+    method_reason = models.CharField(max_length=255, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.FULL)
+    kind_reason = models.CharField(max_length=255, blank=True)
+    consistency = models.CharField(max_length=24, choices=Consistency.choices, blank=True)
     bytes_written = models.BigIntegerField(default=0)
     # the SHA-256 pass over what was written: on big disks it outlasts the copy's end
     bytes_hashed = models.BigIntegerField(default=0)
     bytes_to_hash = models.BigIntegerField(default=0)
     staging_path = models.CharField(max_length=1024, blank=True)
-    journal = models.JSONField(default=list, blank=True)
-    error = models.TextField(blank=True)
-    cancel_requested = models.BooleanField(default=False)
     options = models.JSONField(
         default=dict, blank=True, help_text="per-run overrides, e.g. skip_space_check"
     )
 
     objects = BackupRunQuerySet.as_manager()
 
-    class Meta:
+    class Meta(Job.Meta):
         ordering = ["-created_at", "-id"]
         permissions = [("run_backup", "Can start and cancel backups")]
         indexes = [models.Index(fields=["vm", "-created_at"], name="run_vm_recent")]
@@ -291,66 +401,14 @@ class BackupRun(models.Model):
         return reverse("run_detail", args=[self.pk])
 
     @property
-    def is_finished(self) -> bool:
-        return self.status not in ACTIVE_STATUSES
-
-    @property
-    def duration(self):
-        if self.started_at and self.finished_at:
-            return self.finished_at - self.started_at
-        return None
-
-    def log(self, step: str, **data) -> None:
-        """Append a journal entry and save it *before* the side effect it announces."""
-        entry = {"at": timezone.now().isoformat(), "step": step}
-        entry.update(data)
-        self.journal = [*self.journal, entry]
-        self.heartbeat_at = timezone.now()
-        self.save(update_fields=["journal", "heartbeat_at"])
+    def root(self) -> str:
+        """The backup root this run writes under: its policy's, else VMBACKUP_ROOT."""
+        return self.policy.root if self.policy else settings.VMBACKUP_ROOT
 
     def hash_progress(self, hashed: int, to_hash: int) -> None:
         self.bytes_hashed, self.bytes_to_hash = hashed, to_hash
         self.heartbeat_at = timezone.now()
         self.save(update_fields=["bytes_hashed", "bytes_to_hash", "heartbeat_at"])
-
-    def beat(self, done: int | None = None, total: int | None = None) -> None:
-        fields = ["heartbeat_at"]
-        self.heartbeat_at = timezone.now()
-        if done is not None:
-            self.bytes_done = done
-            fields.append("bytes_done")
-        if total is not None:
-            self.bytes_total = total
-            fields.append("bytes_total")
-        BackupRun.objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
-
-    def _finish(self, status: str, error: str = "") -> bool:
-        """End the run unless something else ended it first (reconcile, a cancel): the first
-        outcome recorded stands. Returns whether this call recorded it."""
-        now = timezone.now()
-        done = BackupRun.objects.filter(pk=self.pk, status__in=ACTIVE_STATUSES).update(
-            status=status, error=error, finished_at=now
-        )
-        if done:
-            self.status, self.error, self.finished_at = status, error, now
-        else:
-            self.refresh_from_db(fields=["status", "error", "finished_at"])
-        return bool(done)
-
-    def mark_succeeded(self) -> bool:
-        return self._finish(RunStatus.SUCCEEDED)
-
-    def mark_failed(self, reason: str) -> bool:
-        return self._finish(RunStatus.FAILED, reason)
-
-    def mark_cancelled(self, reason: str = "cancelled by user") -> bool:
-        return self._finish(RunStatus.CANCELLED, reason)
-
-    def mark_interrupted(self, reason: str) -> bool:
-        return self._finish(RunStatus.INTERRUPTED, reason)
-
-    def mark_skipped(self, reason: str) -> bool:
-        return self._finish(RunStatus.SKIPPED, reason)
 
 
 class VerifyStatus(models.TextChoices):
@@ -440,11 +498,11 @@ class RestoreMode(models.TextChoices):
     IN_PLACE = "in-place", "in place, over the VM's own disks"
 
 
-class Restore(models.Model):
+class Restore(Job):
     """Restoring one backup, as a new domain or in place over its (shut off) VM's disks.
 
     Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
-    writes is visible as restored until the last step (see ``restoring``); a failure at any
+    writes is visible as restored until the last step (see ``restore``); a failure at any
     step removes what this restore created, and an in-place restore keeps the disks it
     replaced beside them (``<disk>.before-restore-<id>``).
     """
@@ -463,23 +521,12 @@ class Restore(models.Model):
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
-    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     step = models.CharField(max_length=64, blank=True)
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    worker = models.CharField(max_length=100, blank=True)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
     path = models.CharField(max_length=1024, blank=True, help_text="directory of the disks")
     domain_uuid = models.CharField(max_length=36, blank=True)
     notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
-    cancel_requested = models.BooleanField(default=False)
-    journal = models.JSONField(default=list, blank=True)
-    error = models.TextField(blank=True)
 
-    class Meta:
+    class Meta(Job.Meta):
         ordering = ["-created_at", "-id"]
         constraints = [
             # Two restores must not race for the same new name.
@@ -506,10 +553,6 @@ class Restore(models.Model):
 
     def get_absolute_url(self):
         return reverse("restore_detail", args=[self.pk])
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status not in ACTIVE_STATUSES
 
 
 class PruneLock(models.Model):

@@ -24,9 +24,9 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import adopt, archive, fold, hypervisor, methods, notify, site
+from . import adopt, archive, hypervisor, notify, roots, site, worker
+from .backup import methods
 from .models import (
-    BackupPolicy,
     BackupRun,
     Host,
     PruneLock,
@@ -34,6 +34,8 @@ from .models import (
     RestoreMode,
     RunStatus,
 )
+from .restore import in_place, new_domain, rules
+from .retention import fold
 from .roots import refusal as root_refusal
 
 log = logging.getLogger(__name__)
@@ -74,21 +76,6 @@ class Report:
         return ", ".join(parts)
 
 
-def is_dead(run: BackupRun, stale_after: int) -> bool:
-    """A run is dead when its worker process is gone (same host) or it stopped beating."""
-    host, _, pid = run.worker.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        return False  # its worker is alive here: slow, not dead
-    beat = run.heartbeat_at or run.started_at
-    return beat is None or beat < timezone.now() - timedelta(seconds=stale_after)
-
-
 def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Report:
     """Repair everything, or with ``cluster`` only the runs, restores and hosts served by
     that django-q2 cluster (each cluster runs its own copy: see ``schedules``)."""
@@ -101,7 +88,7 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     for run_id in list(running):
         # read each run just before judging it: repairing the previous ones may take minutes
         run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
-        if run.status == RunStatus.RUNNING and is_dead(run, stale_after):
+        if run.status == RunStatus.RUNNING and worker.is_dead(run, stale_after):
             _repair_run(run, report)
     _release_dead_prune_locks(report)
     _repair_finished(report, stale_after, mine)
@@ -154,7 +141,7 @@ def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
         Restore.objects.filter(status=RunStatus.RUNNING, **mine).values_list("pk", flat=True)
     ):
         restore = Restore.objects.select_related("vm__host").get(pk=restore_id)
-        if restore.status != RunStatus.RUNNING or not is_dead(restore, stale_after):
+        if restore.status != RunStatus.RUNNING or not worker.is_dead(restore, stale_after):
             continue
         if restore.worker.rpartition(":")[0] != socket.gethostname():
             beat = restore.heartbeat_at or restore.started_at
@@ -187,15 +174,13 @@ def _repair_in_place(restore: Restore) -> str | None:
     """Undo a dead in-place restore's half switch, but never under a running VM: a VM
     started meanwhile (autostart after a host crash) keeps its files until it is shut off,
     and the restore stays running (so no backup reads the mixed disks) until then."""
-    from . import restore_in_place
-
     steps = {s.get("step") for s in restore.journal if isinstance(s, dict)}
     uuid = str(restore.vm.uuid)
     with hypervisor.session(restore.vm.host.uri) as hv:
         if "switched" in steps:
             if "genid" not in steps and hv.exists(uuid):
                 notes: list[str] = []
-                restore_in_place.renew_generation_id(hv, uuid, notes)
+                in_place.renew_generation_id(hv, uuid, notes)
         elif "swap" in steps and "undone" not in steps and hv.exists(uuid):
             state = hv.domain(uuid).state
             if state != "shutoff" or hv.has_managed_save(uuid):
@@ -203,12 +188,10 @@ def _repair_in_place(restore: Restore) -> str | None:
                     f"{restore.vm.name} was started in the middle of an in-place restore "
                     "(its disks are mixed); shut it down and reconcile puts the old ones back"
                 )
-    return restore_in_place.repair_dead(restore)
+    return in_place.repair_dead(restore)
 
 
 def _repair_new_domain(restore: Restore, report: Report) -> str:
-    from . import restoring
-
     steps = {s.get("step"): s for s in restore.journal if isinstance(s, dict)}
     defined = steps.get("define", {}).get("uuid", "")
     if defined:
@@ -221,8 +204,8 @@ def _repair_new_domain(restore: Restore, report: Report) -> str:
     error = "interrupted: the worker died"
     final = Path(os.path.abspath(restore.root)) / restore.name
     kept = "publish" in steps and final.is_dir()
-    if os.path.abspath(restore.root) in restoring.allowed_roots():
-        for staging in restoring.staging_paths(restore):
+    if os.path.abspath(restore.root) in rules.allowed_roots():
+        for staging in new_domain.staging_paths(restore):
             if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)
                 report.partials.append(str(staging))
@@ -243,20 +226,14 @@ def _expire_queued_restores(report: Report, after: timedelta = timedelta(days=1)
         status=RunStatus.QUEUED, created_at__lt=timezone.now() - after
     ).values_list("pk", flat=True)
     for restore_id in list(stale):
-        updated = Restore.objects.filter(pk=restore_id, status=RunStatus.QUEUED).update(
-            status=RunStatus.INTERRUPTED,
-            error="never picked up by a worker; request it again",
-            finished_at=timezone.now(),
-        )
-        if updated:
+        restore = Restore.objects.get(pk=restore_id)
+        error = "never picked up by a worker; request it again"
+        if restore.mark_interrupted(error, only=(RunStatus.QUEUED,)):
             report.restores_interrupted.append(restore_id)
 
 
 def _end_restore(restore: Restore, error: str, report: Report) -> None:
-    updated = Restore.objects.filter(pk=restore.pk, status=RunStatus.RUNNING).update(
-        status=RunStatus.INTERRUPTED, error=error, finished_at=timezone.now()
-    )
-    if updated:
+    if restore.mark_interrupted(error, only=(RunStatus.RUNNING,)):
         report.restores_interrupted.append(restore.pk)
 
 
@@ -339,8 +316,7 @@ def _repair_run(run: BackupRun, report: Report) -> None:
 
 
 def _root_of(run: BackupRun) -> str:
-    root = run.policy.root if run.policy else settings.VMBACKUP_ROOT
-    return settings.VMBACKUP_ROOT if root_refusal(root) else root  # only under our roots
+    return settings.VMBACKUP_ROOT if root_refusal(run.root) else run.root  # only our roots
 
 
 def _still_active(run_id: int) -> bool:
@@ -409,9 +385,8 @@ def _overlays(hv: hypervisor.Session, domain: hypervisor.DomainInfo) -> dict[str
 
 
 def _roots() -> set[str]:
-    roots = {settings.VMBACKUP_ROOT}
-    roots |= {p.root for p in BackupPolicy.objects.all()}
-    return {r for r in roots if r and not root_refusal(r) and os.path.isdir(r)}
+    """The configured roots that exist here (a root on another machine is not mounted)."""
+    return {r for r in roots.configured() if os.path.isdir(r)}
 
 
 def _remove_orphan_partials(me: str, report: Report) -> list[str]:

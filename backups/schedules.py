@@ -25,7 +25,7 @@ PER_CLUSTER = ("vmbackup-reconcile", "vmbackup-verify")  # the jobs that act on 
 
 
 def name_for(policy: BackupPolicy) -> str:
-    return f"policy-{policy.pk}"
+    return BackupPolicy.schedule_name_of(policy.pk)
 
 
 def _next(expr: str):

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import archive_check
+from .archive import check as archive_check
 from .models import Backup, VerifyStatus
 
 BROKEN = (VerifyStatus.CORRUPT, VerifyStatus.MISSING)

@@ -13,7 +13,8 @@ from django.utils.http import content_disposition_header
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import access, charts, cron, dashboard, jobs
+from . import access, charts, cron, dashboard, requests
+from .archive import ArchiveError, Manifest, instructions
 from .forms import (
     BackupNowForm,
     PolicyForm,
@@ -133,8 +134,10 @@ def vm_backup(request, vm_id: int):
         messages.error(request, "Choose a backup method.")
         return redirect("vm_detail", vm.pk)
     try:
-        run = jobs.request_backup(vm, method=form.cleaned_data["method"], trigger=Trigger.BUTTON)
-    except jobs.RunActive as exc:
+        run = requests.request_backup(
+            vm, method=form.cleaned_data["method"], trigger=Trigger.BUTTON
+        )
+    except requests.RunActive as exc:
         messages.warning(request, str(exc))
         return redirect("vm_detail", vm.pk)
     messages.success(request, f"Backup of {vm.name} queued.")
@@ -192,7 +195,7 @@ def run_cancel(request, run_id: int):
     if run.is_finished:
         messages.info(request, f"Run {run.pk} has already finished ({run.status}).")
     else:
-        jobs.request_cancel(run)
+        requests.request_cancel(run)
         messages.success(request, f"Cancellation of run {run.pk} requested.")
     return redirect("run_detail", run.pk)
 
@@ -235,9 +238,9 @@ def backup_verify(request, backup_id: int):
         messages.error(request, "This backup was pruned; there is nothing left to verify.")
     else:
         try:
-            jobs.request_verify(backup)
+            requests.request_verify(backup)
             messages.success(request, f"Verification of {backup} queued.")
-        except jobs.VerifyQueued as exc:
+        except requests.VerifyQueued as exc:
             messages.info(request, f"{exc} It was not queued again.")
     return _back(backup, request)
 
@@ -269,18 +272,12 @@ def _download(backup: Backup, suffix: str, body: str, content_type: str) -> Http
 
 
 def render_restore_md(manifest: dict) -> str:
-    """RESTORE.md for a stored manifest (``backups.restore`` owns the wording)."""
-    from .archive import Manifest
-    from .restore import restore_md
-
-    return restore_md(Manifest.from_json(json.dumps(manifest)))
+    """RESTORE.md for a stored manifest (``archive.instructions`` owns the wording)."""
+    return instructions.restore_md(Manifest.from_json(json.dumps(manifest)))
 
 
 def render_restore_sh(manifest: dict) -> str:
-    from .archive import Manifest
-    from .restore import restore_sh
-
-    return restore_sh(Manifest.from_json(json.dumps(manifest)))
+    return instructions.restore_sh(Manifest.from_json(json.dumps(manifest)))
 
 
 def _manifest(backup: Backup) -> dict:
@@ -297,8 +294,6 @@ def backup_manifest(request, backup_id: int):
 
 
 def _restore_download(backup: Backup, render_text, suffix: str, content_type: str):
-    from .archive import ArchiveError
-
     try:
         body = render_text(_manifest(backup))
     except ArchiveError as exc:
@@ -372,8 +367,10 @@ def _restore_page(request, backup: Backup, form, template: str, how: str, in_pla
     if form.is_valid():
         fields = {k: v for k, v in form.cleaned_data.items() if k != "confirm"}
         try:
-            restore = jobs.request_restore(backup, **fields, in_place=in_place, user=request.user)
-        except jobs.RestoreRefused as exc:
+            restore = requests.request_restore(
+                backup, **fields, in_place=in_place, user=request.user
+            )
+        except requests.RestoreRefused as exc:
             form.add_error(None, str(exc))
         else:
             what = how.format(name=restore.name)
@@ -415,7 +412,7 @@ def restore_cancel(request, restore_id: int):
     if restore.is_finished:
         messages.info(request, f"Restore {restore.pk} has already finished ({restore.status}).")
     else:
-        jobs.request_restore_cancel(restore)
+        requests.request_restore_cancel(restore)
         messages.success(request, f"Cancellation of restore {restore.pk} requested.")
     return redirect("restore_detail", restore.pk)
 
@@ -467,7 +464,7 @@ def _policy_preview(form: PolicyForm) -> dict:
         except cron.CronError as exc:
             cron_error = str(exc)
     vms = list(values.get("vms") or [])
-    keep_ok = all(name in values for name in dashboard.KEEP_FIELDS)
+    keep_ok = all(name in values for name in BackupPolicy.KEEP_FIELDS)
     return {
         "next_runs": runs,
         "cron_error": cron_error,

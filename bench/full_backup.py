@@ -8,7 +8,7 @@ times in turn: bare convert of the shut-off disk, our offline backup, bare conve
 running disk (for reference), then QEMU's own push backup job of the running disk started
 straight through libvirt (the physical floor of push) and our push backup, in alternating order.
 Backups run in-process through
-``jobs.request_backup`` + ``jobs.run_backup``, exactly as a worker runs them.
+``requests.request_backup`` + ``jobs.run_backup``, exactly as a worker runs them.
 
 Figures: copy phase from the run journal (first ``copy`` / ``backup-begin`` step to the ``hash``
 step), total from ``started_at`` to ``finished_at`` (pre-flight, copy, hashing, metadata,
@@ -222,11 +222,11 @@ class Bench:
         return seconds
 
     def backup(self, role: str, method: str, policy) -> RunFigures:
-        from backups import jobs
+        from backups import jobs, requests
         from backups.models import RunStatus, Trigger
 
         vm = self.vms[role]
-        run = jobs.request_backup(
+        run = requests.request_backup(
             vm, method=method, trigger=Trigger.COMMAND, policy=policy, enqueue=False
         )
         self.watch.events.pop(str(vm.uuid), None)

@@ -69,9 +69,9 @@ def build_domain(domains, work: Path, size: int):
 
 
 def backup(vm, policy):
-    from backups import jobs
+    from backups import jobs, requests
 
-    run = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    run = requests.request_backup(vm, method="push", enqueue=False, policy=policy)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     if run.status != "succeeded":

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def sent(monkeypatch):
     calls = []
-    monkeypatch.setattr("backups.jobs.async_task", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("backups.requests.async_task", lambda *a, **k: calls.append(a))
     return calls
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, archive_check, qemu_img
+from backups import archive, qemu_img
 from backups.archive import ArchiveError, DiskEntry, Manifest
+from backups.archive import check as archive_check
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -14,7 +14,8 @@ from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.db import connection
 
-from backups import archive, archive_check, jobs, qemu_img, reconcile
+from backups import archive, jobs, qemu_img, reconcile, requests
+from backups.archive import check as archive_check
 from backups.models import Backup, BackupRun, RunStatus, VerifyStatus
 from tests.domains import BASE, PREFIX, DiskSpec, guest_write, make_dir
 from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
@@ -45,7 +46,7 @@ def small_root(settings, _swept):
 
 
 def run_now(vm, method, **options):
-    run = jobs.request_backup(vm, method=method, enqueue=False, options=options)
+    run = requests.request_backup(vm, method=method, enqueue=False, options=options)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     return run
@@ -96,7 +97,7 @@ def test_it_records_the_published_directory_only_after_success(domains, backup_r
 @pytest.mark.django_db
 def test_it_treats_a_duplicate_delivery_as_a_no_op(domains, backup_root, synced):
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0x51)])])
-    run = jobs.request_backup(synced(dom), method="offline", enqueue=False)
+    run = requests.request_backup(synced(dom), method="offline", enqueue=False)
     assert jobs.run_backup(run.pk).startswith("published")
     assert jobs.run_backup(run.pk) == "not claimed (succeeded)"
     assert Backup.objects.filter(vm=run.vm).count() == 1
@@ -111,8 +112,8 @@ def test_it_lets_exactly_one_of_two_simultaneous_triggers_run(domains, backup_ro
     def trigger():
         barrier.wait()
         try:
-            outcomes.append(jobs.request_backup(vm, method="offline", enqueue=False))
-        except jobs.RunActive as exc:
+            outcomes.append(requests.request_backup(vm, method="offline", enqueue=False))
+        except requests.RunActive as exc:
             outcomes.append(exc)
         finally:
             connection.close()
@@ -123,7 +124,7 @@ def test_it_lets_exactly_one_of_two_simultaneous_triggers_run(domains, backup_ro
     for t in threads:
         t.join()
     runs = [o for o in outcomes if isinstance(o, BackupRun)]
-    refused = [o for o in outcomes if isinstance(o, jobs.RunActive)]
+    refused = [o for o in outcomes if isinstance(o, requests.RunActive)]
     assert len(runs) == 1 and len(refused) == 1
     assert "already has an active backup" in str(refused[0])
     assert jobs.run_backup(runs[0].pk).startswith("published")

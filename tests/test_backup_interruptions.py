@@ -9,7 +9,7 @@ import libvirt
 import pytest
 from django.db import connection
 
-from backups import archive, jobs
+from backups import archive, jobs, requests
 from backups.models import BackupRun, RunStatus
 from tests.domains import DiskSpec
 from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
@@ -19,7 +19,7 @@ BIG = [DiskSpec("vda", "qcow2", 1024, [(0, 1000, 0x91)])]
 
 
 def run_in_background(vm, method):
-    run = jobs.request_backup(vm, method=method, enqueue=False)
+    run = requests.request_backup(vm, method=method, enqueue=False)
 
     def work():
         try:
@@ -49,7 +49,7 @@ def test_it_cancels_cleanly(method, step, domains, backup_root, synced):
     dom = domains.create(BIG, start=True)
     run, thread = run_in_background(synced(dom), method)
     wait_for_step(run, step)
-    jobs.request_cancel(run)
+    requests.request_cancel(run)
     thread.join(timeout=120)
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED, run.error

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import jobs, qemu_img
+from backups import jobs, qemu_img, requests
 from backups.models import RunStatus
 from tests.domains import DiskSpec, make_dir
 from tests.modes import assert_private
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
 
 def backup(vm, method):
-    run = jobs.request_backup(vm, method=method, enqueue=False)
+    run = requests.request_backup(vm, method=method, enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error
@@ -150,7 +150,7 @@ def test_it_can_pull_a_full_backup_over_nbd_with_compression(
     policy = BackupPolicy.objects.create(name="z", schedule="", compression="zstd")
     dom = domains.create(start=True)
     vm = synced(dom)
-    r = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    r = requests.request_backup(vm, method="push", enqueue=False, policy=policy)
     jobs.run_backup(r.pk)
     r.refresh_from_db()
     assert r.status == RunStatus.SUCCEEDED, r.error

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from backups import jobs
+from backups import jobs, requests
 from backups.models import Backup, Host, Restore, RunStatus, VirtualMachine
 from tests import test_views_support as support
 from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
@@ -34,21 +34,21 @@ def test_it_queues_one_verification_per_backup(
 
 
 def test_the_backup_page_says_a_verification_is_queued(owner_client, backup, async_calls):
-    jobs.request_verify(backup)
+    requests.request_verify(backup)
     page = owner_client.get(reverse("backup_detail", args=[backup.pk])).content.decode()
     assert "a verification is queued or running since" in page
 
 
 def test_it_takes_a_verification_again_once_the_job_ended(owner_client, backup, async_calls):
-    jobs.request_verify(backup)
+    requests.request_verify(backup)
     jobs.verify_backup(backup.pk)  # the directory is missing: recorded, and the mark cleared
     backup.refresh_from_db()
     assert (backup.verify_status, backup.verify_queued_at) == ("missing", None)
-    jobs.request_verify(backup)
+    requests.request_verify(backup)
 
 
 def test_it_clears_the_mark_when_the_job_fails(backup, monkeypatch):
-    jobs.request_verify(backup)
+    requests.request_verify(backup)
     monkeypatch.setattr("backups.verify.verify_backup", lambda b: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         jobs.verify_backup(backup.pk)
@@ -58,11 +58,11 @@ def test_it_clears_the_mark_when_the_job_fails(backup, monkeypatch):
 def test_it_forgets_a_mark_older_than_the_longest_job(backup, settings, async_calls):
     stale = timezone.now() - timedelta(seconds=settings.Q_TIMEOUT + 60)
     Backup.objects.filter(pk=backup.pk).update(verify_queued_at=stale)
-    jobs.request_verify(backup)  # a worker died during it: not blocked forever
+    requests.request_verify(backup)  # a worker died during it: not blocked forever
     fresh = timezone.now() - timedelta(seconds=settings.Q_TIMEOUT - 60)
     Backup.objects.filter(pk=backup.pk).update(verify_queued_at=fresh)
-    with pytest.raises(jobs.VerifyQueued):
-        jobs.request_verify(backup)
+    with pytest.raises(requests.VerifyQueued):
+        requests.request_verify(backup)
 
 
 # --- restores per host ------------------------------------------------------------------------
@@ -92,11 +92,13 @@ def test_it_refuses_a_restore_beyond_the_cap_per_host(
 
 def test_it_counts_only_active_restores_of_the_same_host(backup, vm, root, settings):
     settings.VMBACKUP_MAX_RESTORES_PER_HOST = 1
-    first = jobs.request_restore(backup, name="copy-1", root=root, enqueue=False)
+    first = requests.request_restore(backup, name="copy-1", root=root, enqueue=False)
     other = Host.objects.create(name="hv2", uri="qemu:///system")
     elsewhere = VirtualMachine.objects.create(host=other, uuid=vm.uuid, name="web-2")
-    jobs.request_restore(support.make_backup(elsewhere), name="copy-2", root=root, enqueue=False)
-    with pytest.raises(jobs.RestoreRefused, match="at most 1"):
-        jobs.request_restore(backup, name="copy-3", root=root, enqueue=False)
+    requests.request_restore(
+        support.make_backup(elsewhere), name="copy-2", root=root, enqueue=False
+    )
+    with pytest.raises(requests.RestoreRefused, match="at most 1"):
+        requests.request_restore(backup, name="copy-3", root=root, enqueue=False)
     Restore.objects.filter(pk=first.pk).update(status=RunStatus.SUCCEEDED)
-    jobs.request_restore(backup, name="copy-3", root=root, enqueue=False)
+    requests.request_restore(backup, name="copy-3", root=root, enqueue=False)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, archive_check, jobs, qemu_img, site
+from backups import archive, jobs, qemu_img, requests, site
+from backups.archive import check as archive_check
 from backups.models import BackupPolicy, RunStatus
 from tests.domains import DiskSpec, guest_write, make_dir, run
 
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
 
 def push(vm, policy=None):
-    r = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    r = requests.request_backup(vm, method="push", enqueue=False, policy=policy)
     jobs.run_backup(r.pk)
     r.refresh_from_db()
     assert r.status == RunStatus.SUCCEEDED, r.error

@@ -14,8 +14,10 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from backups import archive, archive_check, fold, jobs, prune, reconcile, verify
+from backups import archive, jobs, reconcile, requests, verify
+from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, RunStatus, VerifyStatus
+from backups.retention import fold, prune
 from tests.domains import DiskSpec
 from tests.test_incremental import push, write
 from tests.test_restore_domain import restore_now
@@ -131,7 +133,7 @@ def test_a_prune_after_a_backup_refuses_the_fold_and_says_so(chain):
     BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=1)
     before = digests(backups)
 
-    run = jobs.request_backup(vm, method="push", enqueue=False, policy=policy)
+    run = requests.request_backup(vm, method="push", enqueue=False, policy=policy)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
 

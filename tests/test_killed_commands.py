@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from backups import archive_check, interrupt, jobs, reconcile
+from backups import interrupt, jobs, reconcile, requests
+from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, BackupRun, PruneLock, Restore, RunStatus
 from tests.domains import DiskSpec
 from tests.test_incremental import push
@@ -138,7 +139,7 @@ def backup(transactional_db, domains, backup_root, synced):
     """An offline backup of a small shut-off domain (committed: the commands read it)."""
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])])
     vm = synced(dom)
-    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    run = requests.request_backup(vm, method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error
@@ -348,7 +349,7 @@ def test_every_qemu_img_runs_in_the_thread_that_runs_the_job(
 
     monkeypatch.setattr(qemu_img, "_execute", execute)
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])])
-    run = jobs.request_backup(synced(dom), method="offline", enqueue=False)
+    run = requests.request_backup(synced(dom), method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert verify.verify_backup(run.backup).startswith("ok")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import jobs
+from backups import jobs, requests
 from backups.models import BackupPolicy, RunStatus
 from tests.agent_guest import create_agent_domain, wait_for_agent
 from tests.domains import DiskSpec
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
 
 def offline(vm, policy):
-    run = jobs.request_backup(vm, method="offline", enqueue=False, policy=policy)
+    run = requests.request_backup(vm, method="offline", enqueue=False, policy=policy)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     return run

@@ -8,7 +8,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from backups import archive, archive_check, qemu_img
+from backups import archive, qemu_img, requests
+from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy
 from tests.domains import DiskSpec, make_dir
 from tests.test_incremental import push, snapshot_copy, write
@@ -132,8 +133,8 @@ def test_a_manual_prune_and_a_backup_never_touch_one_vm_together(chain, monkeypa
     """vmbackup_prune holds the VM: a backup claimed meanwhile stands back, and a prune
     that finds a backup running skips the VM."""
     from backups import jobs
-    from backups import prune as prune_mod
     from backups.models import BackupRun, PruneLock, RunStatus
+    from backups.retention import prune as prune_mod
 
     vm, policy, points = chain
     BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=1)
@@ -141,7 +142,7 @@ def test_a_manual_prune_and_a_backup_never_touch_one_vm_together(chain, monkeypa
     real = prune_mod.prune_vm
 
     def prune_while_a_backup_starts(vm_, policy_, **kwargs):
-        run = jobs.request_backup(vm_, method="push", enqueue=False)
+        run = requests.request_backup(vm_, method="push", enqueue=False)
         jobs.run_backup(run.pk)
         seen["run"] = BackupRun.objects.get(pk=run.pk)
         return real(vm_, policy_, **kwargs)

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from backups import hypervisor, jobs, reconcile
+from backups import hypervisor, jobs, reconcile, requests
 from backups.models import BackupRun, RunStatus
 from tests.agent_guest import agent_command, create_agent_domain, wait_for_agent
 from tests.domains import DiskSpec
@@ -26,7 +26,7 @@ def freeze_status(domains, dom) -> str:
 
 
 def backup(vm, method):
-    run = jobs.request_backup(vm, method=method, enqueue=False)
+    run = requests.request_backup(vm, method=method, enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     return run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import allowlist, jobs
+from backups import allowlist, jobs, requests
 from backups.models import RunStatus
 from tests.domains import DiskSpec
 from tests.test_restore_domain import restore_now
@@ -79,7 +79,7 @@ def test_a_restored_definition_keeps_nothing_that_reaches_into_the_host(
     restore_root,  # noqa: F811
 ):
     dom = domains.create([DiskSpec("vda", "qcow2", 8, [(0, 1, 0x42)])], cdrom=True)
-    run = jobs.request_backup(synced(dom), method="offline", enqueue=False)
+    run = requests.request_backup(synced(dom), method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     backup_dir = Path(run.backup.path)

@@ -9,8 +9,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from backups import hypervisor, jobs, qemu_img, reconcile, restoring
+from backups import hypervisor, jobs, qemu_img, reconcile, requests
 from backups.models import Backup, Restore, RunStatus
+from backups.restore import common, new_domain
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir
 from tests.modes import assert_private
 from tests.test_incremental import push, snapshot_copy, write
@@ -23,7 +24,7 @@ def new_name() -> str:
 
 
 def restore_now(backup: Backup, root: Path, name: str | None = None, start: bool = False):
-    restore = jobs.request_restore(backup, name=name or new_name(), root=str(root), start=start)
+    restore = requests.request_restore(backup, name=name or new_name(), root=str(root), start=start)
     jobs.run_restore(restore.pk)
     restore.refresh_from_db()
     return restore
@@ -96,7 +97,7 @@ def test_it_gives_the_new_domain_fresh_mac_addresses(domains, backup_root, synce
     )
     domains.conn.defineXML(xml)
     vm = synced(dom)
-    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    run = requests.request_backup(vm, method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
 
@@ -187,7 +188,7 @@ def test_it_refuses_while_a_backup_of_the_vm_runs(domains, backup_root, synced, 
     dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
     vm = synced(dom)
     backup = push(vm).backup
-    jobs.request_backup(vm, method="push", enqueue=False)  # queued: holds the VM's slot
+    requests.request_backup(vm, method="push", enqueue=False)  # queued: holds the VM's slot
 
     restore = restore_now(backup, restore_root)
 
@@ -210,7 +211,7 @@ def test_reconcile_interrupts_a_dead_restore_and_removes_its_staging(db, restore
         worker=f"{socket.gethostname()}:999999999",  # no such pid
         journal=[{"step": "convert"}],
     )
-    staging = make_dir(restoring.staging_paths(restore)[0])
+    staging = make_dir(new_domain.staging_paths(restore)[0])
     (staging / "vda.qcow2").write_bytes(b"half")
 
     report = reconcile.reconcile()
@@ -269,21 +270,20 @@ def test_vmbackup_restore_fails_with_the_reason(domains, backup_root, synced, re
 
 def test_a_chain_pruned_during_the_restore_is_not_used(domains, backup_root, synced,
                                                        restore_root, monkeypatch):  # fmt: skip
-    from backups import restoring
 
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 4, 0x5A)])], start=True)
     vm = synced(dom)
     full = push(vm).backup
     write(domains, dom, 0, "write -P 0x77 8M 1M")
     incremental = push(vm).backup
-    real_flatten = restoring.flatten
+    real_flatten = new_domain.flatten
 
     def flatten_while_pruned(*args):
         real_flatten(*args)
         image = Path(full.path) / "vda.qcow2"  # as a fold's rebase would touch it
         os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1))
 
-    monkeypatch.setattr(restoring, "flatten", flatten_while_pruned)
+    monkeypatch.setattr(new_domain, "flatten", flatten_while_pruned)
     restore = restore_now(incremental, restore_root)
 
     assert restore.status == RunStatus.FAILED
@@ -305,7 +305,7 @@ def test_it_refuses_an_image_reading_a_backup_beside_its_parent(
     write(domains, dom, 0, "write -P 0x61 4M 1M")
     middle = push(vm).backup
     write(domains, dom, 0, "write -P 0x62 5M 1M")
-    run = jobs.request_backup(vm, method="snapshot", enqueue=False)  # a full beside the chain
+    run = requests.request_backup(vm, method="snapshot", enqueue=False)  # a full beside the chain
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     directory = Path(middle.path)
@@ -337,7 +337,7 @@ def test_it_refuses_an_image_reading_a_backup_beside_its_parent(
 def test_a_cancelled_restore_stops_before_writing(domains, backup_root, synced, restore_root):
     dom = domains.create([DiskSpec("vda", "qcow2", 8)], start=True)
     backup = push(synced(dom)).backup
-    restore = jobs.request_restore(backup, name=new_name(), root=str(restore_root),
+    restore = requests.request_restore(backup, name=new_name(), root=str(restore_root),
                                    enqueue=False)  # fmt: skip
     Restore.objects.filter(pk=restore.pk).update(cancel_requested=True)  # as if asked meanwhile
 
@@ -350,11 +350,10 @@ def test_a_cancelled_restore_stops_before_writing(domains, backup_root, synced, 
 
 def test_a_cancel_stops_the_copy_mid_disk(domains, backup_root, synced, restore_root,
                                           monkeypatch):  # fmt: skip
-    from backups import restoring
 
     dom = domains.create([DiskSpec("vda", "qcow2", 256, [(0, 200, 0x3C)])], start=True)
     backup = push(synced(dom)).backup
-    real_convert = restoring.qemu_img.convert
+    real_convert = common.qemu_img.convert
     seen = []
 
     def convert(*args, progress=None, **kwargs):
@@ -366,9 +365,9 @@ def test_a_cancel_stops_the_copy_mid_disk(domains, backup_root, synced, restore_
 
         real_convert(*args, progress=report, **kwargs)
 
-    monkeypatch.setattr(restoring.qemu_img, "convert", convert)
-    monkeypatch.setattr(restoring.qemu_img, "PROGRESS_INTERVAL", 0)  # every percent
-    monkeypatch.setattr(restoring, "CANCEL_CHECK_EVERY", 0)
+    monkeypatch.setattr(common.qemu_img, "convert", convert)
+    monkeypatch.setattr(common.qemu_img, "PROGRESS_INTERVAL", 0)  # every percent
+    monkeypatch.setattr(common, "CANCEL_CHECK_EVERY", 0)
     restore = restore_now(backup, restore_root)
 
     assert restore.status == RunStatus.CANCELLED

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from backups import jobs, qemu_img, reconcile, restore_in_place
+from backups import jobs, qemu_img, reconcile, requests
 from backups.models import Backup, Restore, RestoreMode, RunStatus
+from backups.restore import in_place as restore_in_place
 from tests.domains import DiskSpec, make_dir
 from tests.test_restore_domain import modes_at_copy
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
 
 def offline_backup(vm) -> Backup:
-    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    run = requests.request_backup(vm, method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error
@@ -38,7 +39,7 @@ def copy_of(path: Path, fmt: str, dest: Path) -> Path:
 
 
 def restore_now(backup, start=False) -> Restore:
-    restore = jobs.request_restore(backup, in_place=True, start=start, enqueue=False)
+    restore = requests.request_restore(backup, in_place=True, start=start, enqueue=False)
     jobs.run_restore(restore.pk)
     restore.refresh_from_db()
     return restore
@@ -153,7 +154,7 @@ def test_a_backup_is_refused_while_the_vm_is_restored_in_place(domains, changed_
     dom, vm, backup, _copies = changed_vm
     Restore.objects.create(backup=backup, mode=RestoreMode.IN_PLACE, name=vm.name,
                            status=RunStatus.RUNNING)  # fmt: skip
-    run = jobs.request_backup(vm, method="offline", enqueue=False)
+    run = requests.request_backup(vm, method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.FAILED
@@ -346,10 +347,9 @@ def test_another_machines_dead_restore_is_left_to_that_machine(db, host, tmp_pat
 
 
 def test_a_cancel_before_the_switch_leaves_the_vm_as_it_was(domains, changed_vm, monkeypatch):
-    from backups import restoring
 
     dom, vm, backup, copies = changed_vm
-    real_flatten = restoring.flatten
+    real_flatten = restore_in_place.flatten
 
     def flatten_then_cancel(*args):
         real_flatten(*args)

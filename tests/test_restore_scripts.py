@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backups import qemu_img, restore
+from backups import qemu_img
+from backups.archive import instructions
 from tests.test_archive import (
     WHEN,
     disk,
@@ -267,7 +268,7 @@ def test_it_generates_a_script_the_shell_can_parse(shell, tmp_path):
         memory="memory.save",
     )
     script = tmp_path / "restore.sh"
-    script.write_text(restore.restore_sh(m))
+    script.write_text(instructions.restore_sh(m))
 
     result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=10)
 
@@ -282,7 +283,7 @@ def test_it_quotes_every_manifest_value_in_the_script():
         nvram="nv'ram.fd",
     )
 
-    script = restore.restore_sh(m)
+    script = instructions.restore_sh(m)
 
     assert script.startswith("#!/bin/sh\n")
     assert "\nset -eu\n" in script
@@ -295,8 +296,8 @@ def test_it_quotes_every_manifest_value_in_the_script():
 
 
 def test_it_names_the_parent_only_for_incrementals():
-    full = restore.restore_sh(manifest())
-    incremental = restore.restore_sh(manifest(kind="incremental", parent="20261129T010000Z-3"))
+    full = instructions.restore_sh(manifest())
+    incremental = instructions.restore_sh(manifest(kind="incremental", parent="20261129T010000Z-3"))
 
     assert "PARENT=''\n" in full
     assert "PARENT=20261129T010000Z-3\n" in incremental
@@ -312,7 +313,7 @@ def test_it_explains_checking_and_converting_each_disk():
         nvram="nvram.fd",
     )
 
-    text = restore.restore_md(m)
+    text = instructions.restore_md(m)
 
     assert text.startswith("# Restore instructions: backup of VM `web`")
     assert "sha256sum -c SHA256SUMS" in text
@@ -333,7 +334,7 @@ def test_it_explains_incremental_chains():
         disks=(disk(backing=backing, backing_format="qcow2"),),
     )
 
-    text = restore.restore_md(m)
+    text = instructions.restore_md(m)
 
     assert "incremental on top of `20261129T010000Z-3`" in text
     assert f"backing file `{backing}`" in text
@@ -342,7 +343,7 @@ def test_it_explains_incremental_chains():
 
 
 def test_it_explains_memory_restore_with_caveats():
-    text = restore.restore_md(manifest(memory="memory.save", consistency="with RAM"))
+    text = instructions.restore_md(manifest(memory="memory.save", consistency="with RAM"))
 
     assert "virsh restore ./memory.save --xml domain-restored.xml" in text
     assert "Caveats" in text
@@ -352,7 +353,7 @@ def test_it_explains_memory_restore_with_caveats():
 def test_it_keeps_hostile_names_inside_code_spans():
     m = manifest(vm_name="a ``b`` c", disks=(disk(target="x`y", file="x`y.qcow2"),))
 
-    text = restore.restore_md(m)
+    text = instructions.restore_md(m)
 
     assert "VM ```a ``b`` c```" in text
     assert "disk ``x`y``" in text

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backups.retention import Decision, Point, Policy, PrunePlan, Rebase, decide, plan
+from backups.retention.rules import Decision, Point, Policy, PrunePlan, Rebase, decide, plan
 
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
 

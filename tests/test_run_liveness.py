@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from backups import reconcile, runner
+from backups import worker
 from backups.models import BackupRun, Host, RunStatus, VirtualMachine
 
 
@@ -29,14 +29,14 @@ def running(vm, worker: str, beat_ago: timedelta) -> BackupRun:
 
 def test_it_leaves_a_run_whose_worker_is_alive_here_even_without_heartbeat(vm):
     run = running(vm, f"{socket.gethostname()}:{os.getpid()}", timedelta(hours=2))
-    assert reconcile.is_dead(run, stale_after=60) is False
+    assert worker.is_dead(run, stale_after=60) is False
 
 
 def test_it_judges_other_hosts_runs_by_their_heartbeat(vm):
     fresh = running(vm, "elsewhere:123", timedelta(seconds=10))
-    assert reconcile.is_dead(fresh, stale_after=60) is False
+    assert worker.is_dead(fresh, stale_after=60) is False
     fresh.heartbeat_at = timezone.now() - timedelta(minutes=5)
-    assert reconcile.is_dead(fresh, stale_after=60) is True
+    assert worker.is_dead(fresh, stale_after=60) is True
 
 
 def test_it_keeps_the_first_recorded_outcome(vm):
@@ -50,7 +50,7 @@ def test_it_keeps_the_first_recorded_outcome(vm):
 @pytest.mark.django_db(transaction=True)
 def test_it_beats_while_the_run_works_on(vm):
     run = running(vm, "elsewhere:123", timedelta(hours=1))
-    with runner.Heartbeat(run.pk, every=0.05):
+    with worker.Heartbeat(run.pk, 0.05, BackupRun):
         time.sleep(0.3)
     run.refresh_from_db()
     assert run.heartbeat_at > timezone.now() - timedelta(seconds=5)

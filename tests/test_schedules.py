@@ -57,7 +57,7 @@ def test_it_installs_housekeeping_idempotently():
 
 
 def test_it_records_a_skipped_run_when_the_vm_is_still_busy(vm, monkeypatch):
-    monkeypatch.setattr("backups.jobs.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("backups.requests.async_task", lambda *a, **k: None)
     policy = BackupPolicy.objects.create(name="nightly", schedule="")
     policy.vms.add(vm)
     BackupRun.objects.create(vm=vm, status=RunStatus.RUNNING)
@@ -68,7 +68,7 @@ def test_it_records_a_skipped_run_when_the_vm_is_still_busy(vm, monkeypatch):
 
 def test_it_starts_one_run_per_vm(vm, monkeypatch, django_capture_on_commit_callbacks):
     sent = []
-    monkeypatch.setattr("backups.jobs.async_task", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr("backups.requests.async_task", lambda *a, **k: sent.append(a))
     policy = BackupPolicy.objects.create(name="nightly", schedule="", method="push")
     policy.vms.add(vm)
     with django_capture_on_commit_callbacks(execute=True):

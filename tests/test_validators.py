@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ValidationError
 
-from backups import hypervisor, jobs, prune, reconcile, roots, site, uris
+from backups import hypervisor, jobs, reconcile, roots, site, uris
 from backups.archive import ArchiveError
 from backups.models import Backup, BackupPolicy, BackupRun, Host, VirtualMachine
+from backups.retention import prune
 from backups.validators import validate_backup_root, validate_cron, validate_libvirt_uri
 
 TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test:///default driver's

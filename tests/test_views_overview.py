@@ -89,7 +89,7 @@ def test_it_shows_chain_length_storage_and_next_run(viewer_client, policy, vm):
     support.make_backup(vm, ago=timedelta(days=9), size_bytes=5000, pruned_at=timezone.now())
     soon = timezone.now() + timedelta(hours=5)
     Schedule.objects.update_or_create(  # saving the policy already made its schedule
-        name=dashboard.schedule_name(policy.pk),
+        name=BackupPolicy.schedule_name_of(policy.pk),
         defaults={"func": "x", "schedule_type": "O", "next_run": soon},
     )
 

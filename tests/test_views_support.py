@@ -141,7 +141,7 @@ def async_calls(monkeypatch):
     """What ``jobs`` enqueued, instead of reaching the django-q2 broker."""
     calls = []
     monkeypatch.setattr(
-        "backups.jobs.async_task", lambda *args, **kwargs: calls.append((args, kwargs))
+        "backups.requests.async_task", lambda *args, **kwargs: calls.append((args, kwargs))
     )
     return calls
 

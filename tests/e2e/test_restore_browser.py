@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pytest
 from playwright.sync_api import expect
 
-from backups import jobs, qemu_img
+from backups import jobs, qemu_img, requests
 from backups.models import RunStatus
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir, remove_domain
 from tests.e2e.test_browser import CHROMIUM, FINISHED, record_problems
@@ -72,7 +72,7 @@ def original(domains, synced, backup_root):
     """A small running TCG domain and one push backup of it, taken in this process: the
     browser test already covers "Back up now"."""
     dom = domains.create([DiskSpec("vda", "qcow2", 64, [(0, 8, 0xA1), (40, 4, 0xA2)])], start=True)
-    run = jobs.request_backup(synced(dom), method="push", enqueue=False)
+    run = requests.request_backup(synced(dom), method="push", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error

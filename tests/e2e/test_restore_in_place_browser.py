@@ -13,8 +13,9 @@ import pytest
 from django.db import connection
 from playwright.sync_api import expect
 
-from backups import jobs, qemu_img, restore_in_place
+from backups import jobs, qemu_img, requests
 from backups.models import Restore, RunStatus
+from backups.restore import in_place as restore_in_place
 from tests import domains as test_domains
 from tests.domains import DiskSpec, make_dir
 from tests.e2e.test_browser import CHROMIUM, record_problems
@@ -42,7 +43,7 @@ def changed_vm(domains, synced, backup_root):
     its disk overwritten; a copy of the changed disk is kept (in the domain's directory,
     which the ``domains`` fixture removes) to recognise the file the restore replaces."""
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 4, 0xA1)])])
-    run = jobs.request_backup(synced(dom), method="offline", enqueue=False)
+    run = requests.request_backup(synced(dom), method="offline", enqueue=False)
     jobs.run_backup(run.pk)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error

@@ -1,8 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import interrupt, prune
+from backups import interrupt
 from backups.models import BackupPolicy, VirtualMachine
-from backups.runner import worker_id
+from backups.retention import prune
+from backups.worker import worker_id
 
 EXIT_REFUSED = 1  # a fold or deletion refused: a chain failed verification
 EXIT_SKIPPED = 3  # a VM skipped (a backup, restore or other prune of it was running)

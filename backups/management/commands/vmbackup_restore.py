@@ -2,8 +2,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import interrupt, jobs, restoring
+from backups import interrupt, jobs, requests
 from backups.models import Backup, RunStatus
+from backups.restore import rules as restore_rules
 
 
 class Command(BaseCommand):
@@ -17,7 +18,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("backup", help="backup id, or the path of its directory")
-        parser.add_argument("--name", help=f"new domain name ({restoring.NAME_HELP})")
+        parser.add_argument("--name", help=f"new domain name ({restore_rules.NAME_HELP})")
         parser.add_argument(
             "--in-place",
             action="store_true",
@@ -36,7 +37,7 @@ class Command(BaseCommand):
 
     def _handle(self, guard, *, backup, name, root, start, wait, in_place, **options):
         target = _find_backup(backup)
-        roots = restoring.allowed_roots()
+        roots = restore_rules.allowed_roots()
         if in_place and (name or root):
             raise CommandError("--in-place restores over the VM itself: no --name or --root")
         if not in_place and not name:
@@ -44,7 +45,7 @@ class Command(BaseCommand):
         if not in_place and root is None and not roots:
             raise CommandError("no restore root configured (VMBACKUP_RESTORE_ROOTS)")
         try:
-            restore = jobs.request_restore(
+            restore = requests.request_restore(
                 target,
                 name=name or "",
                 root=root or (roots[0] if roots else ""),
@@ -52,7 +53,7 @@ class Command(BaseCommand):
                 in_place=in_place,
                 enqueue=not wait,
             )
-        except jobs.RestoreRefused as exc:
+        except requests.RestoreRefused as exc:
             raise CommandError(str(exc)) from exc
         if not wait:
             self.stdout.write(f"queued restore {restore.pk}")

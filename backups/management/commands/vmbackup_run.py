@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import interrupt, jobs
+from backups import interrupt, jobs, requests
 from backups.models import Method, RunStatus, Trigger, VirtualMachine
 
 
@@ -28,7 +28,7 @@ class Command(BaseCommand):
         target = _find_vm(vm)
         run_options = {"skip_space_check": True} if no_space_check else {}
         try:
-            run = jobs.request_backup(
+            run = requests.request_backup(
                 target,
                 method=method,
                 trigger=Trigger.COMMAND,
@@ -36,7 +36,7 @@ class Command(BaseCommand):
                 options=run_options,
                 enqueue=not wait,
             )
-        except jobs.RunActive as exc:
+        except requests.RunActive as exc:
             raise CommandError(str(exc)) from exc
         if not wait:
             self.stdout.write(f"queued run {run.pk}")

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import re
 from shlex import quote
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from backups.archive import DiskEntry, Manifest
+from .format import DiskEntry, Manifest
 
 CONSISTENCY = {
     "offline": "The VM was shut off: the disks are exactly as the guest left them.",

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, archive_check, qemu_img, site
-from .models import Backup, Kind
+from .. import archive, qemu_img, site
+from ..archive import check as archive_check
+from ..models import Backup, Kind
 
 log = logging.getLogger(__name__)
 JOURNAL_PREFIX = ".fold-"
@@ -160,7 +161,7 @@ def _switch(directory: Path, record: dict) -> None:
             parent = Backup.objects.filter(path=str(directory.parent / manifest.parent)).first()
         backup.parent = parent
         backup.kind = manifest.kind
-        backup.manifest = json.loads(manifest.to_json())
+        backup.manifest = manifest.to_dict()
         backup.save(update_fields=["parent", "kind", "manifest"])
     journal_path(directory).unlink(missing_ok=True)
     archive.fsync_dir(directory.parent)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hypervisor, private, qemu_img, site
-from .models import Consistency, Method
+from .. import hypervisor, private, qemu_img, site
+from ..models import Consistency, Method
 
 BACKUP_FORMATS = {"qcow2", "raw"}
 

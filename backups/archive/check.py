@@ -9,23 +9,18 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from backups import qemu_img
-from backups.archive import (
-    GENERATED,
-    SUMS,
-    ArchiveError,
-    DiskEntry,
-    Manifest,
-    _coverage_problems,
-    _kind,
-    _need,
-    _tree,
-    _write_generated,
+from .. import qemu_img
+from .format import GENERATED, SUMS, ArchiveError, DiskEntry, Manifest, need
+from .store import (
+    coverage_problems,
     hash_member,
     is_regular,
+    kind_of,
     open_member,
     read_manifest,
     read_sums,
+    tree,
+    write_generated,
 )
 
 
@@ -72,7 +67,7 @@ def verify(
     checked, total = _verify_sums(backup_dir, rest, errors)
     checked += len(fresh)
     try:
-        unlisted = _tree(backup_dir) - sums.keys() - {SUMS}
+        unlisted = tree(backup_dir) - sums.keys() - {SUMS}
         errors += [f"{name}: not listed in {SUMS}" for name in sorted(unlisted)]
     except (ArchiveError, OSError) as exc:
         errors.append(str(exc))
@@ -82,7 +77,7 @@ def verify(
         errors.append(str(exc))
         manifest = None
     if manifest is not None:
-        errors += _coverage_problems(manifest, sums)
+        errors += coverage_problems(manifest, sums)
         if check_images:
             errors += _image_problems(backup_dir, manifest)
     return VerifyResult(not errors, tuple(errors), checked, total)
@@ -99,7 +94,7 @@ def _directory_problem(backup_dir: Path) -> str | None:
         except OSError as exc:
             return f"{path}: {exc}"
         if not stat.S_ISDIR(mode):
-            return f"{path}: {_kind(mode)}, not a plain directory; not read"
+            return f"{path}: {kind_of(mode)}, not a plain directory; not read"
     return None
 
 
@@ -180,9 +175,9 @@ def chain_dirs(backup_dir: str | os.PathLike) -> list[Path]:
     dirs: list[Path] = []
     current: Path | None = Path(os.path.abspath(backup_dir))
     while current is not None:
-        _need(current not in dirs and len(dirs) < 1000, f"chain of {backup_dir} loops")
+        need(current not in dirs and len(dirs) < 1000, f"chain of {backup_dir} loops")
         problem = _directory_problem(current)
-        _need(problem is None, f"backup {current.name} (the chain needs it): {problem}")
+        need(problem is None, f"backup {current.name} (the chain needs it): {problem}")
         dirs.append(current)
         parent = read_manifest(current).parent
         current = current.parent / parent if parent else None
@@ -209,8 +204,8 @@ def record_rewrite(backup_dir: str | os.PathLike, manifest: Manifest) -> None:
     backup_dir = Path(backup_dir)
     old = read_manifest(backup_dir)
     same = (old.vm_uuid, old.run_id) == (manifest.vm_uuid, manifest.run_id)
-    _need(same, f"manifest is for another backup than {backup_dir}")
+    need(same, f"manifest is for another backup than {backup_dir}")
     sums = {k: v for k, v in read_sums(backup_dir).items() if k not in GENERATED - {"domain.xml"}}
     for disk in manifest.disks:
         sums[disk.file] = disk.sha256
-    _write_generated(backup_dir, manifest, sums)
+    write_generated(backup_dir, manifest, sums)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from . import archive, domain_xml, hypervisor, methods, private
-from .restoring import (
+from .. import archive, domain_xml, hypervisor, private
+from ..backup import methods
+from .common import (
     RestoreError,
     fingerprint,
     flatten,

@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hypervisor
-from .models import Backup, Kind, Method, VerifyStatus
+from .. import hypervisor
+from ..models import Backup, Kind, Method, VerifyStatus
 
 CHECKPOINT_PREFIX = "vmbackup-"
 

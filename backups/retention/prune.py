@@ -25,9 +25,11 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import archive, archive_check, fold, notify, retention, site
-from .models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
-from .roots import refusal as root_refusal
+from .. import archive, notify, roots, site
+from ..archive import check as archive_check
+from ..models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
+from . import fold
+from . import rules as retention
 
 log = logging.getLogger(__name__)
 _BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z-\d+$")
@@ -54,14 +56,7 @@ class Report:
 def policy_of(policy: BackupPolicy | None) -> retention.Policy:
     if policy is None:
         return retention.Policy(keep_last=settings.VMBACKUP_KEEP_MANUAL)
-    return retention.Policy(
-        keep_last=policy.keep_last,
-        keep_hourly=policy.keep_hourly,
-        keep_daily=policy.keep_daily,
-        keep_weekly=policy.keep_weekly,
-        keep_monthly=policy.keep_monthly,
-        keep_yearly=policy.keep_yearly,
-    )
+    return policy.retention_rules()
 
 
 def prune_vm(vm, policy: BackupPolicy | None, *, dry_run: bool = False) -> Report:
@@ -80,7 +75,7 @@ def prune_vm(vm, policy: BackupPolicy | None, *, dry_run: bool = False) -> Repor
     _recover_folds(backups.values(), report)
     # A restore reading this VM's chains must not be handed a half-rebased image: checked
     # before every step (a restore that starts meanwhile notices the change and fails
-    # cleanly, see restoring.require_unchanged). The next prune catches up.
+    # cleanly, see restore.common.require_unchanged). The next prune catches up.
     verified: dict[str, archive_check.VerifyResult] = {}
     held: set[int] = set()  # backups a refused fold still needs: never deleted this time
     for step in plan.rebases:
@@ -196,8 +191,7 @@ def _restore_active(vm, report: Report) -> bool:
 
 
 def _roots() -> set[Path]:
-    roots = {settings.VMBACKUP_ROOT, *BackupPolicy.objects.values_list("destination", flat=True)}
-    return {Path(os.path.realpath(r)) for r in roots if r and not root_refusal(r)}
+    return {Path(os.path.realpath(r)) for r in roots.configured()}
 
 
 def delete(backup: Backup) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -21,19 +19,10 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import (
-    archive,
-    archive_check,
-    chain,
-    hypervisor,
-    methods,
-    notify,
-    private,
-    qemu_img,
-    site,
-)
-from .interrupt import Stopped
-from .models import (
+from .. import archive, hypervisor, notify, private, qemu_img, site, worker
+from ..archive import check as archive_check
+from ..interrupt import Stopped
+from ..models import (
     ACTIVE_STATUSES,
     Backup,
     BackupRun,
@@ -42,9 +31,10 @@ from .models import (
     PruneLock,
     Restore,
     RestoreMode,
-    RunStatus,
 )
-from .roots import refusal as root_refusal
+from ..retention import prune
+from ..roots import refusal as root_refusal
+from . import chain, methods
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
@@ -53,10 +43,6 @@ SPACE_MARGIN = 16 * 1024 * 1024  # metadata, SHA256SUMS, filesystem slack; plus 
 
 class Refused(Exception):
     """Pre-flight said no; nothing was written."""
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Hasher:
@@ -111,44 +97,9 @@ class RunContext:
         return BackupRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
 
 
-class Heartbeat:
-    """Beats for the whole run, whatever phase it is in (hashing, a long commit, a shutdown
-    wait): reconcile must never mistake a slow run for a dead one."""
-
-    def __init__(self, run_id: int, every: float, model=BackupRun):
-        self.run_id, self.every, self.model = run_id, every, model
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"beat-{run_id}", daemon=True)
-
-    def _beat(self) -> None:
-        from django.db import connection
-
-        try:
-            while not self.stop.wait(self.every):
-                try:
-                    self.model.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(
-                        heartbeat_at=timezone.now()
-                    )
-                except Exception:  # a database hiccup must not silence the beat for good
-                    log.warning("heartbeat of %s %s failed; retrying", self.model.__name__,
-                                self.run_id, exc_info=True)  # fmt: skip
-                    connection.close()
-        finally:
-            connection.close()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        self.thread.join(timeout=30)
-
-
 def execute(run: BackupRun) -> str:
     """Run a claimed backup to its end; returns a one-line outcome for django-q2."""
-    every = max(1.0, min(30.0, settings.VMBACKUP_STALE_AFTER / 5))
-    with Heartbeat(run.pk, every):
+    with worker.Heartbeat(run.pk, worker.heartbeat_every(), BackupRun):
         return _execute(run)
 
 
@@ -203,8 +154,6 @@ def _prune_after(run: BackupRun) -> None:
     """Apply the policy's retention (without a policy: ``VMBACKUP_KEEP_MANUAL``) while this
     run still holds the VM's one active slot, so no other backup of the VM can read a
     chain while it is being folded."""
-    from . import prune
-
     try:
         report = prune.prune_vm(run.vm, run.policy)
         if report.deleted:
@@ -229,19 +178,15 @@ def _reason(exc: Exception) -> str:
 
 def _discard(run: BackupRun, staging: Path) -> None:
     try:
-        archive.discard(staging, _root(run))
+        archive.discard(staging, run.root)
         run.log("discarded", path=str(staging))
     except Exception:  # reconcile removes it later; the run's own error matters more
         log.exception("could not remove %s", staging)
 
 
-def _root(run: BackupRun) -> str:
-    return run.policy.root if run.policy else settings.VMBACKUP_ROOT
-
-
 def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     """Refuse with a clear reason before anything is written."""
-    root = _root(run)
+    root = run.root
     if root_refusal(root):  # a policy row edited in the database: write nothing there
         raise Refused(root_refusal(root))
     in_place = Restore.objects.filter(
@@ -440,17 +385,11 @@ def _record(run, rc: RunContext, prepared: dict, manifest, extras, final: Path) 
         method=manifest.method,
         consistency=manifest.consistency,
         size_bytes=_dir_size(final),
-        manifest=json_manifest(manifest),
+        manifest=manifest.to_dict(),
         verify_status="ok" if verified else "unverified",
         verified_at=timezone.now() if verified else None,
     )
     rc.journal("published", path=str(final))
-
-
-def json_manifest(manifest) -> dict:
-    import json
-
-    return json.loads(manifest.to_json())
 
 
 def _dir_size(path: Path) -> int:
@@ -548,6 +487,3 @@ def _manifest(run, domain, prepared, result, sums: dict[str, str], extras) -> ar
         tpm=extras["tpm"],
         memory=result.memory,
     )
-
-
-__all__ = ["execute", "worker_id", "RunStatus"]

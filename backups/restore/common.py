@@ -1,0 +1,166 @@
+"""What every kind of restore shares: the chain checked before anything is written (every
+file hashed, every header as its manifest says), the chain's fingerprint compared after the
+copy, space, the refusal rules, flattening a disk, progress and cancel, and recording the
+result past the point of no return."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from .. import archive, hypervisor, qemu_img
+from ..archive import check as archive_check
+from ..models import ACTIVE_STATUSES, Restore
+from .rules import RestoreError
+
+
+def chain_dirs(backup_dir: Path) -> list[Path]:
+    """The backup and every backup it builds on, newest first (siblings by name)."""
+    try:
+        return archive_check.chain_dirs(backup_dir)
+    except archive.ArchiveError as exc:
+        raise RestoreError(f"backup chain of {backup_dir.name} is unusable: {exc}") from exc
+
+
+class RestoreCancelled(Exception):
+    """The user asked to stop before the point of no return."""
+
+
+# Steps before which a cancel request is honoured; after "define" / "switch" the restore
+# has made its change and finishes.
+CANCEL_CHECK_EVERY = 2.0  # seconds between cancel checks while a disk is being copied
+
+
+CANCELLABLE = frozenset({"verify", "staging", "convert", "tpm", "publish", "partial", "switch"})
+
+
+class Progress:
+    def __init__(self, restore: Restore):
+        self.restore = restore
+        self.checked = 0.0
+
+    def check_cancel(self, every: float = 0.0) -> None:
+        """Raise RestoreCancelled when the user asked; at most one query per ``every`` s."""
+        now = time.monotonic()
+        if now - self.checked < every:
+            return
+        self.checked = now
+        if Restore.objects.filter(pk=self.restore.pk, cancel_requested=True).exists():
+            raise RestoreCancelled("cancelled by user")
+
+    def step(self, step: str, **data) -> None:
+        if step in CANCELLABLE:
+            self.check_cancel()
+        self.restore.step = step
+        self.restore.journal = [
+            *self.restore.journal,
+            {"step": step, "at": timezone.now().isoformat(), **data},
+        ]
+        self.restore.save(update_fields=["step", "journal"])
+
+    def bytes(self, done: int, total: int | None = None) -> None:
+        fields = {"bytes_done": done}
+        if total is not None:
+            fields["bytes_total"] = total
+        Restore.objects.filter(pk=self.restore.pk).update(**fields)
+        for name, value in fields.items():  # the row in hand stays in step
+            setattr(self.restore, name, value)
+
+
+def record_result(restore, hv, progress: Progress, *, path: str, uuid: str, notes: list[str]):
+    """Past the point of no return: start the domain if asked (a failure is a note, never a
+    rollback) and record where the result is."""
+    if restore.start:
+        progress.step("start")
+        try:
+            hv.start(uuid)
+        except hypervisor.HypervisorError as exc:
+            notes.append(f"the domain did not start: {exc}")
+    restore.path, restore.domain_uuid, restore.notes = path, uuid, notes
+    restore.save(update_fields=["path", "domain_uuid", "notes"])
+    progress.bytes(restore.bytes_total)
+
+
+def refuse_while_backing_up(vm) -> None:
+    """A running backup's retention may be folding this very chain right now."""
+    if vm.runs.filter(status__in=ACTIVE_STATUSES).exists():
+        raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
+
+
+def fingerprint(backup_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file in the chain: pruning folds an image in place
+    (``qemu-img rebase``) or deletes a directory, and either shows up here."""
+    marks = {}
+    for directory in chain_dirs(backup_dir):
+        for path in sorted(directory.rglob("*")):
+            st = path.lstat()
+            marks[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return marks
+
+
+def require_unchanged(backup_dir: Path, before: dict[str, tuple[int, int, int]]) -> None:
+    """After the copy: the chain read is the chain that was verified, or nothing is used."""
+    try:
+        same = fingerprint(backup_dir) == before
+    except (OSError, RestoreError, archive.ArchiveError):
+        same = False
+    if not same:
+        raise RestoreError(
+            "the backup chain changed while it was being restored (pruned or rewritten "
+            "meanwhile?); nothing restored, try again"
+        )
+
+
+def verify_chain(backup_dir: Path, progress: Progress) -> archive.Manifest:
+    """Check the backup and every backup it builds on before anything is written: every
+    file hashed, every image header as its manifest says (an image reads only its parent,
+    ``archive`` refuses any other backing), before qemu-img opens a chain."""
+    dirs = chain_dirs(backup_dir)
+    progress.step("verify", backups=[d.name for d in dirs])
+    for directory in reversed(dirs):  # the full first: a broken link reports its own fault
+        result = archive_check.verify(directory)
+        if not result.ok:
+            raise RestoreError(
+                f"backup {directory.name} failed its check, not restoring: "
+                + "; ".join(result.errors[:5])
+            )
+    return archive.read_manifest(backup_dir)
+
+
+def needed_bytes(backup_dir: Path, disks) -> int:
+    """What the flattened disks will take (qemu-img measure of each chain's top image)."""
+    return sum(
+        qemu_img.measure(str(backup_dir / d.file), d.image_format, "qcow2").required for d in disks
+    )
+
+
+def require_space(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise RestoreError(
+            f"not enough space at {where}: need about {needed >> 20} MiB, {free >> 20} MiB free"
+        )
+
+
+def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: Progress, base: int) -> None:
+    """One disk's chain into a standalone image, progress counted from ``base`` bytes."""
+    progress.step("convert", disk=disk.target, image=disk.file, out=str(out))
+
+    def report(fraction: float) -> None:
+        progress.bytes(base + int(fraction * disk.virtual_size))
+        progress.check_cancel(every=CANCEL_CHECK_EVERY)  # raising here kills qemu-img
+
+    # ``out`` exists already, created 0600 by the caller: qemu-img writes into it and
+    # keeps its mode, so the disk is never readable by others, not even mid-copy
+    qemu_img.convert(
+        str(backup_dir / disk.file),
+        disk.image_format,
+        str(out),
+        fmt,
+        progress=report,
+        timeout=settings.Q_TIMEOUT,
+    )

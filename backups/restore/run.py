@@ -1,0 +1,102 @@
+"""The one dispatcher of restores: run a claimed restore of any kind (``new_domain``,
+``in_place``; instant recovery and drills go beside them), with one heartbeat, one failure
+path (undo what was made, record the outcome as data) and one cancel rule."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+from .. import hypervisor, worker
+from ..interrupt import Stopped
+from ..models import Restore, RestoreMode, RunStatus
+from . import in_place, new_domain
+from .common import Progress, RestoreCancelled
+
+log = logging.getLogger(__name__)
+
+
+def execute(restore: Restore) -> str:
+    """Run a claimed restore to its end; returns a one-line outcome for django-q2."""
+    with worker.Heartbeat(restore.pk, worker.heartbeat_every(), Restore):
+        return _execute(restore)
+
+
+def _execute(restore: Restore) -> str:
+    progress = Progress(restore)
+    created: list[Path] = []  # removed again unless the restore succeeds
+    defined: list[str] = []  # new domains, undefined again on failure
+    swaps: list[tuple[str, str]] = []  # in place: (disk path, kept original), put back
+    try:
+        with hypervisor.session(restore.backup.vm.host.uri) as hv:
+            if restore.mode == RestoreMode.IN_PLACE:
+                result = in_place.restore(restore, hv, progress, created, swaps)
+            else:
+                result = new_domain.restore(restore, hv, progress, created, defined)
+        created.clear()
+        _finish(restore, RunStatus.SUCCEEDED)
+        return result
+    except RestoreCancelled as exc:
+        _undo(restore, created, defined)
+        _finish(restore, RunStatus.CANCELLED, str(exc))
+        return "cancelled"
+    # every failure is recorded as data on the restore; so is a stop of the command running
+    # it (vmbackup_restore --wait), then raised again
+    except (Exception, Stopped) as exc:
+        if isinstance(exc, Stopped):
+            log.warning("restore %s: %s", restore.pk, exc)
+        else:
+            log.exception("restore %s failed", restore.pk)
+        reason = str(exc) or exc.__class__.__name__
+        if isinstance(exc, OSError) and exc.errno == 28:
+            reason = f"destination full (no space left on device): {reason}"
+        steps = {entry.get("step") for entry in restore.journal if isinstance(entry, dict)}
+        if "switched" in steps:  # past the point of no return: say what stands
+            reason = f"the VM already has the restored disks (old ones kept), but: {reason}"
+        elif "define" in steps and not created:
+            reason = f"the new domain {restore.name} is defined, but: {reason}"
+        if swaps:
+            problems = in_place.undo_switch(swaps)
+            reason += "; the switched disks were put back" + (
+                f" except: {'; '.join(problems)}" if problems else ""
+            )
+            with contextlib.suppress(Exception):  # reconcile must not redo it
+                progress.step("undone")
+        _undo(restore, created, defined)
+        if isinstance(exc, Stopped):
+            _finish(restore, RunStatus.INTERRUPTED, reason)
+            raise
+        _finish(restore, RunStatus.FAILED, reason)
+        return f"failed: {reason}"
+
+
+def _undo(restore: Restore, created: list[Path], defined: list[str]) -> None:
+    """Remove what this restore made: its domain (if defined), its directories."""
+    if defined:
+        try:
+            with hypervisor.session(restore.backup.vm.host.uri) as hv:
+                for dom_uuid in defined:
+                    with contextlib.suppress(hypervisor.HypervisorError):
+                        hv.destroy(dom_uuid)
+                    hv.undefine(dom_uuid)
+        except Exception:
+            log.exception("restore %s: could not undefine %s", restore.pk, defined)
+    for path in reversed(created):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("restore %s: could not remove %s", restore.pk, path)
+
+
+def _finish(restore: Restore, status: str, error: str = "") -> None:
+    """Record the outcome once: a restore reconcile already ended keeps that outcome."""
+    step = "done" if status == RunStatus.SUCCEEDED else restore.step
+    restore.finish(status, error, only=(RunStatus.RUNNING,), step=step)
+    restore.refresh_from_db()
