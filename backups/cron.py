@@ -1,18 +1,32 @@
-"""A small 5-field cron parser: validate policy schedules and preview their next runs.
+"""Validate policy schedules and preview their next runs with the engine that fires them.
 
-Pure stdlib, no I/O. Syntax: ``minute hour day-of-month month day-of-week`` with ``*``,
-lists (``1,15``), ranges (``1-5``), steps (``*/15``, ``0-30/10``, ``5/20``) and names for
-months (``jan``-``dec``) and weekdays (``sun``-``sat``; 0 and 7 are both Sunday).
+django-q2 fires a cron ``Schedule`` at ``next_run`` and then sets the next one with croniter
+(``croniter(cron, localtime()).get_next(datetime)`` in ``Schedule.calculate_next_run``, the
+base being "now" in django-q2's time zone). ``next_runs`` asks croniter the same question
+from each previous run, through the same scheduler loop, so the preview shows what will fire,
+DST quirks included (a time skipped in spring fires at the end of the gap, e.g. 03:00; in
+autumn's repeated hour see ``next_runs``). No I/O.
 
-As in Vixie cron, when both day-of-month and day-of-week are restricted a day matches if
-*either* does (``0 2 1 * mon`` runs on the 1st and on every Monday).
+``parse`` is stricter than croniter. Accepted: ``minute hour day-of-month month day-of-week``
+with ``*``, lists (``1,15``), ranges (``1-5``), steps (``*/15``, ``0-30/10``, ``5/20``) and
+names for months (``jan``-``dec``) and weekdays (``sun``-``sat``; 0 and 7 are both Sunday).
+Refused, each with a message naming the field: croniter's extensions (seconds or year fields,
+``@daily``, ``L``, ``W``, ``#``, ``?``, ``H``), values out of range, backwards ranges, zero
+steps, and two forms croniter misreads: a range of one value (``5-5`` fires at every value)
+and a day-of-week step without a range (``1/2`` stops at Saturday). An expression that never
+matches a date (``0 0 30 2 *``) is refused too: django-q2 could not compute its next run.
+
+When both day-of-month and day-of-week are restricted a day matches if *either* does
+(``0 2 1 * mon`` runs on the 1st and on every Monday). Unlike Vixie cron, croniter counts a
+field as restricted unless it is exactly ``*``: ``0 2 */2 * mon`` runs on odd days *and*
+on Mondays.
 """
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-__all__ = ["CronError", "Cron", "parse", "next_runs"]
+from croniter import CroniterBadDateError, croniter
+
+__all__ = ["CronError", "parse", "next_runs"]
 
 MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
@@ -25,32 +39,14 @@ _FIELDS = (
     ("month", 1, 12, MONTHS),
     ("day of week", 0, 7, WEEKDAYS),
 )
-# Give up looking for a matching day after this many years (e.g. "0 0 30 2 *" never runs).
-_SEARCH_YEARS = 5
+# A fixed base for the "does it ever match" check: croniter looks years ahead (Feb 29 is found).
+_PROBE = datetime(2000, 1, 1, tzinfo=UTC)
+# Longer than any clock change: how long django-q2's scheduler may spin waiting for one to pass.
+_SPIN_MINUTES = 3 * 60
 
 
 class CronError(ValueError):
     """The expression is not valid 5-field cron; the message says which field and why."""
-
-
-@dataclass(frozen=True)
-class Cron:
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday .. 6 = Saturday
-    days_restricted: bool
-    weekdays_restricted: bool
-
-    def day_matches(self, day: datetime) -> bool:
-        if day.month not in self.months:
-            return False
-        dom = day.day in self.days
-        dow = (day.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return dom or dow
-        return dom and dow
 
 
 def _value(text: str, field: str, low: int, high: int, names: list[str] | None) -> int:
@@ -64,76 +60,81 @@ def _value(text: str, field: str, low: int, high: int, names: list[str] | None) 
     return value
 
 
-def _field(text: str, field: str, low: int, high: int, names: list[str] | None) -> set[int]:
-    values: set[int] = set()
+def _field(text: str, field: str, low: int, high: int, names: list[str] | None) -> None:
     for part in text.split(","):
         if not part:
             raise CronError(f"{field}: empty item in list {text!r}")
         base, slash, step_text = part.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise CronError(f"{field}: step {step_text!r} must be a positive number")
-            step = int(step_text)
+        if slash and (not step_text.isdigit() or int(step_text) == 0):
+            raise CronError(f"{field}: step {step_text!r} must be a positive number")
         if base == "*":
-            start, end = low, high
-        elif "-" in base:
+            continue
+        if "-" in base:
             first, _, last = base.partition("-")
             start = _value(first, field, low, high, names)
             end = _value(last, field, low, high, names)
             if start > end:
                 raise CronError(f"{field}: range {base!r} runs backwards")
-        else:
-            start = _value(base, field, low, high, names)
-            end = high if step_text else start
-        values.update(range(start, end + 1, step))
-    return values
+            if start == end:
+                raise CronError(f"{field}: range {base!r} has one value; write {first!r}")
+            continue
+        _value(base, field, low, high, names)
+        if slash and field == "day of week":
+            raise CronError(f"{field}: step {part!r} needs a range, e.g. '1-7/{step_text}'")
 
 
-def parse(expr: str) -> Cron:
-    """Parse or raise ``CronError``."""
+def parse(expr: str) -> str:
+    """The expression, whitespace normalised, once it is valid; else ``CronError``."""
     parts = expr.split()
     if len(parts) != 5:
         raise CronError(
             f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(parts)}"
         )
-    sets = [_field(text, *spec) for text, spec in zip(parts, _FIELDS, strict=True)]
-    return Cron(
-        minutes=frozenset(sets[0]),
-        hours=frozenset(sets[1]),
-        days=frozenset(sets[2]),
-        months=frozenset(sets[3]),
-        weekdays=frozenset(day % 7 for day in sets[4]),
-        # Vixie cron: a field that starts with "*" (even "*/2") does not restrict the day.
-        days_restricted=not parts[2].startswith("*"),
-        weekdays_restricted=not parts[4].startswith("*"),
-    )
+    for text, spec in zip(parts, _FIELDS, strict=True):
+        _field(text, *spec)
+    normalised = " ".join(parts)
+    try:
+        croniter(normalised, _PROBE).get_next(datetime)
+    except CroniterBadDateError as exc:
+        raise CronError("no date ever matches day of month, month and day of week") from exc
+    return normalised
 
 
-def _runs(cron: Cron, after: datetime) -> Iterator[datetime]:
-    """Matching minutes strictly after ``after``, in wall-clock time of its tzinfo."""
-    tz = after.tzinfo
-    start = after.replace(tzinfo=None, second=0, microsecond=0) + timedelta(minutes=1)
-    day = start.replace(hour=0, minute=0)
-    last_day = day + timedelta(days=366 * _SEARCH_YEARS)
-    hours = sorted(cron.hours)
-    minutes = sorted(cron.minutes)
-    while day <= last_day:
-        if cron.day_matches(day):
-            for hour in hours:
-                for minute in minutes:
-                    moment = day.replace(hour=hour, minute=minute)
-                    if moment >= start:
-                        yield moment.replace(tzinfo=tz)
-        day += timedelta(days=1)
+def next_runs(expr: str, after: datetime, n: int = 5) -> list[datetime]:
+    """The next ``n`` run times after ``after``, as django-q2 will fire them.
 
-
-def next_runs(expr: str | Cron, after: datetime, n: int = 5) -> list[datetime]:
-    """The next ``n`` run times after ``after`` (fewer if the schedule almost never matches)."""
-    cron = parse(expr) if isinstance(expr, str) else expr
+    The first is croniter's answer from ``after`` (what django-q2 stores when the schedule is
+    saved). Each later one is what django-q2's scheduler sets once the previous run fired: it
+    asks croniter from "now" (the run, as converted back from the UTC it stores) and keeps
+    asking, as the clock moves, until the answer is later than now *on the wall clock* (both
+    carry the same zone and Python ignores ``fold`` within one zone). In autumn's repeated
+    hour it therefore spins until the clocks turn back, and a run due in that hour's second
+    pass is skipped or kept depending on where it falls; the same loop, stepped a minute at
+    a time, gives the same answer here."""
+    expr = parse(expr)
     runs: list[datetime] = []
-    for moment in _runs(cron, after):
-        runs.append(moment)
-        if len(runs) >= n:
-            break
-    return runs
+    try:
+        run = croniter(expr, after).get_next(datetime)
+        while len(runs) < n:
+            runs.append(run)
+            run = _scheduled_after(expr, _as_stored(run, after))
+    except CroniterBadDateError:
+        pass
+    return runs[:n]
+
+
+def _as_stored(moment: datetime, like: datetime) -> datetime:
+    """``moment`` through the database (UTC) and back to ``like``'s zone: fold set right."""
+    return moment.astimezone(UTC).astimezone(like.tzinfo) if like.tzinfo else moment
+
+
+def _scheduled_after(expr: str, now: datetime) -> datetime:
+    """django-q2's ``scheduler``: ``next_run = croniter(cron, localtime()).get_next()`` until
+    ``next_run > localtime()``. Within a minute croniter's answer and the comparison do not
+    change, so one look per minute is the loop."""
+    for _ in range(_SPIN_MINUTES):
+        run = croniter(expr, now).get_next(datetime)
+        if run > now:
+            return run
+        now = _as_stored(now.astimezone(UTC) + timedelta(minutes=1), now)  # not wall-clock +1
+    raise CroniterBadDateError(f"the scheduler would spin for more than {_SPIN_MINUTES} min")

@@ -1,18 +1,17 @@
 """Policies become django-q2 schedules; housekeeping jobs get schedules of their own.
 
 One ``Schedule`` per policy, named ``policy-<id>`` and kept with ``update_or_create`` so
-saving a policy twice never duplicates it. ``next_run`` is computed here: django-q2 would
-otherwise run a new cron schedule at once.
+saving a policy twice never duplicates it. ``next_run`` is set whenever the cron changes, by
+django-q2's own ``calculate_next_run`` (croniter, django-q2's time zone): an updated row keeps
+its old ``next_run`` otherwise, and the policy page previews with the same engine (``cron``).
 
 Scale-out: reconcile and the verify pass touch a host's disks and backup roots, so each
 django-q2 cluster named on a Host gets its own copy (``vmbackup-reconcile@<cluster>``,
 routed to that cluster, limited to its hosts); the plain ones serve hosts without one.
 """
 
-from django.utils import timezone
 from django_q.models import Schedule
 
-from . import cron
 from .models import BackupPolicy, Host
 
 HOUSEKEEPING = {
@@ -29,7 +28,7 @@ def name_for(policy: BackupPolicy) -> str:
 
 
 def _next(expr: str):
-    return cron.next_runs(expr, timezone.localtime(), 1)[0]
+    return Schedule(schedule_type=Schedule.CRON, cron=expr).calculate_next_run()
 
 
 def sync_policy(policy: BackupPolicy) -> Schedule | None:

@@ -162,8 +162,9 @@ def test_it_computes_next_runs(expr, expected):
     assert [f"{r:%Y-%m-%d %H:%M}" for r in runs] == expected
 
 
-def test_it_gives_up_on_a_date_that_never_comes():
-    assert cron.next_runs("0 0 30 2 *", AFTER, 5) == []
+def test_it_refuses_a_date_that_never_comes():
+    with pytest.raises(cron.CronError, match="no date ever matches"):
+        cron.next_runs("0 0 30 2 *", AFTER, 5)
 
 
 @pytest.mark.parametrize("expr", ["", "* * * * * *", "*/0 * * * *", "5-1 * * * *", "0 24 * * *"])
