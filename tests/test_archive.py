@@ -7,159 +7,27 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from backups import archive, qemu_img
-from backups.archive import ArchiveError, DiskEntry, Manifest
+from backups.archive import ArchiveError, Manifest
 from backups.archive import check as archive_check
-
-KIB = 1024
-MIB = 1024 * KIB
-WHEN = datetime(2026, 11, 30, 1, 0, 0, tzinfo=UTC)
-needs_tools = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "sha256sum")),
-    reason="qemu-img, qemu-io and sha256sum are required",
+from tests.helpers import (
+    WHEN,
+    data_filler,
+    disk,
+    flip_byte,
+    full_filler,
+    incremental_filler,
+    manifest,
+    needs_tools,
+    publish_backup,
+    raw_source,
+    sha256sum_check,
 )
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def disk(**overrides) -> DiskEntry:
-    fields = dict(
-        target="vda",
-        source="/var/lib/libvirt/images/web.img",
-        format="raw",
-        virtual_size=MIB,
-        file="vda.qcow2",
-        bytes=200 * KIB,
-        sha256="a" * 64,
-    )
-    return DiskEntry(**{**fields, **overrides})
-
-
-def manifest(**overrides) -> Manifest:
-    fields = dict(
-        version=archive.FORMAT_VERSION,
-        vm_name="web",
-        vm_uuid="2b1c7a5e-1111-4d6f-9a49-0123456789ab",
-        host="kvm1",
-        method="offline",
-        kind="full",
-        consistency="offline",
-        started="2026-11-30T01:00:00+00:00",
-        finished="2026-11-30T01:02:03+00:00",
-        run_id=4,
-        disks=(disk(),),
-    )
-    return Manifest(**{**fields, **overrides})
-
-
-def qemu_io(path: Path, fmt: str, command: str) -> None:
-    argv = ["qemu-io", "-f", fmt, "-c", command, str(path)]
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
-def raw_source(path: Path, size: int = MIB) -> Path:
-    """A small raw disk with a recognisable pattern in two places."""
-    qemu_img.create(str(path), "raw", size)
-    qemu_io(path, "raw", "write -P 0xab 0 64k")
-    qemu_io(path, "raw", "write -P 0x5c 512k 64k")
-    return path
-
-
-def sha256sum_check(directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["sha256sum", "-c", "SHA256SUMS"], cwd=directory, capture_output=True, text=True, timeout=30
-    )
-
-
-def publish_backup(
-    root: Path,
-    vm_name: str,
-    run_id: int,
-    fill,
-    *,
-    when: datetime = WHEN,
-    domain_xml: str = "<domain><name>x</name></domain>\n",
-    **fields,
-) -> Path:
-    """Stage, fill, hash, write metadata and publish, as a backup job would.
-
-    `fill(staging)` writes the data files and returns the disks as dicts without hashes.
-    """
-    staging = archive.staging_dir(root, vm_name, archive.stamp(when), run_id)
-    disk_fields = fill(staging)
-    sums = {
-        path.relative_to(staging).as_posix(): archive.hash_file(path)
-        for path in sorted(staging.rglob("*"))
-        if path.is_file()
-    }
-    disks = tuple(
-        DiskEntry(**d, sha256=sums[d["file"]], bytes=(staging / d["file"]).stat().st_size)
-        for d in disk_fields
-    )
-    fields = {"vm_name": vm_name, "run_id": run_id, "disks": disks, **fields}
-    archive.write_metadata(staging, manifest(**fields), domain_xml, sums)
-    return archive.publish(staging)
-
-
-def full_filler(source: Path, target: str = "vda", file: str | None = None):
-    """Converts a raw source into `<target>.qcow2`, like an offline backup does."""
-    file = file or f"{target}.qcow2"
-
-    def fill(staging: Path) -> list[dict]:
-        qemu_img.convert(str(source), "raw", str(staging / file), "qcow2")
-        return [dict(target=target, source=str(source), format="raw", virtual_size=MIB, file=file)]
-
-    return fill
-
-
-def incremental_filler(parent: Path, command: str = "write -P 0xcd 128k 64k"):
-    """An overlay on the parent's image by relative path, holding one changed range."""
-
-    def fill(staging: Path) -> list[dict]:
-        backing = f"../{parent.name}/vda.qcow2"
-        image = staging / "vda.qcow2"
-        qemu_img.create(str(image), "qcow2", MIB, backing=backing, backing_fmt="qcow2")
-        qemu_io(image, "qcow2", command)
-        entry = dict(target="vda", source="/x/vda.img", format="raw", virtual_size=MIB)
-        return [dict(entry, file="vda.qcow2", backing=backing, backing_format="qcow2")]
-
-    return fill
-
-
-def data_filler(staging: Path) -> list[dict]:
-    """Files without qemu-img, for tests about the directory rather than the images."""
-    (staging / "vda.qcow2").write_bytes(b"not really qcow2")
-    (staging / "nvram.fd").write_bytes(b"\0" * 128)
-    (staging / "tpm").mkdir()
-    (staging / "tpm" / "tpm2-00.permall").write_bytes(b"tpm state")
-    return [
-        dict(target="vda", source="/x/vda.img", format="raw", virtual_size=MIB, file="vda.qcow2")
-    ]
-
-
-def flip_byte(path: Path, offset: int | None = None) -> None:
-    """Bit rot; by default inside the 0xab pattern, i.e. guest data, not qcow2 metadata."""
-    if offset is None:
-        offset = path.read_bytes().index(b"\xab" * 4096) + 100
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "backups"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from backups import archive, jobs, qemu_img, reconcile, requests
 from backups.archive import check as archive_check
 from backups.models import Backup, BackupRun, RunStatus, VerifyStatus
 from tests.domains import BASE, PREFIX, DiskSpec, guest_write, make_dir
-from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
+from tests.helpers import assert_images_equal, assert_vm_untouched
 
 pytestmark = [pytest.mark.libvirt]
 ROOT_DIR = Path(__file__).resolve().parent.parent

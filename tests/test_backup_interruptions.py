@@ -12,7 +12,7 @@ from django.db import connection
 from backups import archive, jobs, requests
 from backups.models import BackupRun, RunStatus
 from tests.domains import DiskSpec
-from tests.test_backup_methods import assert_images_equal, assert_vm_untouched
+from tests.helpers import assert_images_equal, assert_vm_untouched
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.django_db(transaction=True)]
 BIG = [DiskSpec("vda", "qcow2", 1024, [(0, 1000, 0x91)])]

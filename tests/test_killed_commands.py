@@ -23,8 +23,7 @@ from backups import interrupt, jobs, reconcile, requests
 from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, BackupRun, PruneLock, Restore, RunStatus
 from tests.domains import DiskSpec
-from tests.test_incremental import push
-from tests.test_restore_domain import new_name
+from tests.helpers import new_name, push, restore_now
 
 pytestmark = [pytest.mark.libvirt]
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -339,7 +338,6 @@ def test_every_qemu_img_runs_in_the_thread_that_runs_the_job(
     """PR_SET_PDEATHSIG fires when the thread that forked ends: a qemu-img started from
     the hashing pool would be killed when the pool is shut down, or outlive the job."""
     from backups import qemu_img, verify
-    from tests.test_restore_domain import restore_now
 
     threads, real = set(), qemu_img._execute
 

@@ -13,7 +13,7 @@ import pytest
 
 from backups import qemu_img
 from backups.archive import instructions
-from tests.test_archive import (
+from tests.helpers import (
     WHEN,
     disk,
     flip_byte,
@@ -49,13 +49,6 @@ def nvram_filler(source: Path, **kwargs):
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     return raw_source(tmp_path / "source.raw")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "backups"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import pytest
 from django.test import Client
 from django.urls import URLResolver, get_resolver, reverse
 
-from tests.test_views_support import *  # noqa: F403  (actor fixtures)
-
 PUBLIC = "public"  # reachable without logging in; the row says what an anonymous GET gets
 LOGIN = "login"  # the login page for visitors; any logged-in user
 PERMISSION = "permission"  # the login page for visitors, 403 without the permission

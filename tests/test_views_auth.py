@@ -5,19 +5,18 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun, Restore
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from backups.models import BackupPolicy, BackupRun, Restore, RunStatus
+from tests.helpers import make_backup, make_run
 
 MISSING = 999_999
 
 
 @pytest.fixture
 def objects(policy, vm):
-    backup = support.make_backup(vm)
+    backup = make_backup(vm)
     return {
         "vm": vm.pk,
-        "run": support.make_run(vm, support.RunStatus.QUEUED).pk,
+        "run": make_run(vm, RunStatus.QUEUED).pk,
         "backup": backup.pk,
         "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,

@@ -15,9 +15,10 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
+from tests.e2e.browser import CHROMIUM
+
 ROOT_DIR = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT_DIR / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
