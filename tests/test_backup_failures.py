@@ -58,8 +58,7 @@ def test_it_refuses_a_destination_too_small_before_writing(domains, small_root, 
     run = run_now(synced(dom), "push")
     assert run.status == RunStatus.FAILED
     assert run.error.startswith("refused: not enough space")
-    assert list(root.iterdir()) in ([], [root / dom.name])
-    assert not any((root / dom.name).iterdir()) if (root / dom.name).exists() else True
+    assert list(root.iterdir()) == []  # refused in preflight, before the VM's directory
     assert_vm_untouched(domains, dom, running=True)
 
 
@@ -76,7 +75,7 @@ def test_it_fails_cleanly_when_the_disk_fills_during_the_write(method, domains, 
     run = run_now(vm, method, skip_space_check=True)
 
     assert run.status == RunStatus.FAILED
-    assert "No space left on device" in run.error or "no space left" in run.error.lower()
+    assert "No space left on device" in run.error  # QEMU's or qemu-img's strerror(ENOSPC)
     assert archive.list_partials(root) == []
     assert archive.list_backups(root, dom.name) == [Path(first.backup.path)]
     assert archive_check.verify(first.backup.path).ok

@@ -132,6 +132,9 @@ def test_it_survives_a_libvirtd_restart_during_a_push(domains, backup_root, sync
     thread.join(timeout=180)
     run.refresh_from_db()
     assert run.is_finished
+    # Two outcomes by design: if the job is still running when libvirtd is back, libvirt
+    # reports how it ended and the backup is published; if it ended while libvirtd was down,
+    # its outcome is unknown and the copy is discarded. Which one depends on QEMU's speed.
     if run.status == RunStatus.SUCCEEDED:
         assert_images_equal(dom, Path(run.backup.path))
     else:

@@ -128,7 +128,8 @@ def test_it_grants_each_mutation_by_its_group_permission(
     client = Client()
     client.force_login(viewer)
     response = client.post(url(name, kind, objects), {"method": "auto"})
-    assert response.status_code in (200, 302)
+    # an action is done and redirects; a form lacks its other fields and shows them again
+    assert response.status_code == (200 if name in FORMS else 302)
 
 
 @pytest.mark.parametrize("name, kind, perm", MUTATIONS)
