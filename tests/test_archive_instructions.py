@@ -1,4 +1,5 @@
-"""Tests for backups.restore: RESTORE.md text, and restore.sh run for real with sh and qemu-img."""
+"""Tests for backups.archive.instructions: RESTORE.md text, and restore.sh run for real with sh
+and qemu-img."""
 
 from __future__ import annotations
 
