@@ -47,7 +47,11 @@ def wait_for_step(run, step, timeout=60):
 
 def job_running(domains, dom) -> bool:
     """libvirt reports the domain's backup job (the journal step comes just before it)."""
-    return domains.lookup(dom).jobStats().get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
+    try:
+        stats = domains.lookup(dom).jobStats()
+    except libvirt.libvirtError:  # e.g. "backup job data missing" while the job starts
+        return False
+    return stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
 
 
 @pytest.mark.parametrize("method,step", [("push", "backup-begin"), ("snapshot", "copy")])
