@@ -1,6 +1,22 @@
+"""Fixtures shared by every test module (pytest finds them here without imports); plain
+helpers are in ``helpers.py``.
+
+Actors for the web tests: an owner (superuser), a viewer (read-only), an operator (view + run
+backups) and an outsider (logged in, no permission). Permissions come from groups, as in
+production.
+"""
+
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
 import pytest
 
+from backups import inventory
+from backups.models import BackupPolicy, Disk, Host, Restore, VirtualMachine
 from tests import domains as domains_mod
+from tests.helpers import logged_in, make_user
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +55,6 @@ def admin_client(client, admin_user):
 @pytest.fixture
 def backup_root(settings, _swept):
     """A backup root QEMU can write into (push mode), removed afterwards."""
-    import shutil
-    import uuid
-
     root = domains_mod.make_dir(
         domains_mod.BASE / f"{domains_mod.PREFIX}root-{uuid.uuid4().hex[:8]}"
     )
@@ -65,16 +78,13 @@ def allow_root(settings):
 
 @pytest.fixture
 def host(db, libvirt_uri):
-    from backups.models import Host
-
-    return Host.objects.create(name="local", uri=libvirt_uri)
+    """The host the tests' domains run on; the web tests only read its name."""
+    return Host.objects.create(name="hv1", uri=libvirt_uri)
 
 
 @pytest.fixture
 def synced(host):
     """Sync the inventory and return the VM row of a test domain."""
-    from backups import inventory
-    from backups.models import VirtualMachine
 
     def sync(dom):
         inventory.sync_host(host)
@@ -86,11 +96,6 @@ def synced(host):
 @pytest.fixture
 def restore_root(settings, domains):
     """A configured restore root; every domain a test restores into it is removed."""
-    import subprocess
-    import uuid
-
-    from backups.models import Restore
-
     root = domains_mod.make_dir(
         domains_mod.BASE / f"{domains_mod.PREFIX}restore-{uuid.uuid4().hex[:8]}"
     )
@@ -111,3 +116,84 @@ def restore_root(settings, domains):
 def _test_uris(settings):
     """Tests may point a host at libvirt's test:/// driver; production settings refuse it."""
     settings.VMBACKUP_ALLOW_TEST_URI = True
+
+
+# ------------------------------------------------------------------------- web actors
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_superuser("olivia", "olivia@example.com")
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    return make_user(django_user_model, "victor", "backups.view_virtualmachine")
+
+
+@pytest.fixture
+def operator(django_user_model):
+    return make_user(
+        django_user_model, "oscar", "backups.view_virtualmachine", "backups.run_backup"
+    )
+
+
+@pytest.fixture
+def outsider(django_user_model):
+    return make_user(django_user_model, "mallory")
+
+
+@pytest.fixture
+def owner_client(owner):
+    return logged_in(owner)
+
+
+@pytest.fixture
+def viewer_client(viewer):
+    return logged_in(viewer)
+
+
+@pytest.fixture
+def operator_client(operator):
+    return logged_in(operator)
+
+
+@pytest.fixture
+def outsider_client(outsider):
+    return logged_in(outsider)
+
+
+# ------------------------------------------------------------------- rows without libvirt
+
+
+@pytest.fixture
+def vm(host):
+    """A VM row (no domain behind it) with one disk."""
+    machine = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web-1")
+    Disk.objects.create(vm=machine, target="vda", source="/var/lib/libvirt/images/web-1.qcow2")
+    return machine
+
+
+@pytest.fixture
+def policy(vm):
+    nightly = BackupPolicy.objects.create(name="nightly", schedule="0 2 * * *")
+    nightly.vms.add(vm)
+    return nightly
+
+
+@pytest.fixture
+def async_calls(monkeypatch):
+    """What ``jobs`` enqueued, instead of reaching the django-q2 broker."""
+    calls = []
+    monkeypatch.setattr(
+        "backups.requests.async_task", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
+    return calls
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty directory to publish archives into, without libvirt or a database."""
+    path = tmp_path / "backups"
+    path.mkdir()
+    return path

@@ -7,7 +7,7 @@ import pytest
 from backups import reconcile
 from backups.models import Backup, BackupPolicy
 from tests.domains import DiskSpec
-from tests.test_incremental import push, write
+from tests.helpers import push, write
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 

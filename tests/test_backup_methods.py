@@ -9,7 +9,7 @@ import pytest
 from backups import jobs, qemu_img, requests
 from backups.models import RunStatus
 from tests.domains import DiskSpec, make_dir
-from tests.modes import assert_private
+from tests.helpers import assert_images_equal, assert_private, assert_vm_untouched
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
@@ -20,26 +20,6 @@ def backup(vm, method):
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error
     return run
-
-
-def assert_vm_untouched(domains, dom, running: bool):
-    d = domains.lookup(dom)
-    assert bool(d.isActive()) == running
-    xml = d.XMLDesc(0)
-    for path in dom.disks.values():
-        assert f"file='{path}'" in xml
-    assert ".overlay." not in xml
-    assert [p.name for p in dom.dir.iterdir() if p.name.startswith(".vmbackup-")] == []
-    if running:
-        for target in dom.disks:
-            assert not d.blockJobInfo(target, 0)
-        assert d.jobStats().get("type", 0) == 0
-
-
-def assert_images_equal(dom, backup_dir: Path):
-    for target, path in dom.disks.items():
-        image = backup_dir / f"{target}.qcow2"
-        assert qemu_img.compare(str(path), dom.formats[target], str(image), "qcow2")
 
 
 def assert_restorable(dom, backup_dir: Path, tmp_dir: Path):

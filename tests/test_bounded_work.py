@@ -9,13 +9,12 @@ from django.utils import timezone
 
 from backups import jobs, requests
 from backups.models import Backup, Host, Restore, RunStatus, VirtualMachine
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup
 
 
 @pytest.fixture
 def backup(vm):
-    return support.make_backup(vm)
+    return make_backup(vm)
 
 
 def verify(client, backup):
@@ -95,9 +94,7 @@ def test_it_counts_only_active_restores_of_the_same_host(backup, vm, root, setti
     first = requests.request_restore(backup, name="copy-1", root=root, enqueue=False)
     other = Host.objects.create(name="hv2", uri="qemu:///system")
     elsewhere = VirtualMachine.objects.create(host=other, uuid=vm.uuid, name="web-2")
-    requests.request_restore(
-        support.make_backup(elsewhere), name="copy-2", root=root, enqueue=False
-    )
+    requests.request_restore(make_backup(elsewhere), name="copy-2", root=root, enqueue=False)
     with pytest.raises(requests.RestoreRefused, match="at most 1"):
         requests.request_restore(backup, name="copy-3", root=root, enqueue=False)
     Restore.objects.filter(pk=first.pk).update(status=RunStatus.SUCCEEDED)

@@ -5,33 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from backups import archive, jobs, qemu_img, requests, site
+from backups import archive, qemu_img, site
 from backups.archive import check as archive_check
-from backups.models import BackupPolicy, RunStatus
-from tests.domains import DiskSpec, guest_write, make_dir, run
+from backups.models import BackupPolicy
+from tests.domains import DiskSpec, make_dir, run
+from tests.helpers import push, snapshot_copy, write
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
-
-
-def push(vm, policy=None):
-    r = requests.request_backup(vm, method="push", enqueue=False, policy=policy)
-    jobs.run_backup(r.pk)
-    r.refresh_from_db()
-    assert r.status == RunStatus.SUCCEEDED, r.error
-    return r
-
-
-def write(domains, dom, index, command):
-    guest_write(domains.conn, dom.uuid, index, command)
-    guest_write(domains.conn, dom.uuid, index, "flush")
-
-
-def snapshot_copy(dom, target, dest: Path) -> Path:
-    """The disk's content now, taken beside the running guest (-U) after a flush."""
-    out = dest / f"{target}.ref.qcow2"
-    run(["qemu-img", "convert", "-U", "-f", dom.formats[target], "-O", "qcow2",
-         str(dom.disks[target]), str(out)])  # fmt: skip
-    return out
 
 
 def our_checkpoints(domains, dom):

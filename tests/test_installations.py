@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from tests.domains import DiskSpec
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.libvirt]
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -79,10 +79,7 @@ def disk_source(domains, dom) -> str:
 
 
 def wait_for(path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.1)
+    wait_until(path.exists, timeout, f"{path} never appeared")
 
 
 def test_each_installation_repairs_only_what_it_made(domains, installations, backup_root,

@@ -19,8 +19,7 @@ from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, RunStatus, VerifyStatus
 from backups.retention import fold, prune
 from tests.domains import DiskSpec
-from tests.test_incremental import push, write
-from tests.test_restore_domain import restore_now
+from tests.helpers import push, restore_now, write
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 KEEP_ALL = {"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}

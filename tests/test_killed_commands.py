@@ -23,8 +23,7 @@ from backups import interrupt, jobs, reconcile, requests
 from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, BackupRun, PruneLock, Restore, RunStatus
 from tests.domains import DiskSpec
-from tests.test_incremental import push
-from tests.test_restore_domain import new_name
+from tests.helpers import new_name, push, restore_now, wait_until
 
 pytestmark = [pytest.mark.libvirt]
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -79,13 +78,18 @@ class Command:
     def wait_for_stall(self) -> set[int]:
         """The command's children once the stalled call runs (recorded before any kill:
         afterwards they belong to init)."""
-        deadline = time.monotonic() + STALL_WITHIN
-        while not (self.marker.exists() and self.marker.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(f"never reached the stalled qemu-img call:\n{self.output()}")
-            time.sleep(0.05)
+
+        def stalled() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"ended before the stalled qemu-img call:\n{self.output()}")
+            return self.marker.exists() and bool(self.marker.read_text().strip())
+
+        try:
+            wait_until(stalled, STALL_WITHIN, lambda: f"no stalled qemu-img call:\n{self.output()}")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         children = children_of(self.proc.pid)
         assert int(self.marker.read_text()) in children
         return children
@@ -122,11 +126,10 @@ def alive(pid: int) -> bool:
 
 
 def assert_all_gone(pids: set[int]) -> None:
-    deadline = time.monotonic() + GONE_WITHIN
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = [p for p in pids if alive(p)]
-    assert not left, f"left behind by the killed command: {left}"
+    def left() -> list[int]:
+        return [p for p in pids if alive(p)]
+
+    wait_until(lambda: not left(), GONE_WITHIN, lambda: f"left behind by the command: {left()}")
 
 
 def exit_code(signum: int) -> int:
@@ -339,7 +342,6 @@ def test_every_qemu_img_runs_in_the_thread_that_runs_the_job(
     """PR_SET_PDEATHSIG fires when the thread that forked ends: a qemu-img started from
     the hashing pool would be killed when the pool is shut down, or outlive the job."""
     from backups import qemu_img, verify
-    from tests.test_restore_domain import restore_now
 
     threads, real = set(), qemu_img._execute
 
@@ -371,7 +373,9 @@ def test_a_command_stopped_before_its_job_began_ends_its_row(vm, signum, capsys)
         with interrupt.Guard("vmbackup_run") as guard:
             guard.queued(run)
             os.kill(os.getpid(), signum)
-            time.sleep(10)  # interrupted by the handler long before this ends
+            # a fixed sleep on purpose: it stands for the command's work, which the
+            # handler must interrupt long before it ends
+            time.sleep(10)
 
     name = signal.Signals(signum).name
     assert exited.value.code == 128 + signum

@@ -11,8 +11,7 @@ from django.utils import timezone
 
 from backups import dashboard, metrics
 from backups.models import BackupPolicy, RunStatus, VerifyStatus, VirtualMachine
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup, make_run, populate
 
 URL = reverse("metrics")
 TOKEN = "s3cret-metrics-token"
@@ -146,22 +145,22 @@ def test_it_escapes_label_values(scraper, host):
 
 
 def test_it_reports_each_metric(scraper, host, policy, vm):
-    support.make_backup(vm, ago=timedelta(hours=3), size_bytes=100)
-    newest = support.make_backup(vm, ago=timedelta(hours=2), size_bytes=20)
-    support.make_backup(vm, ago=timedelta(hours=4), verify_status=VerifyStatus.CORRUPT)
-    support.make_backup(vm, ago=timedelta(days=9), pruned_at=timezone.now())
-    ok = support.make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=2))
+    make_backup(vm, ago=timedelta(hours=3), size_bytes=100)
+    newest = make_backup(vm, ago=timedelta(hours=2), size_bytes=20)
+    make_backup(vm, ago=timedelta(hours=4), verify_status=VerifyStatus.CORRUPT)
+    make_backup(vm, ago=timedelta(days=9), pruned_at=timezone.now())
+    ok = make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=2))
     ok.finished_at = ok.started_at + timedelta(seconds=90)
     ok.save()
-    support.make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=5))  # older: not the last
+    make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=5))  # older: not the last
     failing = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="db-1")
     policy.vms.add(failing)
-    support.make_run(failing, RunStatus.FAILED, ago=timedelta(hours=1))
-    support.make_run(failing, RunStatus.RUNNING, ago=timedelta(minutes=1))
+    make_run(failing, RunStatus.FAILED, ago=timedelta(hours=1))
+    make_run(failing, RunStatus.RUNNING, ago=timedelta(minutes=1))
     gone = VirtualMachine.objects.create(
         host=host, uuid=uuid.uuid4(), name="gone", gone_at=timezone.now()
     )
-    support.make_backup(gone, verify_status=VerifyStatus.CORRUPT)
+    make_backup(gone, verify_status=VerifyStatus.CORRUPT)
 
     _, samples = parse(scraper.get(URL).content.decode())
 
@@ -200,7 +199,7 @@ def test_it_leaves_out_workers_when_the_cluster_stats_are_unreadable(scraper, mo
 def test_it_costs_the_same_queries_for_10_and_200_vms(
     scraper, host, count, django_assert_num_queries
 ):
-    support.populate(host, count)
+    populate(host, count)
     # protection rows, uuids + last success, stored backups, runs and restores by status
     with django_assert_num_queries(5):
         response = scraper.get(URL)
@@ -224,7 +223,7 @@ def test_it_counts_restores_by_outcome_and_the_active_ones(scraper, host):
     from backups.models import Restore
 
     vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web")
-    backup = support.make_backup(vm)
+    backup = make_backup(vm)
     for i, status in enumerate(["succeeded", "succeeded", "failed", "queued", "running"]):
         Restore.objects.create(backup=backup, name=f"r-{i}", root="/r", status=status)
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from backups import private
-from tests.modes import assert_private
+from tests.helpers import assert_private
 
 
 @pytest.fixture

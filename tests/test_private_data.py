@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.modes import assert_private
+from tests.helpers import assert_private
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SHOW_MODES = """

@@ -12,7 +12,7 @@ from backups import archive, qemu_img, requests
 from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy
 from tests.domains import DiskSpec, make_dir
-from tests.test_incremental import push, snapshot_copy, write
+from tests.helpers import push, snapshot_copy, write
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 

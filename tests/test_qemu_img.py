@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from backups import qemu_img
 from backups.qemu_img import CheckResult, ImageInfo, Measure, QemuImgError
+from tests.helpers import wait_until
 
 MIB = 1024 * 1024
 needs_qemu = pytest.mark.skipif(
@@ -412,19 +414,40 @@ def test_it_requires_backing_format_together_with_backing(fake_run):
 # ----------------------------------------------------------------- runner and progress
 
 
+PROGRESS = "".join(f"    ({p}.00/100%%)\\r" for p in range(0, 101, 5))  # printf format
+
+
+def fake_clock(monkeypatch, step: float) -> None:
+    """qemu_img's clock moves ``step`` seconds at each reading, so what the throttle lets
+    through depends on the output, not on how fast this machine reads it."""
+    now = [1000.0]
+
+    def monotonic() -> float:
+        now[0] += step
+        return now[0]
+
+    monkeypatch.setattr(qemu_img, "time", SimpleNamespace(monotonic=monotonic))
+
+
+def progress_script(tmp_path: Path) -> Path:
+    """0 % to 100 % twice, as a copy of two disks' worth would print it."""
+    return write_script(tmp_path / "fake-qemu-img", f"printf '{PROGRESS}{PROGRESS}\\n'\n")
+
+
 def test_it_reports_progress_throttled_and_finishes_at_one(monkeypatch, tmp_path):
-    steps = "".join(f"    ({p}.00/100%%)\\r" for p in range(0, 101, 5))  # printf format
-    script = write_script(
-        tmp_path / "fake-qemu-img",
-        f"for chunk in 1 2; do printf '{steps}'; sleep 0.35; done\nprintf '\\n'\n",
-    )
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
+    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(progress_script(tmp_path)))
+    fake_clock(monkeypatch, step=0)  # all 42 lines within one throttle interval
     seen: list[float] = []
     qemu_img.convert("/s.raw", "raw", "/d.qcow2", "qcow2", progress=seen.append)
-    assert seen[-1] == 1.0
-    assert seen.count(1.0) == 1
-    assert 2 <= len(seen) <= 4  # ~0.7 s of output with a 0.5 s throttle
-    assert all(0.0 <= f <= 1.0 for f in seen)
+    assert seen == [0.0, 1.0]  # the first line, then "done" once (100 % lines are not)
+
+
+def test_it_reports_progress_again_once_the_interval_has_passed(monkeypatch, tmp_path):
+    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(progress_script(tmp_path)))
+    fake_clock(monkeypatch, step=qemu_img.PROGRESS_INTERVAL)  # each line an interval later
+    seen: list[float] = []
+    qemu_img.convert("/s.raw", "raw", "/d.qcow2", "qcow2", progress=seen.append)
+    assert seen == [p / 100 for p in range(0, 100, 5)] * 2 + [1.0]
 
 
 def test_it_kills_the_process_group_on_timeout(monkeypatch, tmp_path):
@@ -436,7 +459,7 @@ def test_it_kills_the_process_group_on_timeout(monkeypatch, tmp_path):
         qemu_img.convert("/s.raw", "raw", "/d.qcow2", "qcow2", timeout=0.5)
     assert time.monotonic() - start < 5
     assert excinfo.value.argv[:2] == [str(script), "convert"]
-    assert _wait_gone(int(pidfile.read_text())) == []
+    assert_group_gone(int(pidfile.read_text()))
 
 
 def test_it_kills_qemu_img_when_the_progress_callback_raises(monkeypatch, tmp_path):
@@ -451,7 +474,7 @@ def test_it_kills_qemu_img_when_the_progress_callback_raises(monkeypatch, tmp_pa
 
     with pytest.raises(RuntimeError, match="job cancelled"):
         qemu_img.convert("/s.raw", "raw", "/d.qcow2", "qcow2", progress=explode, timeout=10)
-    assert _wait_gone(int(pidfile.read_text())) == []
+    assert_group_gone(int(pidfile.read_text()))
 
 
 def test_it_times_out_plain_calls_too(monkeypatch, tmp_path):
@@ -461,12 +484,9 @@ def test_it_times_out_plain_calls_too(monkeypatch, tmp_path):
         qemu_img.info("/a.raw", "raw", timeout=0.2)
 
 
-def _wait_gone(pgid: int) -> list[int]:
-    """Processes of the group still alive after a short grace period for SIGKILL to land."""
-    deadline = time.monotonic() + 2
-    while (left := _live_members(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+def assert_group_gone(pgid: int) -> None:
+    """No process of the group is left once SIGKILL has had a moment to land."""
+    wait_until(lambda: not _live_members(pgid), 2, lambda: f"alive: {_live_members(pgid)}")
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -705,16 +725,10 @@ def test_it_kills_qemu_img_when_the_process_that_started_it_dies(tmp_path):
         "qemu_img.info('/nonexistent.qcow2', 'qcow2', timeout=300)\n"
     )
     parent = subprocess.Popen([sys.executable, str(script)])
-    deadline = time.monotonic() + 20
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = int(pidfile.read_text())
+    child = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20))
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child), "qemu-img outlived the process that started it"
+    wait_until(lambda: not _alive(child), 10, "qemu-img outlived the process that started it")
 
 
 def _alive(pid: int) -> bool:

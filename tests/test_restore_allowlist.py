@@ -10,7 +10,7 @@ import pytest
 from backups import allowlist, jobs, requests
 from backups.models import RunStatus
 from tests.domains import DiskSpec
-from tests.test_restore_domain import restore_now
+from tests.helpers import restore_now
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 

@@ -13,33 +13,17 @@ from backups import hypervisor, jobs, qemu_img, reconcile, requests
 from backups.models import Backup, Restore, RunStatus
 from backups.restore import common, new_domain
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir
-from tests.modes import assert_private
-from tests.test_incremental import push, snapshot_copy, write
+from tests.helpers import (
+    assert_private,
+    modes_at_copy,
+    new_name,
+    push,
+    restore_now,
+    snapshot_copy,
+    write,
+)
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
-
-
-def new_name() -> str:
-    return f"{PREFIX}r-{uuid.uuid4().hex[:8]}"
-
-
-def restore_now(backup: Backup, root: Path, name: str | None = None, start: bool = False):
-    restore = requests.request_restore(backup, name=name or new_name(), root=str(root), start=start)
-    jobs.run_restore(restore.pk)
-    restore.refresh_from_db()
-    return restore
-
-
-def modes_at_copy(monkeypatch) -> dict[str, int]:
-    """The mode each restored image has when qemu-img starts writing into it."""
-    seen, real = {}, qemu_img.convert
-
-    def convert(src, src_fmt, dst, dst_fmt, **kwargs):
-        seen[dst] = os.stat(dst).st_mode & 0o777
-        return real(src, src_fmt, dst, dst_fmt, **kwargs)
-
-    monkeypatch.setattr(qemu_img, "convert", convert)
-    return seen
 
 
 def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_root, synced,

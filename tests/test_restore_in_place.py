@@ -13,7 +13,7 @@ from backups import jobs, qemu_img, reconcile, requests
 from backups.models import Backup, Restore, RestoreMode, RunStatus
 from backups.restore import in_place as restore_in_place
 from tests.domains import DiskSpec, make_dir
-from tests.test_restore_domain import modes_at_copy
+from tests.helpers import modes_at_copy
 
 pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 

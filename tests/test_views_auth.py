@@ -5,19 +5,18 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun, Restore
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from backups.models import BackupPolicy, BackupRun, Restore, RunStatus
+from tests.helpers import make_backup, make_run
 
 MISSING = 999_999
 
 
 @pytest.fixture
 def objects(policy, vm):
-    backup = support.make_backup(vm)
+    backup = make_backup(vm)
     return {
         "vm": vm.pk,
-        "run": support.make_run(vm, support.RunStatus.QUEUED).pk,
+        "run": make_run(vm, RunStatus.QUEUED).pk,
         "backup": backup.pk,
         "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,
@@ -129,7 +128,8 @@ def test_it_grants_each_mutation_by_its_group_permission(
     client = Client()
     client.force_login(viewer)
     response = client.post(url(name, kind, objects), {"method": "auto"})
-    assert response.status_code in (200, 302)
+    # an action is done and redirects; a form lacks its other fields and shows them again
+    assert response.status_code == (200 if name in FORMS else 302)
 
 
 @pytest.mark.parametrize("name, kind, perm", MUTATIONS)

@@ -5,15 +5,14 @@ import pytest
 from django.urls import reverse
 
 from backups import archive
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup
 
 CREATED = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def backup(vm):
-    return support.make_backup(vm, created_at=CREATED)
+    return make_backup(vm, created_at=CREATED)
 
 
 @pytest.fixture
@@ -62,7 +61,7 @@ def test_it_names_the_restore_downloads(
 def test_it_makes_hostile_vm_names_safe_in_filenames(owner_client, vm, fake_restore):
     vm.name = 'evil"\r\n/../x y'
     vm.save()
-    backup = support.make_backup(vm, created_at=CREATED)
+    backup = make_backup(vm, created_at=CREATED)
     response = owner_client.get(reverse("backup_restore_sh", args=[backup.pk]))
     assert response["Content-Disposition"] == (
         'attachment; filename="evil_x_y-20260101T020000-restore.sh"'
@@ -75,7 +74,7 @@ def test_it_refuses_restore_downloads_without_the_permission(viewer_client, back
 
 
 def test_it_404s_when_no_manifest_is_recorded(owner_client, vm, fake_restore):
-    backup = support.make_backup(vm, manifest={})
+    backup = make_backup(vm, manifest={})
     assert owner_client.get(reverse("backup_restore_md", args=[backup.pk])).status_code == 404
 
 
@@ -103,7 +102,7 @@ def test_it_builds_restore_files_with_the_real_modules(owner_client, vm):
             ),
         ),
     )
-    backup = support.make_backup(vm, manifest=json.loads(manifest.to_json()))
+    backup = make_backup(vm, manifest=json.loads(manifest.to_json()))
     md = owner_client.get(reverse("backup_restore_md", args=[backup.pk]))
     sh = owner_client.get(reverse("backup_restore_sh", args=[backup.pk]))
     assert (md.status_code, sh.status_code) == (200, 200)

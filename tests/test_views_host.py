@@ -3,8 +3,6 @@
 import pytest
 from django.urls import reverse
 
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
-
 pytestmark = pytest.mark.django_db
 
 

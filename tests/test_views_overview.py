@@ -1,3 +1,4 @@
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -8,8 +9,7 @@ from django_q.models import Schedule
 
 from backups import dashboard
 from backups.models import BackupPolicy, Kind, RunStatus, VirtualMachine
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup, make_run, populate
 
 URL = reverse("overview")
 
@@ -38,24 +38,22 @@ def test_it_tells_a_newcomer_to_create_a_policy(owner_client, vm):
 
 def test_it_computes_each_protection_state(viewer_client, host, policy, vm):
     def machine(name):
-        created = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name=name)
+        created = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name=name)
         policy.vms.add(created)
         return created
 
     machine("never")
     failing = machine("failing")
-    support.make_backup(failing, ago=timedelta(hours=3))
-    support.make_run(failing, RunStatus.SUCCEEDED, ago=timedelta(hours=3))
-    support.make_run(failing, RunStatus.FAILED, ago=timedelta(hours=1))
-    support.make_run(failing, RunStatus.CANCELLED, ago=timedelta(minutes=5))  # not a result
+    make_backup(failing, ago=timedelta(hours=3))
+    make_run(failing, RunStatus.SUCCEEDED, ago=timedelta(hours=3))
+    make_run(failing, RunStatus.FAILED, ago=timedelta(hours=1))
+    make_run(failing, RunStatus.CANCELLED, ago=timedelta(minutes=5))  # not a result
     stale = machine("stale")
-    support.make_backup(stale, ago=timedelta(hours=50))
-    support.make_backup(vm, ago=timedelta(hours=2))
-    support.make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=2))
-    VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="unprotected")
-    VirtualMachine.objects.create(
-        host=host, uuid=support.uuid.uuid4(), name="gone", gone_at=timezone.now()
-    )
+    make_backup(stale, ago=timedelta(hours=50))
+    make_backup(vm, ago=timedelta(hours=2))
+    make_run(vm, RunStatus.SUCCEEDED, ago=timedelta(hours=2))
+    VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="unprotected")
+    VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="gone", gone_at=timezone.now())
 
     response = viewer_client.get(URL)
 
@@ -72,7 +70,7 @@ def test_it_computes_each_protection_state(viewer_client, host, policy, vm):
 
 
 def test_it_honours_the_stale_hours_setting(viewer_client, policy, vm, settings):
-    support.make_backup(vm, ago=timedelta(hours=10))
+    make_backup(vm, ago=timedelta(hours=10))
     settings.VMBACKUP_STALE_HOURS = 6
     assert rows(viewer_client.get(URL))["web-1"].protection == "stale"
 
@@ -83,10 +81,10 @@ def test_it_ignores_a_disabled_policy(viewer_client, policy, vm):
 
 
 def test_it_shows_chain_length_storage_and_next_run(viewer_client, policy, vm):
-    full = support.make_backup(vm, ago=timedelta(days=3), size_bytes=100)
-    inc1 = support.make_backup(vm, ago=timedelta(days=2), kind=Kind.INCREMENTAL, parent=full)
-    support.make_backup(vm, ago=timedelta(days=1), kind=Kind.INCREMENTAL, parent=inc1)
-    support.make_backup(vm, ago=timedelta(days=9), size_bytes=5000, pruned_at=timezone.now())
+    full = make_backup(vm, ago=timedelta(days=3), size_bytes=100)
+    inc1 = make_backup(vm, ago=timedelta(days=2), kind=Kind.INCREMENTAL, parent=full)
+    make_backup(vm, ago=timedelta(days=1), kind=Kind.INCREMENTAL, parent=inc1)
+    make_backup(vm, ago=timedelta(days=9), size_bytes=5000, pruned_at=timezone.now())
     soon = timezone.now() + timedelta(hours=5)
     Schedule.objects.update_or_create(  # saving the policy already made its schedule
         name=BackupPolicy.schedule_name_of(policy.pk),
@@ -101,8 +99,8 @@ def test_it_shows_chain_length_storage_and_next_run(viewer_client, policy, vm):
 
 
 def test_it_filters_by_state_host_and_name(viewer_client, host, policy, vm):
-    other = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="db-1")
-    support.make_backup(other)
+    other = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="db-1")
+    make_backup(other)
     policy.vms.add(other)
 
     assert list(rows(viewer_client.get(URL, {"state": "never"}))) == ["web-1"]
@@ -115,8 +113,8 @@ def test_it_totals_per_host_and_root(viewer_client, policy, vm, settings, tmp_pa
     settings.VMBACKUP_ROOT = str(tmp_path)
     policy.destination = "/nonexistent/vmbackup-root"
     policy.save()
-    support.make_backup(vm, path=f"{tmp_path}/web-1/a", size_bytes=300)
-    support.make_backup(vm, path="/nonexistent/vmbackup-root/web-1/b", size_bytes=40)
+    make_backup(vm, path=f"{tmp_path}/web-1/a", size_bytes=300)
+    make_backup(vm, path="/nonexistent/vmbackup-root/web-1/b", size_bytes=40)
 
     response = viewer_client.get(URL)
 
@@ -145,11 +143,11 @@ def test_it_pages_the_table_problems_first_with_totals_over_all_vms(
 ):
     monkeypatch.setattr(dashboard, "PER_PAGE", 2)
     for name in ("a-ok", "b-ok", "c-failing"):
-        machine = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name=name)
+        machine = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name=name)
         policy.vms.add(machine)
-        support.make_backup(machine, ago=timedelta(hours=2))
-    support.make_run(machine, RunStatus.FAILED)
-    VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="z-unprotected")
+        make_backup(machine, ago=timedelta(hours=2))
+    make_run(machine, RunStatus.FAILED)
+    VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="z-unprotected")
 
     pages = [list(rows(viewer_client.get(URL, {"page": n}))) for n in (1, 2, 3)]
 
@@ -173,7 +171,7 @@ def test_it_pages_the_table_problems_first_with_totals_over_all_vms(
 
 def test_it_keeps_the_filters_in_the_page_links(viewer_client, host, monkeypatch):
     monkeypatch.setattr(dashboard, "PER_PAGE", 2)
-    support.populate(host, 6)  # runs: succeeded, failed, interrupted, succeeded, ...
+    populate(host, 6)  # runs: succeeded, failed, interrupted, succeeded, ...
     filters = {"state": "failing", "q": "VM-0"}
 
     first = viewer_client.get(URL, filters)
@@ -196,7 +194,7 @@ def test_it_costs_the_same_queries_for_10_and_1000_vms(
     viewer_client, host, count, django_assert_num_queries, monkeypatch
 ):
     monkeypatch.setattr(dashboard, "workers_online", lambda: 1)
-    support.populate(host, count)
+    populate(host, count)
     # session, user, 2 x permissions, protection facts of all VMs, VMs of the page, their
     # enabled policies, schedules, hosts, policy exists, root list, root usage
     with django_assert_num_queries(12):

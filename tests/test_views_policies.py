@@ -1,3 +1,4 @@
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -5,8 +6,7 @@ from django.urls import reverse
 
 from backups import cron
 from backups.models import BackupPolicy, Kind, VirtualMachine
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup
 
 CREATE = reverse("policy_create")
 
@@ -104,14 +104,12 @@ def test_it_previews_without_saving(owner_client, policy):
 
 
 def test_it_previews_retention_with_reasons(owner_client, policy, vm):
-    old_full = support.make_backup(vm, ago=timedelta(days=4), policy=policy)
-    support.make_backup(
-        vm, ago=timedelta(days=3), kind=Kind.INCREMENTAL, parent=old_full, policy=policy
-    )
-    protected = support.make_backup(vm, ago=timedelta(days=2), protected=True, policy=policy)
-    support.make_backup(vm, ago=timedelta(days=1), policy=policy)
-    newest = support.make_backup(vm, ago=timedelta(hours=1), policy=policy)
-    support.make_backup(vm, ago=timedelta(hours=2))  # manual: not this policy's to prune
+    old_full = make_backup(vm, ago=timedelta(days=4), policy=policy)
+    make_backup(vm, ago=timedelta(days=3), kind=Kind.INCREMENTAL, parent=old_full, policy=policy)
+    protected = make_backup(vm, ago=timedelta(days=2), protected=True, policy=policy)
+    make_backup(vm, ago=timedelta(days=1), policy=policy)
+    newest = make_backup(vm, ago=timedelta(hours=1), policy=policy)
+    make_backup(vm, ago=timedelta(hours=2))  # manual: not this policy's to prune
     BackupPolicy.objects.filter(pk=policy.pk).update(
         keep_last=2, keep_daily=0, keep_weekly=0, keep_monthly=0
     )
@@ -128,8 +126,8 @@ def test_it_previews_retention_with_reasons(owner_client, policy, vm):
 
 
 def test_it_previews_retention_for_the_vms_selected_in_the_form(owner_client, host, vm):
-    other = VirtualMachine.objects.create(host=host, uuid=support.uuid.uuid4(), name="db-1")
-    support.make_backup(other)
+    other = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="db-1")
+    make_backup(other)
     response = owner_client.post(CREATE, form_data(other, preview="1"))
     assert [item["vm"].name for item in response.context["retention"]] == ["db-1"]
     assert not BackupPolicy.objects.exists()
@@ -209,7 +207,7 @@ def test_the_preview_the_dry_run_and_the_prune_decide_the_same(
     def backup(days: int, run_id: int, **fields):
         created = datetime(2026, 11, 20, 2, tzinfo=UTC) + timedelta(days=days)
         path = tmp_path / vm.name / f"{created:%Y%m%dT%H%M%SZ}-{run_id}"
-        return support.make_backup(vm, path=str(path), created_at=created, **fields)
+        return make_backup(vm, path=str(path), created_at=created, **fields)
 
     owned = [backup(d, 10 + d, policy=policy) for d in range(5)]
     manual = [backup(d, 20 + d) for d in range(3)]

@@ -6,8 +6,7 @@ from django.utils import timezone
 
 from backups import dashboard
 from backups.models import BackupRun, RunStatus
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_run, populate
 
 LIST = reverse("run_list")
 
@@ -17,7 +16,7 @@ def progress_url(run):
 
 
 def test_it_polls_the_progress_partial_while_the_run_is_active(viewer_client, vm):
-    run = support.make_run(vm, RunStatus.RUNNING)
+    run = make_run(vm, RunStatus.RUNNING)
     response = viewer_client.get(reverse("run_detail", args=[run.pk]))
     content = response.content.decode()
     assert f'hx-get="{progress_url(run)}"' in content
@@ -25,7 +24,7 @@ def test_it_polls_the_progress_partial_while_the_run_is_active(viewer_client, vm
 
 
 def test_it_does_not_poll_a_finished_run(viewer_client, vm):
-    run = support.make_run(vm, RunStatus.SUCCEEDED)
+    run = make_run(vm, RunStatus.SUCCEEDED)
     response = viewer_client.get(reverse("run_detail", args=[run.pk]))
     assert b"hx-get" not in response.content
 
@@ -33,7 +32,7 @@ def test_it_does_not_poll_a_finished_run(viewer_client, vm):
 def test_it_returns_200_from_the_partial_while_running(viewer_client, vm, monkeypatch):
     now = timezone.now()
     monkeypatch.setattr("backups.dashboard.timezone.now", lambda: now)  # rate, ETA exact
-    run = support.make_run(
+    run = make_run(
         vm,
         RunStatus.RUNNING,
         started_at=now - timedelta(seconds=100),
@@ -58,7 +57,7 @@ def test_it_counts_the_rate_over_the_copy_only(viewer_client, vm, monkeypatch):
     now = timezone.now()
     monkeypatch.setattr("backups.dashboard.timezone.now", lambda: now)
     at = lambda seconds: (now - timedelta(seconds=seconds)).isoformat()  # noqa: E731
-    run = support.make_run(
+    run = make_run(
         vm,
         RunStatus.SUCCEEDED,
         started_at=now - timedelta(seconds=100),
@@ -73,7 +72,7 @@ def test_it_counts_the_rate_over_the_copy_only(viewer_client, vm, monkeypatch):
 
 @pytest.mark.parametrize("status", [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED])
 def test_it_returns_286_from_the_partial_once_finished(viewer_client, vm, status):
-    run = support.make_run(vm, status, error="boom" if status == RunStatus.FAILED else "")
+    run = make_run(vm, status, error="boom" if status == RunStatus.FAILED else "")
     response = viewer_client.get(progress_url(run))
     assert response.status_code == 286
 
@@ -92,7 +91,7 @@ def test_it_computes_rate_and_eta():
 
 
 def test_it_cancels_a_queued_run(operator_client, vm):
-    run = support.make_run(vm, RunStatus.QUEUED)
+    run = make_run(vm, RunStatus.QUEUED)
     response = operator_client.post(reverse("run_cancel", args=[run.pk]))
     assert response["Location"] == reverse("run_detail", args=[run.pk])
     run.refresh_from_db()
@@ -100,14 +99,14 @@ def test_it_cancels_a_queued_run(operator_client, vm):
 
 
 def test_it_asks_a_running_run_to_stop(operator_client, vm):
-    run = support.make_run(vm, RunStatus.RUNNING)
+    run = make_run(vm, RunStatus.RUNNING)
     operator_client.post(reverse("run_cancel", args=[run.pk]))
     run.refresh_from_db()
     assert (run.status, run.cancel_requested) == (RunStatus.RUNNING, True)
 
 
 def test_it_leaves_a_finished_run_alone(operator_client, vm):
-    run = support.make_run(vm, RunStatus.FAILED)
+    run = make_run(vm, RunStatus.FAILED)
     response = operator_client.post(reverse("run_cancel", args=[run.pk]), follow=True)
     assert b"already finished" in response.content
     run.refresh_from_db()
@@ -115,8 +114,8 @@ def test_it_leaves_a_finished_run_alone(operator_client, vm):
 
 
 def test_it_filters_runs_by_status(viewer_client, vm):
-    failed = support.make_run(vm, RunStatus.FAILED)
-    support.make_run(vm, RunStatus.SUCCEEDED)
+    failed = make_run(vm, RunStatus.FAILED)
+    make_run(vm, RunStatus.SUCCEEDED)
     response = viewer_client.get(LIST, {"status": "failed"})
     assert [r.pk for r in response.context["page"].object_list] == [failed.pk]
     assert len(viewer_client.get(LIST, {"status": "nonsense"}).context["page"].object_list) == 2
@@ -138,7 +137,7 @@ def test_it_keeps_the_filter_when_paging(viewer_client, vm):
 def test_it_costs_the_same_queries_for_10_and_1000_runs(
     viewer_client, host, count, django_assert_num_queries
 ):
-    support.populate(host, count)
+    populate(host, count)
     # session, user, 2 x permissions, count, page
     with django_assert_num_queries(6):
         response = viewer_client.get(LIST)
@@ -146,7 +145,7 @@ def test_it_costs_the_same_queries_for_10_and_1000_runs(
 
 
 def test_it_shows_the_checksum_pass_while_it_outlasts_the_copy(viewer_client, vm):
-    run = support.make_run(
+    run = make_run(
         vm, RunStatus.RUNNING, bytes_done=100, bytes_total=100,
         bytes_hashed=30 * 2**20, bytes_to_hash=120 * 2**20,
     )  # fmt: skip

@@ -6,8 +6,7 @@ from django.utils import timezone
 
 from backups import charts
 from backups.models import Backup, BackupRun, Kind, Method, RunStatus, Trigger
-from tests import test_views_support as support
-from tests.test_views_support import *  # noqa: F403  (actor and data fixtures)
+from tests.helpers import make_backup, make_run
 
 
 def detail(vm):
@@ -19,9 +18,9 @@ def backup_now(vm):
 
 
 def test_it_shows_disks_policies_and_the_chain_tree(viewer_client, policy, vm):
-    full = support.make_backup(vm, ago=timedelta(days=3))
-    inc = support.make_backup(vm, ago=timedelta(days=2), kind=Kind.INCREMENTAL, parent=full)
-    newer_full = support.make_backup(vm, ago=timedelta(days=1))
+    full = make_backup(vm, ago=timedelta(days=3))
+    inc = make_backup(vm, ago=timedelta(days=2), kind=Kind.INCREMENTAL, parent=full)
+    newer_full = make_backup(vm, ago=timedelta(days=1))
 
     response = viewer_client.get(detail(vm))
 
@@ -39,10 +38,10 @@ def test_it_draws_an_escaped_svg_chart_of_recent_runs(viewer_client, vm):
     vm.name = "<script>x</script>"
     vm.save()
     for hours in (3, 2, 1):
-        run = support.make_run(vm, ago=timedelta(hours=hours), bytes_written=hours * 1000)
+        run = make_run(vm, ago=timedelta(hours=hours), bytes_written=hours * 1000)
         run.finished_at = run.started_at + timedelta(minutes=hours)
         run.save()
-    support.make_run(vm, RunStatus.FAILED, ago=timedelta(minutes=30))
+    make_run(vm, RunStatus.FAILED, ago=timedelta(minutes=30))
 
     response = viewer_client.get(detail(vm))
 
@@ -86,7 +85,7 @@ def test_it_queues_a_backup_and_enqueues_it_on_commit(
 
 
 def test_it_shows_a_message_when_a_run_is_already_active(operator_client, vm, async_calls):
-    active = support.make_run(vm, RunStatus.RUNNING)
+    active = make_run(vm, RunStatus.RUNNING)
 
     response = operator_client.post(backup_now(vm), {"method": "auto"}, follow=True)
 
@@ -112,7 +111,7 @@ def test_it_refuses_to_back_up_a_vanished_vm(operator_client, vm, async_calls):
 
 @pytest.mark.parametrize("wanted, expected", [("1", True), ("0", False), ("", True)])
 def test_it_sets_or_toggles_protection(owner_client, vm, wanted, expected):
-    backup = support.make_backup(vm)
+    backup = make_backup(vm)
     response = owner_client.post(
         reverse("backup_protect", args=[backup.pk]), {"protected": wanted, "return_to": "vm"}
     )
@@ -124,7 +123,7 @@ def test_it_sets_or_toggles_protection(owner_client, vm, wanted, expected):
 def test_it_queues_a_verify_and_returns_to_the_backup(
     owner_client, vm, async_calls, django_capture_on_commit_callbacks
 ):
-    backup = support.make_backup(vm)
+    backup = make_backup(vm)
     with django_capture_on_commit_callbacks(execute=True):
         response = owner_client.post(reverse("backup_verify", args=[backup.pk]))
     assert response["Location"] == reverse("backup_detail", args=[backup.pk])
@@ -132,7 +131,7 @@ def test_it_queues_a_verify_and_returns_to_the_backup(
 
 
 def test_it_refuses_to_verify_a_pruned_backup(owner_client, vm, async_calls):
-    backup = support.make_backup(vm, pruned_at=timezone.now())
+    backup = make_backup(vm, pruned_at=timezone.now())
     response = owner_client.post(reverse("backup_verify", args=[backup.pk]), follow=True)
     assert b"was pruned" in response.content
     assert async_calls == []

@@ -8,16 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
+from tests.e2e.browser import CHROMIUM
+from tests.helpers import wait_until
+
 ROOT_DIR = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT_DIR / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -42,14 +43,12 @@ class Worker:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_running(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def running() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(f"qcluster exited with {self.proc.returncode}:\n{self.log()}")
-            if " running." in self.log():
-                return
-            time.sleep(0.1)
-        pytest.fail(f"qcluster did not start within {timeout:.0f}s:\n{self.log()}")
+            return " running." in self.log()
+
+        wait_until(running, timeout, lambda: f"qcluster did not start:\n{self.log()}")
 
     def stop(self) -> None:
         """SIGTERM to the cluster's main process, then SIGKILL to whatever is left of the group.

@@ -11,9 +11,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.domains import DiskSpec
-
-CHROMIUM = Path("/usr/bin/chromium")
-FINISHED = {"succeeded", "failed", "interrupted", "cancelled", "skipped"}
+from tests.e2e.browser import CHROMIUM, FINISHED, record_problems
 
 pytestmark = [
     pytest.mark.libvirt,
@@ -69,16 +67,6 @@ def watch_progress(page, worker, on_moving, timeout: float = 90) -> list[Sample]
             return seen
         page.wait_for_timeout(100)
     pytest.fail(f"the run did not finish in {timeout:.0f}s; seen {seen}\n{worker.log()}")
-
-
-def record_problems(page) -> list[str]:
-    """HTTP errors and uncaught JavaScript errors, for a final check that there were none."""
-    problems: list[str] = []
-    page.on(
-        "response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None
-    )
-    page.on("pageerror", lambda exc: problems.append(f"JavaScript: {exc}"))
-    return problems
 
 
 def log_in(page, live_server, screenshot) -> None:

@@ -4,7 +4,6 @@ restore page finish by itself, then find the new domain running in libvirtd."""
 
 import re
 import subprocess
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,7 +15,7 @@ from playwright.sync_api import expect
 from backups import jobs, qemu_img, requests
 from backups.models import RunStatus
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir, remove_domain
-from tests.e2e.test_browser import CHROMIUM, FINISHED, record_problems
+from tests.e2e.browser import CHROMIUM, log_in, record_problems, watch_the_restore_without_reloading
 
 pytestmark = [
     pytest.mark.libvirt,
@@ -79,15 +78,6 @@ def original(domains, synced, backup_root):
     return Original(run.backup.pk, dom.name, dom.uuid, Path(run.backup.path) / "vda.qcow2")
 
 
-def log_in(page, live_server) -> None:
-    page.goto("/login/")
-    page.get_by_label("Username").fill("alice")
-    page.get_by_label("Password").fill("pw-alice-1")
-    page.get_by_role("button", name="Log in").click()
-    expect(page).to_have_url(f"{live_server.url}/")
-    expect(page.get_by_text("1 worker cluster online")).to_be_visible()
-
-
 def request_the_restore(page, original, target, live_server, screenshot) -> None:
     page.goto(f"/backups/{original.backup_id}/")
     expect(page.get_by_role("heading", level=1)).to_contain_text(f"Backup of {original.vm_name}")
@@ -100,40 +90,6 @@ def request_the_restore(page, original, target, live_server, screenshot) -> None
     page.get_by_role("button", name="Restore as a new domain").click()
     expect(page).to_have_url(re.compile(re.escape(live_server.url) + r"/restores/\d+/$"))
     expect(page.get_by_text(f"as {target.name} queued.")).to_be_visible()
-
-
-def watch_the_restore_without_reloading(page, worker, timeout: float = 45) -> list[str]:
-    """Each distinct "status · step" the fragment shows, until the restore ends; the page
-    must neither navigate nor reload, and stop polling once it has ended (HTTP 286)."""
-    url = page.url
-    page.evaluate("window.__marker = 1")
-    navigations: list[str] = []
-    page.on("framenavigated", lambda f: navigations.append(f.url) if f == page.main_frame else None)
-    polls: list[str] = []
-    page.on("request", lambda r: polls.append(r.url) if "/progress/" in r.url else None)
-    box = page.locator("#restore-progress")
-    seen: list[str] = []
-    status = ""
-    start = time.monotonic()
-    while status not in FINISHED:
-        if time.monotonic() - start > timeout:
-            pytest.fail(
-                f"the restore did not finish in {timeout:.0f}s; seen {seen}\n{worker.log()}"
-            )
-        state = " ".join(box.locator("p").first.text_content().split())
-        status = state.split(" ")[0]
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        page.wait_for_timeout(100)
-    error = box.locator(".error").all_text_contents()
-    assert status == "succeeded", f"{seen}\n{error}\n{worker.log()}"
-    assert seen[0].split(" ")[0] not in FINISHED, f"finished before the page showed it: {seen}"
-    polled = len(polls)
-    page.wait_for_timeout(2500)
-    assert len(polls) == polled, f"still polling after the end: {polls}"
-    assert page.url == url and navigations == []
-    assert page.evaluate("window.__marker") == 1
-    return seen
 
 
 @pytest.mark.django_db(transaction=True)

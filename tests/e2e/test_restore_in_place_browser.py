@@ -18,8 +18,12 @@ from backups.models import Restore, RunStatus
 from backups.restore import in_place as restore_in_place
 from tests import domains as test_domains
 from tests.domains import DiskSpec, make_dir
-from tests.e2e.test_browser import CHROMIUM, record_problems
-from tests.e2e.test_restore_browser import log_in, watch_the_restore_without_reloading
+from tests.e2e.browser import (
+    CHROMIUM,
+    log_in,
+    record_problems,
+    watch_the_restore_without_reloading,
+)
 
 pytestmark = [
     pytest.mark.libvirt,

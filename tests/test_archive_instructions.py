@@ -1,4 +1,5 @@
-"""Tests for backups.restore: RESTORE.md text, and restore.sh run for real with sh and qemu-img."""
+"""Tests for backups.archive.instructions: RESTORE.md text, and restore.sh run for real with sh
+and qemu-img."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from backups import qemu_img
 from backups.archive import instructions
-from tests.test_archive import (
+from tests.helpers import (
     WHEN,
     disk,
     flip_byte,
@@ -49,13 +50,6 @@ def nvram_filler(source: Path, **kwargs):
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     return raw_source(tmp_path / "source.raw")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "backups"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture
