@@ -96,6 +96,7 @@ class PolicyForm(forms.ModelForm):
             "keep_monthly",
             "keep_yearly",
             "notify_to",
+            "stale_after_hours",
         ]
 
     def __init__(self, *args, **kwargs):
