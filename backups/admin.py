@@ -1,8 +1,8 @@
 from django.contrib import admin, messages
 from django_q.models import Failure, OrmQ, Schedule, Success
 
-from . import requests
-from .models import Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
+from . import alerts, requests
+from .models import Alert, Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
 
 
 @admin.register(Host)
@@ -62,6 +62,35 @@ class BackupPolicyAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "method"]
     search_fields = ["name"]
     filter_horizontal = ["vms"]
+    actions = ["send_test_mail"]
+
+    @admin.action(description="Send a test mail to its recipients", permissions=["change"])
+    def send_test_mail(self, request, queryset):
+        """Proves the mail path before a failure needs it: each policy's notify_to, or the
+        site's VMBACKUP_NOTIFY_TO when it has none (who hears about it then)."""
+        for policy in queryset:
+            to = alerts.recipients([policy])
+            try:
+                alerts.send_test_mail(to, who=request.user.get_username())
+            except Exception as exc:  # shown to the admin: that is the point of the test
+                self.message_user(request, f"{policy.name}: not sent: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{policy.name}: test mail sent to {', '.join(to)}")
+
+
+@admin.register(Alert)
+class AlertAdmin(admin.ModelAdmin):
+    """What was raised and whom it reached; written by the jobs only."""
+
+    list_display = ["raised_at", "kind", "about", "subject", "fired_at", "resolved_at", "mailed_at"]
+    list_filter = ["kind", "resolved_at"]
+    search_fields = ["about", "subject", "key"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(BackupRun)

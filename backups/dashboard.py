@@ -30,6 +30,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django_q.models import Schedule
 
+from . import alerts
 from .models import Backup, BackupPolicy, BackupRun, Kind, RunStatus, VirtualMachine
 from .retention import rules as retention
 
@@ -54,8 +55,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PER_PAGE = 100  # VMs in the overview's table; rendering a row costs more than its queries
 
 
-def stale_after() -> timedelta:
-    return timedelta(hours=getattr(settings, "VMBACKUP_STALE_HOURS", 36))
+def stale_after(hours: int | None = None) -> timedelta:
+    """A VM's window (its policies' smallest ``stale_after_hours``), else the site's."""
+    return alerts.stale_window(hours)
 
 
 def _per_vm(queryset, value):
@@ -88,6 +90,7 @@ def protection_rows(queryset=None):
         .values("pk", "name", host_name=F("host__name"))
         .annotate(
             has_policy=Exists(enabled),
+            stale_hours=alerts.stale_hours(),
             last_success_at=Subquery(
                 published.filter(vm=OuterRef("pk"))
                 .order_by("-created_at", "-id")
@@ -145,7 +148,7 @@ def protection_state(row: dict, now: datetime) -> str:
         return FAILING
     if row["last_success_at"] is None:
         return NEVER
-    if now - row["last_success_at"] > stale_after():
+    if now - row["last_success_at"] > stale_after(row.get("stale_hours")):
         return STALE
     return OK
 

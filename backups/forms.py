@@ -9,15 +9,50 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
 from . import roots
-from .models import BackupPolicy, Method, RunStatus, VirtualMachine
+from .models import BackupPolicy, Method, RunStatus, VirtualMachine, VmState
 from .restore import rules as restore_rules
 
 # Disk targets as libvirt names them: vda, sdb, hdc, nvme0n1, ...
 TARGET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
+LIVE_METHODS = (Method.PUSH, Method.SNAPSHOT, Method.MEMORY)  # need a running domain
+
+
 class BackupNowForm(forms.Form):
+    """ "Back up now" offers only what the VM's state allows (as ``methods.choose`` decides):
+    shut off, ``offline``; running or paused, the live methods, and ``offline`` only when
+    one of its enabled policies allows a graceful shutdown — the run is then that policy's,
+    whose consent the worker checks again."""
+
     method = forms.ChoiceField(choices=Method.choices, initial=Method.AUTO)
+
+    def __init__(self, *args, vm: VirtualMachine, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vm = vm
+        self.running = vm.state in (VmState.RUNNING, VmState.PAUSED)
+        self.shutdown_policy = None
+        if not self.running:
+            choices = [(Method.AUTO, "auto (offline)"), (Method.OFFLINE, "offline")]
+        else:
+            choices = [(Method.AUTO, "auto (push)")] + [(m, m) for m in LIVE_METHODS]
+            self.shutdown_policy = (
+                vm.policies.filter(enabled=True, shutdown_for_offline=True).order_by("name").first()
+            )
+            if self.shutdown_policy is not None:
+                label = f"offline (graceful shutdown, as policy {self.shutdown_policy} allows)"
+                choices.append((Method.OFFLINE, label))
+        field = self.fields["method"]
+        field.choices = choices
+        field.error_messages["invalid_choice"] = (
+            f"%(value)s does not fit {vm.name} while it is {vm.state}"
+        )
+
+    def policy(self):
+        """The policy a run must carry: only an offline backup of a running VM has one."""
+        if self.running and self.cleaned_data["method"] == Method.OFFLINE:
+            return self.shutdown_policy
+        return None
 
 
 class ReturnToForm(forms.Form):
@@ -61,6 +96,7 @@ class PolicyForm(forms.ModelForm):
             "keep_monthly",
             "keep_yearly",
             "notify_to",
+            "stale_after_hours",
         ]
 
     def __init__(self, *args, **kwargs):

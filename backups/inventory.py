@@ -8,7 +8,7 @@ the same UUID is present again.
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import hypervisor
@@ -60,6 +60,40 @@ def sync_host(host: Host) -> SyncResult:
         host.last_sync_error = ""
         host.save(update_fields=["last_sync_at", "last_sync_error"])
     return result
+
+
+def sync_domain(host: Host, uuid: str, hv: hypervisor.Session) -> str:
+    """Bring one domain's row up to date (an event named it): updated, added, or marked gone.
+
+    Returns what happened ("updated", "added", "gone", "unknown"). A full sync may create
+    the same row at the same moment: the unique (host, uuid) constraint makes one of the two
+    fail, and the loser reads the winner's row and updates it.
+    """
+    info = hv.find(uuid)
+    for attempt in range(2):
+        try:
+            with transaction.atomic():
+                return _apply_one(host, uuid, info)
+        except IntegrityError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _apply_one(host: Host, uuid: str, info: hypervisor.DomainInfo | None) -> str:
+    now = timezone.now()
+    vm = VirtualMachine.objects.select_for_update().filter(host=host, uuid=uuid).first()
+    if info is None:
+        if vm is None or vm.gone_at is not None:
+            return "unknown"
+        vm.gone_at = now
+        vm.save(update_fields=["gone_at"])
+        return "gone"
+    outcome = "updated"
+    if vm is None:
+        vm, outcome = VirtualMachine(host=host, uuid=uuid, first_seen_at=now), "added"
+    update_vm(vm, info, now)
+    return outcome
 
 
 def _apply(host: Host, domains: list[hypervisor.DomainInfo]) -> SyncResult:

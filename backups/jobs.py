@@ -10,7 +10,7 @@ import time
 from django.db.models import F
 from django.utils import timezone
 
-from . import inventory, verify, worker
+from . import alerts, inventory, verify, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
 from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
@@ -99,3 +99,10 @@ def verify_pass(
 
 def reconcile(cluster: str | None = None) -> str:
     return reconcile_mod.reconcile(cluster=cluster).summary()
+
+
+def check_alerts(cluster: str = "") -> str:
+    """The alert pass: stale backups, silent worker clusters, alerts that have cleared.
+    Scheduled on every cluster (``vmbackup-alerts@<cluster>``): its own run is what proves
+    that cluster alive to the others."""
+    return alerts.check()

@@ -20,6 +20,8 @@ from django.views.decorators.http import require_safe
 from . import access, dashboard
 from .models import (
     ACTIVE_STATUSES,
+    Alert,
+    AlertKind,
     Backup,
     BackupRun,
     Restore,
@@ -146,6 +148,24 @@ def _restore_families() -> list[Family]:
     return [total, active]
 
 
+def _alert_families() -> list[Family]:
+    """Every alert that fired, by kind (a counter: rows are kept), and those still open."""
+    fired = Alert.objects.fired()
+    by_kind = dict(fired.order_by().values_list("kind").annotate(n=Count("pk")))
+    total = Family("vmbackup_alerts_total", "counter", "Alerts fired (and mailed) by kind")
+    for kind in AlertKind:
+        total.add(by_kind.get(kind, 0), kind=kind.value)
+    active = Family(
+        "vmbackup_alert_active",
+        "gauge",
+        "Open alerts by kind and what they are about (a VM's name; no-worker: the cluster's)",
+    )
+    rows = fired.open().order_by("kind", "about").values_list("kind", "about")
+    for kind, about, count in rows.annotate(n=Count("pk")):
+        active.add(count, kind=kind, vm=about)
+    return [total, active]
+
+
 def collect(now: datetime | None = None) -> list[Family]:
     """Every metric, read from the database (and django-q2's cluster stats in the cache)."""
     now = now or timezone.now()
@@ -162,7 +182,14 @@ def collect(now: datetime | None = None) -> list[Family]:
     online = dashboard.workers_online()
     if online is not None:
         workers.add(online)
-    return [*_vm_families(now, stored), corrupt, *_run_families(), *_restore_families(), workers]
+    return [
+        *_vm_families(now, stored),
+        corrupt,
+        *_run_families(),
+        *_restore_families(),
+        workers,
+        *_alert_families(),
+    ]
 
 
 def _escape(value: str) -> str:

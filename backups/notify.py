@@ -1,7 +1,10 @@
-"""Tell a policy's recipients when a backup did not succeed: nobody reads dashboards at 02:00.
+"""Tell someone when a backup did not succeed: nobody reads dashboards at 02:00.
 
-Mail goes through Django's email settings (``EMAIL_*`` in README's table). A failure to send
-is journaled on the run and logged; it never changes the run's outcome.
+A failed or interrupted run of any trigger is an alert (``alerts``): mailed once, after the
+transaction that ended the run commits, to the policy's ``notify_to`` — a run without a
+policy (or a policy without recipients) to ``VMBACKUP_NOTIFY_TO``. Mail goes through
+Django's email settings (``EMAIL_*`` in README's table). A failure to send is journaled on
+the run and logged; it never changes the run's outcome.
 """
 
 import logging
@@ -9,44 +12,50 @@ import logging
 from django.conf import settings
 from django.core.mail import send_mail
 
-from .models import BackupRun
+from . import alerts
+from .models import AlertKind, BackupRun
 
 log = logging.getLogger(__name__)
 
 
 def recipients(run: BackupRun) -> list[str]:
-    if run.policy is None:
-        return []
-    return [e.strip() for e in run.policy.notify_to.split(",") if e.strip()]
+    return alerts.recipients([run.policy])
 
 
-def message(run: BackupRun) -> tuple[str, str]:
+def message(run: BackupRun) -> tuple[str, list[str]]:
     subject = f"[vmbackup] backup of {run.vm.name} {run.status}"
     lines = [
         f"Backup run {run.pk} of {run.vm.name} on {run.vm.host.name}: {run.status}.",
-        f"Policy: {run.policy}" if run.policy else "",
+        f"Policy: {run.policy}" if run.policy else f"Trigger: {run.trigger} (no policy)",
         f"Method: {run.method or run.method_requested}",
         f"Reason: {run.error}" if run.error else "",
         f"Started: {run.started_at:%Y-%m-%d %H:%M:%S %Z}" if run.started_at else "",
-        f"Details: {settings.VMBACKUP_URL.rstrip('/')}{run.get_absolute_url()}"
-        if settings.VMBACKUP_URL
-        else "",
+        f"Details: {alerts.link(run.get_absolute_url())}" if settings.VMBACKUP_URL else "",
     ]
-    return subject, "\n".join(line for line in lines if line) + "\n"
+    return subject, lines
 
 
 def run_finished(run: BackupRun) -> None:
-    """Mail the policy's recipients about a run that failed or was interrupted."""
-    to = recipients(run)
-    if run.status not in ("failed", "interrupted") or not to:
+    """A run that failed or was interrupted raises its alert (once, whoever calls)."""
+    if run.status not in ("failed", "interrupted"):
         return
-    subject, body = message(run)
-    try:
-        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, to, fail_silently=False)
-        run.log("notified", to=to)
-    except Exception as exc:  # mail trouble must not turn into a backup failure
-        log.warning("could not mail %s about run %s: %s", to, run.pk, exc)
-        run.log("notify-failed", error=str(exc))
+    subject, lines = message(run)
+    alerts.raise_alert(
+        AlertKind.RUN_FAILED,
+        f"run:{run.pk}",
+        vm=run.vm,
+        subject=subject,
+        lines=lines,
+        to=recipients(run),
+        then=lambda alert: _journal(run, alert),
+    )
+
+
+def _journal(run: BackupRun, alert) -> None:
+    if alert.mail_error:
+        run.log("notify-failed", error=alert.mail_error)
+    elif alert.mailed_at:
+        run.log("notified", to=alerts.addresses(alert.recipients))
 
 
 def prune_refused(vm, policy, reason: str) -> None:

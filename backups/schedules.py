@@ -19,8 +19,13 @@ HOUSEKEEPING = {
     "vmbackup-reconcile": ("backups.jobs.reconcile", "*/10 * * * *", ""),
     "vmbackup-sync": ("backups.jobs.sync_inventory", "*/15 * * * *", ""),
     "vmbackup-verify": ("backups.jobs.verify_pass", "30 4 * * *", "3600"),
+    "vmbackup-alerts": ("backups.jobs.check_alerts", "*/5 * * * *", ""),
 }
-PER_CLUSTER = ("vmbackup-reconcile", "vmbackup-verify")  # the jobs that act on one host
+PER_CLUSTER = (
+    "vmbackup-reconcile",
+    "vmbackup-verify",
+    "vmbackup-alerts",
+)  # the jobs that act on one host
 
 
 def name_for(policy: BackupPolicy) -> str:

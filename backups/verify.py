@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+from . import alerts
 from .archive import check as archive_check
 from .models import Backup, VerifyStatus
 
@@ -21,10 +22,12 @@ def verify_backup(backup: Backup, *, chain: bool = False) -> str:
         backup.verify_status = VerifyStatus.MISSING
         backup.verify_error = f"{path} does not exist (or is not a plain directory)"
         backup.save(update_fields=["verify_status", "verify_error"])
+        alerts.backup_checked(backup)
         return f"missing: {path}"
     result = archive_check.verify(path)
     errors = list(result.errors) + _ancestor_problems(backup, chain)
     backup.mark_verified(not errors, "; ".join(errors))
+    alerts.backup_checked(backup)
     return f"{'ok' if not errors else 'corrupt'}: {path}" + (
         "" if not errors else " (" + "; ".join(errors) + ")"
     )

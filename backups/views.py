@@ -107,7 +107,7 @@ def vm_detail(request, vm_id: int):
         "runs": vm.runs.all()[:20],
         "active_run": vm.runs.active().first(),
         "chart": _chart(vm),
-        "backup_form": BackupNowForm(),
+        "backup_form": BackupNowForm(vm=vm),
     }
     return render(request, "backups/vm_detail.html", context)
 
@@ -126,16 +126,17 @@ def vm_backup(request, vm_id: int):
     vm = access.fetch(
         request, VirtualMachine.objects.select_related("host"), vm_id, access.RUN_BACKUP
     )
-    form = BackupNowForm(request.POST)
+    form = BackupNowForm(request.POST, vm=vm)
     if vm.gone_at:
         messages.error(request, f"{vm.name} is gone from libvirt; it cannot be backed up.")
         return redirect("vm_detail", vm.pk)
     if not form.is_valid():
-        messages.error(request, "Choose a backup method.")
+        reasons = " ".join(form.errors.get("method", []))
+        messages.error(request, f"Choose a backup method. {reasons}".strip())
         return redirect("vm_detail", vm.pk)
     try:
         run = requests.request_backup(
-            vm, method=form.cleaned_data["method"], trigger=Trigger.BUTTON
+            vm, method=form.cleaned_data["method"], trigger=Trigger.BUTTON, policy=form.policy()
         )
     except requests.RunActive as exc:
         messages.warning(request, str(exc))

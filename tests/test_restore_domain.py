@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 from backups import hypervisor, jobs, qemu_img, reconcile, requests
-from backups.models import Backup, Restore, RunStatus
+from backups.models import Backup, Restore, RunStatus, VirtualMachine
 from backups.restore import common, new_domain
 from tests.domains import BASE, PREFIX, DiskSpec, make_dir
 from tests.helpers import (
@@ -61,6 +61,8 @@ def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_
     new = domains.conn.lookupByName(restore.name)
     assert new.UUIDString() == restore.domain_uuid != dom.uuid
     assert new.isActive()
+    listed = VirtualMachine.objects.get(uuid=restore.domain_uuid)  # at once, not at a sync
+    assert listed.name == restore.name and listed.gone_at is None
     xml = new.XMLDesc(0)
     assert f"file='{final / 'vda.qcow2'}'" in xml and f"file='{final / 'vdb.raw'}'" in xml
     assert str(final / "nvram.fd") in xml

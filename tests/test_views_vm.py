@@ -60,6 +60,8 @@ def test_it_renders_a_chart_as_a_pure_function():
 
 
 def test_it_shows_the_backup_button_to_an_operator(operator_client, vm):
+    vm.state = "running"
+    vm.save()
     response = operator_client.get(detail(vm))
     assert b"Back up now" in response.content
     assert b'value="snapshot"' in response.content
@@ -68,6 +70,8 @@ def test_it_shows_the_backup_button_to_an_operator(operator_client, vm):
 def test_it_queues_a_backup_and_enqueues_it_on_commit(
     operator_client, vm, async_calls, django_capture_on_commit_callbacks
 ):
+    vm.state = "running"
+    vm.save()
     with django_capture_on_commit_callbacks(execute=True):
         response = operator_client.post(backup_now(vm), {"method": Method.SNAPSHOT})
 
@@ -99,6 +103,62 @@ def test_it_rejects_an_unknown_method(operator_client, vm, async_calls):
     response = operator_client.post(backup_now(vm), {"method": "rm -rf"}, follow=True)
     assert b"Choose a backup method" in response.content
     assert not BackupRun.objects.exists()
+
+
+def offered(response) -> list[str]:
+    form = response.context["backup_form"]
+    return [value for value, _label in form.fields["method"].choices]
+
+
+@pytest.mark.parametrize("state", ["shutoff", "crashed", "other"])
+def test_it_offers_only_offline_for_a_vm_that_is_not_running(operator_client, vm, state):
+    vm.state = state
+    vm.save()
+    response = operator_client.get(detail(vm))
+    assert offered(response) == ["auto", "offline"]
+    assert b'value="push"' not in response.content
+
+
+@pytest.mark.parametrize("state", ["running", "paused"])
+def test_it_offers_the_live_methods_for_a_running_vm(operator_client, vm, policy, state):
+    vm.state = state
+    vm.save()
+    assert offered(operator_client.get(detail(vm))) == ["auto", "push", "snapshot", "memory"]
+
+
+def test_it_offers_offline_on_a_running_vm_when_its_policy_allows_shutdown(
+    operator_client, vm, policy, async_calls
+):
+    vm.state = "running"
+    vm.save()
+    policy.shutdown_for_offline = True
+    policy.save()
+    response = operator_client.get(detail(vm))
+    assert offered(response)[-1] == "offline"
+    assert "as policy nightly allows" in response.content.decode()
+    operator_client.post(backup_now(vm), {"method": "offline"})
+    run = BackupRun.objects.get(vm=vm)
+    assert (run.method_requested, run.policy) == ("offline", policy)  # its consent travels
+
+
+def test_it_refuses_a_method_that_does_not_fit_the_state(operator_client, vm, async_calls):
+    vm.state = "shutoff"
+    vm.save()
+    response = operator_client.post(backup_now(vm), {"method": "snapshot"}, follow=True)
+    assert "snapshot does not fit web-1 while it is shutoff" in response.content.decode()
+    vm.state = "running"
+    vm.save()
+    response = operator_client.post(backup_now(vm), {"method": "offline"}, follow=True)
+    assert "offline does not fit web-1 while it is running" in response.content.decode()
+    assert not BackupRun.objects.exists() and async_calls == []
+
+
+def test_a_shut_off_vm_is_backed_up_offline_without_a_policy(operator_client, vm, async_calls):
+    vm.state = "shutoff"
+    vm.save()
+    operator_client.post(backup_now(vm), {"method": "offline"})
+    run = BackupRun.objects.get(vm=vm)
+    assert (run.method_requested, run.policy) == ("offline", None)
 
 
 def test_it_refuses_to_back_up_a_vanished_vm(operator_client, vm, async_calls):

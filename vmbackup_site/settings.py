@@ -109,6 +109,12 @@ EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 20)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "vmbackup@localhost")
 # The dashboard's address, for links in mail (e.g. https://backup.example.com).
 VMBACKUP_URL = env("VMBACKUP_URL", "")
+# Alerts: who hears about runs without a policy (and policies without notify_to), when a
+# VM's last good backup is stale (a policy may set its own window), and how long no worker
+# cluster of a host may be heard from before that is an alert.
+VMBACKUP_NOTIFY_TO = envlist("VMBACKUP_NOTIFY_TO", [])
+VMBACKUP_STALE_HOURS = envint("VMBACKUP_STALE_HOURS", 36)
+VMBACKUP_WORKER_DOWN_MINUTES = envint("VMBACKUP_WORKER_DOWN_MINUTES", 15)
 # Bearer token Prometheus sends to /metrics (empty: only logged-in users with view access).
 VMBACKUP_METRICS_TOKEN = env("VMBACKUP_METRICS_TOKEN", "")
 

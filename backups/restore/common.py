@@ -5,17 +5,21 @@ result past the point of no return."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
-from .. import archive, hypervisor, qemu_img
+from .. import archive, hypervisor, inventory, qemu_img
 from ..archive import check as archive_check
 from ..models import ACTIVE_STATUSES, Restore
 from .rules import RestoreError
+
+log = logging.getLogger(__name__)
 
 
 def chain_dirs(backup_dir: Path) -> list[Path]:
@@ -82,6 +86,10 @@ def record_result(restore, hv, progress: Progress, *, path: str, uuid: str, note
             notes.append(f"the domain did not start: {exc}")
     restore.path, restore.domain_uuid, restore.notes = path, uuid, notes
     restore.save(update_fields=["path", "domain_uuid", "notes"])
+    try:  # listed at once, not at the next sync (the event follower may not run here)
+        inventory.sync_domain(restore.vm.host, uuid, hv)
+    except (hypervisor.HypervisorError, DatabaseError) as exc:
+        log.warning("restore %s: could not list domain %s yet: %s", restore.pk, uuid, exc)
     progress.bytes(restore.bytes_total)
 
 
