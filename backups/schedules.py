@@ -19,6 +19,8 @@ HOUSEKEEPING = {
     "vmbackup-reconcile": ("backups.jobs.reconcile", "*/10 * * * *", ""),
     "vmbackup-sync": ("backups.jobs.sync_inventory", "*/15 * * * *", ""),
     "vmbackup-verify": ("backups.jobs.verify_pass", "30 4 * * *", "3600"),
+    # the dashboard's own database into the backup root, after the night's runs
+    "vmbackup-dump": ("backups.dump.dump_database", "15 6 * * *", ""),
 }
 PER_CLUSTER = ("vmbackup-reconcile", "vmbackup-verify")  # the jobs that act on one host
 

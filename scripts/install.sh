@@ -55,13 +55,22 @@ ENV_FILE=$CONF_DIR/vmbackup.env
 # --- Python: one the unprivileged user can execute. A venv points at the interpreter it was
 # made from; one made from a Python under /root (pyenv, a build in a home) does not start
 # for the web user. Debian's /usr/bin/python3 is world-executable.
+# Debian packages: the venv module, rsync for the copy, and what pip needs to build
+# libvirt-python against Debian's Python (headers, libvirt's, a compiler).
+missing=()
+for pkg in python3-venv python3-dev libvirt-dev pkg-config gcc rsync; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+    missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+fi
 [ -x "$PYTHON" ] || die "no Python at $PYTHON (--python PATH)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
   die "$PYTHON is $("$PYTHON" --version 2>&1), vmbackup needs Python 3.11"
-if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
-  log "installing python3-venv"
-  apt-get install -y -qq python3-venv >/dev/null
-fi
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || die "$PYTHON has no venv module"
 
 # --- The system user (its home is the data dir; it has no shell).
 if ! getent passwd "$USER_NAME" >/dev/null; then
