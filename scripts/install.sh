@@ -3,6 +3,7 @@
 #
 #   scripts/install.sh [--prefix DIR] [--unit-dir DIR] [--conf-dir DIR] [--data-dir DIR]
 #                      [--user NAME] [--no-user] [--python PATH] [--no-systemd]
+#                      [--systemctl PATH]
 #
 # Defaults: the app in /opt/vmbackup (a copy of this tree, not a link: the tree you install
 # from may change or go away), units in /etc/systemd/system, settings in
@@ -10,7 +11,8 @@
 # overwritten), data in /var/lib/vmbackup owned by the system user `vmbackup` (0700). The web
 # unit runs as that user; only the worker runs as root. --no-user uses an existing user
 # instead of creating one; --no-systemd leaves systemctl alone (tests install into
-# temporary directories with these options).
+# temporary directories with these options; --systemctl names the systemctl to drive, and
+# systemd is then taken to be running).
 #
 # Idempotent: a second run with the same tree changes nothing (the copy and the venv are
 # compared first; migrate, collectstatic and the schedules do nothing when nothing changed).
@@ -27,6 +29,7 @@ USER_NAME=vmbackup
 CREATE_USER=1
 PYTHON=/usr/bin/python3
 USE_SYSTEMD=1
+SYSTEMCTL=""
 UNITS=(vmbackup-web.service vmbackup-worker.service vmbackup-worker@.service)
 
 log() { echo "install: $*"; }
@@ -45,7 +48,8 @@ while [ $# -gt 0 ]; do
     --no-user) CREATE_USER=0; shift ;;
     --python) PYTHON=$2; shift 2 ;;
     --no-systemd) USE_SYSTEMD=0; shift ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    --systemctl) SYSTEMCTL=$2; shift 2 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -126,7 +130,8 @@ venv_stamp=$(cat "$PREFIX/.venv/.vmbackup-stamp" 2>/dev/null || true)
 CHANGED=0
 if [ -n "$tree_changes" ] || [ "$stamp" != "$venv_stamp" ]; then CHANGED=1; fi
 
-systemd_up() { [ "$USE_SYSTEMD" = 1 ] && [ -d /run/systemd/system ]; }
+systemd_up() { [ "$USE_SYSTEMD" = 1 ] && { [ -n "$SYSTEMCTL" ] || [ -d /run/systemd/system ]; }; }
+systemctl() { "${SYSTEMCTL:-/usr/bin/systemctl}" "$@"; }
 
 # --- Upgrade order. The worker stops first: no job may run while its code and schema are
 # replaced (one in flight is interrupted, and reconcile - the worker's ExecStartPre -

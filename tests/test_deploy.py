@@ -205,3 +205,56 @@ def test_it_serves_the_login_page_with_the_web_units_own_command(installed):
         proc.send_signal(signal.SIGTERM)  # KillMode=mixed: the main process only
         proc.wait(timeout=30)
         env_path.write_text(text)
+
+
+STUB = """#!/bin/sh
+# systemctl as the upgrade sees it: a web and a worker running; each call is logged with
+# which tree was in place at that moment
+tree=$(grep -q 'upgraded tree' "{prefix}/README.md" && echo new || echo old)
+echo "$* tree=$tree" >> "{log}"
+case "$1" in
+  list-units) echo "vmbackup-worker.service loaded active running vmbackup worker" ;;
+  is-active) echo active ;;
+esac
+"""
+
+
+@pytest.mark.timeout(300)
+def test_it_upgrades_in_order_stopping_workers_then_web_and_starting_them_back(installed):
+    tmp = installed["tmp"]
+    source = tmp / "src"
+    excludes = ["--exclude=/.git", "--exclude=/.venv", "--exclude=/var/", "--exclude=__pycache__"]
+    subprocess.run(["rsync", "-a", *excludes, f"{BASE}/", f"{source}/"], check=True, timeout=60)
+    with (source / "README.md").open("a") as readme:
+        readme.write("\nupgraded tree\n")
+    log = tmp / "systemctl.log"
+    stub = tmp / "systemctl"
+    stub.write_text(STUB.format(prefix=tmp / "opt/vmbackup", log=log))
+    stub.chmod(0o755)
+
+    argv = [
+        str(source / "scripts/install.sh"),
+        *("--prefix", str(tmp / "opt/vmbackup")),
+        *("--unit-dir", str(tmp / "systemd")),
+        *("--conf-dir", str(tmp / "etc/vmbackup")),
+        *("--data-dir", str(tmp / "lib/vmbackup")),
+        *("--user", USER, "--no-user", "--systemctl", str(stub)),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    calls = [line.split(" tree=") for line in log.read_text().splitlines()]
+    acting = [(call, tree) for call, tree in calls if call.startswith(("stop", "start"))]
+    assert acting == [
+        ("stop vmbackup-worker.service", "old"),
+        ("stop vmbackup-web.service", "old"),
+        ("start vmbackup-web.service", "new"),
+        ("start vmbackup-worker.service", "new"),
+    ]
+    assert "upgraded tree" in (tmp / "opt/vmbackup/README.md").read_text()
+
+    log.unlink()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert not [c for c in calls if c.startswith(("stop", "start", "enable"))]  # nothing to do
