@@ -10,7 +10,7 @@ import time
 from django.db.models import F
 from django.utils import timezone
 
-from . import alerts, inventory, verify, worker
+from . import alerts, dump, inventory, verify, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
 from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
@@ -106,3 +106,8 @@ def check_alerts(cluster: str = "") -> str:
     Scheduled on every cluster (``vmbackup-alerts@<cluster>``): its own run is what proves
     that cluster alive to the others."""
     return alerts.check()
+
+
+def dump_database() -> str:
+    """The dashboard's own database into the backup root (``dump``), once a day."""
+    return dump.dump_database()

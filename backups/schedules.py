@@ -20,6 +20,8 @@ HOUSEKEEPING = {
     "vmbackup-sync": ("backups.jobs.sync_inventory", "*/15 * * * *", ""),
     "vmbackup-verify": ("backups.jobs.verify_pass", "30 4 * * *", "3600"),
     "vmbackup-alerts": ("backups.jobs.check_alerts", "*/5 * * * *", ""),
+    # the dashboard's own database into the backup root, after the night's runs
+    "vmbackup-dump": ("backups.jobs.dump_database", "15 6 * * *", ""),
 }
 PER_CLUSTER = (
     "vmbackup-reconcile",

@@ -19,8 +19,47 @@ $PY manage.py vmbackup_reconcile || true
 [ "$DEMO" = 1 ] && $PY manage.py vmbackup_demo
 $PY manage.py vmbackup_sync || echo "run: inventory sync failed (see above); the dashboard still starts"
 
+# Both servers run in the background, each in a process group of its own (set -m), and the
+# script waits for them: bash runs a trap only between commands, so a foreground runserver
+# kept a TERM to this script pending until it ended by itself, and Ctrl-C reached the
+# cluster twice (the terminal's SIGINT to every process, then the trap's SIGTERM: it logged
+# "stopping." twice and hung). Now a stop (Ctrl-C, TERM, HUP, or either server ending) sends
+# one SIGTERM to each server's main process, as systemd's KillMode=mixed does, waits up to
+# VMBACKUP_STOP_TIMEOUT seconds for their groups to empty, then SIGKILLs what is left: a
+# django-q2 cluster can hang on SIGTERM, and a run killed that way is found by reconcile.
+STOP_TIMEOUT=${VMBACKUP_STOP_TIMEOUT:-20}
+set -m
 $PY manage.py qcluster &
 QPID=$!
-trap 'kill $QPID 2>/dev/null; wait $QPID 2>/dev/null' EXIT INT TERM
+$PY manage.py runserver --noreload "$ADDR" &
+WPID=$!
+set +m
+
+group_alive() { # a process of group $1 that is not a zombie
+  ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
+
+stop() {
+  trap '' INT TERM HUP
+  kill -TERM "$WPID" "$QPID" 2>/dev/null || true
+  local deadline=$((SECONDS + STOP_TIMEOUT))
+  while [ "$SECONDS" -lt "$deadline" ] && { group_alive "$WPID" || group_alive "$QPID"; }; do
+    sleep 0.2
+  done
+  for group in "$WPID" "$QPID"; do
+    if group_alive "$group"; then
+      echo "run: $group still running after ${STOP_TIMEOUT}s: killed" >&2
+      kill -KILL -- "-$group" 2>/dev/null || true
+    fi
+  done
+  wait 2>/dev/null || true
+}
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+trap 'stop; exit 129' HUP
 echo "run: dashboard at http://$ADDR/ (Ctrl-C stops it and the worker)"
-$PY manage.py runserver --noreload "$ADDR"
+status=0
+wait -n "$WPID" "$QPID" || status=$?
+echo "run: a server ended (status $status); stopping the other" >&2
+stop
+exit "$status"

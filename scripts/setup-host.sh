@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
-          libvirt-dev pkg-config ovmf dnsmasq-base python3-venv)
+          libvirt-dev pkg-config ovmf dnsmasq-base python3-venv rsync)
 # the test suite also needs a browser (Debian's; browsers cannot be downloaded), mkfs.ext4 and
 # cpio for the guest-agent test guest, swtpm for a guest with an emulated TPM
 [ "${1:-}" = "--test" ] && PACKAGES+=(chromium e2fsprogs cpio swtpm swtpm-tools)

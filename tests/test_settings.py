@@ -104,3 +104,17 @@ def test_it_takes_the_session_age_and_the_roots_from_the_environment(tmp_path):
 def test_it_uses_every_password_validator_django_ships(validator):
     names = {v["NAME"].rsplit(".", 1)[1] for v in django_settings.AUTH_PASSWORD_VALIDATORS}
     assert validator in names
+
+
+def test_it_passes_check_deploy_with_the_production_env_file(tmp_path):
+    """deploy/vmbackup.env.example, as install.sh writes it, is production-ready."""
+    (tmp_path / "secret_key").write_text(secrets.token_urlsafe(50))
+    env = {}
+    for raw in (BASE / "deploy/vmbackup.env.example").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value.replace("/etc/vmbackup/", f"{tmp_path}/")
+    env.pop("VMBACKUP_DATA_DIR")  # run() gives each test its own
+    assert env["VMBACKUP_HTTPS"] == "true" and env["SECRET_KEY_FILE"].startswith(str(tmp_path))
+    assert deploy_warnings(tmp_path, **env) == JUSTIFIED

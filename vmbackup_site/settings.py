@@ -97,6 +97,8 @@ VMBACKUP_STALE_AFTER = envint("VMBACKUP_STALE_AFTER", 300)
 VMBACKUP_KEEP_MANUAL = envint("VMBACKUP_KEEP_MANUAL", 5)
 # Seconds to wait for a guest to shut down (offline method) before refusing.
 VMBACKUP_SHUTDOWN_TIMEOUT = envint("VMBACKUP_SHUTDOWN_TIMEOUT", 300)
+# Daily copies of this database kept in <VMBACKUP_ROOT>/.vmbackup-db/ (vmbackup_dump).
+VMBACKUP_DUMP_KEEP = envint("VMBACKUP_DUMP_KEEP", 14)
 
 # Failure mail (a policy's notify_to); any SMTP server, or set EMAIL_BACKEND.
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
