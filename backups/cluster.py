@@ -233,9 +233,11 @@ def install() -> None:
 # --- in the main process ----------------------------------------------------------------
 
 
-def serve(budget: float) -> int:
+def serve(budget: float, tick=None, every: float = 60) -> int:
     """Run a cluster until TERM or INT, then stop it within ``budget`` seconds; the exit
-    code is 0 for a clean stop, 1 when something had to be killed or the sentinel died."""
+    code is 0 for a clean stop, 1 when something had to be killed or the sentinel died.
+    ``tick`` is called every ``every`` seconds meanwhile, from this process: a check that
+    must not depend on the workers it checks."""
     install()
     requested: list[int] = []
 
@@ -246,8 +248,15 @@ def serve(budget: float) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     cluster.start()
+    next_tick = time.monotonic() + every
     while not requested and cluster.sentinel.is_alive():
         time.sleep(0.2)
+        if tick is not None and time.monotonic() >= next_tick and not requested:
+            next_tick = time.monotonic() + every
+            try:
+                tick()
+            except Exception:  # a database hiccup must not end the cluster
+                log.exception("the cluster's periodic check failed")
     if not requested:
         log.error("the cluster's sentinel died (exit code %s)", cluster.sentinel.exitcode)
         kill_tree(cluster.sentinel.pid)

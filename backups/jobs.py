@@ -10,7 +10,7 @@ import time
 from django.db.models import F
 from django.utils import timezone
 
-from . import interrupt, inventory, verify, worker
+from . import interrupt, inventory, verify, waiting, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
 from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
@@ -114,4 +114,5 @@ def verify_pass(
 
 
 def reconcile(cluster: str | None = None) -> str:
-    return reconcile_mod.reconcile(cluster=cluster).summary()
+    summary = reconcile_mod.reconcile(cluster=cluster).summary()
+    return f"{summary}, {waiting.summary(waiting.check(cluster))}"

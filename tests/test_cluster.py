@@ -14,12 +14,15 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
+from django.utils import timezone
+from django_q.models import OrmQ
 
 from backups import cluster, reconcile, requests
 from backups.models import BackupRun, RunStatus
@@ -223,3 +226,23 @@ def test_a_sigterm_to_the_group_ends_the_cluster_with_its_run_undone(
     assert not list(backup_root.rglob(".*.partial"))
     report = reconcile.reconcile()
     assert (report.interrupted, report.overlays, report.partials) == ([], [], [])
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_a_run_whose_task_a_dead_cluster_took_runs_at_once(
+    qcluster, domains, backup_root, synced, tmp_path
+):
+    """Its task stays locked in the broker for a day: the cluster's main process finds the
+    run waiting and enqueues it again."""
+    vm = synced(domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])]))
+    run = requests.request_backup(vm, method="offline")
+    OrmQ.objects.update(lock=timezone.now() + timedelta(days=1))
+    BackupRun.objects.filter(pk=run.pk).update(created_at=timezone.now() - timedelta(minutes=10))
+    workers = qcluster(workers=1, VMBACKUP_ROOT=str(backup_root), VMBACKUP_QUEUED_ALERT_AFTER="3")
+
+    took = wait_for_run(run, {RunStatus.SUCCEEDED, RunStatus.FAILED}, 60, workers)
+
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert "requeued" in [e["step"] for e in run.journal]
+    print(f"lost run ran {took:.1f}s after the cluster started")
