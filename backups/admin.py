@@ -1,3 +1,6 @@
+# backups precedes django_q in INSTALLED_APPS (its qcluster replaces django-q2's): django-q2's
+# admins are registered here first, then made read-only below
+import django_q.admin  # noqa: F401
 from django.contrib import admin, messages
 from django_q.models import Failure, OrmQ, Schedule, Success
 

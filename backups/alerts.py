@@ -162,6 +162,25 @@ def backup_checked(backup: Backup) -> None:
     )
 
 
+def run_waiting(run: BackupRun, host: Host, since: datetime) -> None:
+    """A backup queued for minutes while a worker cluster claims to be alive: its host's
+    cluster is wedged or gone (``waiting`` also requeues it)."""
+    vm = run.vm
+    raise_alert(
+        AlertKind.RUN_WAITING,
+        f"waiting:{run.pk}",
+        vm=vm,
+        subject=f"[vmbackup] backup of {vm.name} is waiting for a worker on {host.name}",
+        lines=[
+            f"Run {run.pk} of {vm.name} has been queued since {since:%Y-%m-%d %H:%M:%S %Z}, "
+            f"and no worker on {host.name} took it.",
+            "Check the worker unit of that host (vmbackup-worker); the run was requeued.",
+            f"Details: {link(run.get_absolute_url())}" if link("/") else "",
+        ],
+        to=recipients([run.policy]),
+    )
+
+
 # --- the periodic check -------------------------------------------------------------------------
 
 
@@ -280,6 +299,9 @@ def resolve_recovered() -> None:
             vm=alert.vm_id, status=RunStatus.SUCCEEDED, created_at__gt=alert.raised_at
         ).exists():
             resolve(Alert.objects.filter(pk=alert.pk))
+    queued = BackupRun.objects.filter(status=RunStatus.QUEUED).values_list("pk", flat=True)
+    waiting = Alert.objects.open().filter(kind=AlertKind.RUN_WAITING)
+    resolve(waiting.exclude(key__in=[f"waiting:{pk}" for pk in queued]))
     pruned = Backup.objects.exclude(pruned_at=None).values_list("pk", flat=True)
     resolve(Alert.objects.filter(key__in=[f"backup:{pk}" for pk in pruned]))
 

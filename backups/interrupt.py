@@ -78,3 +78,10 @@ class Guard:
     def _end_queued(self) -> None:
         for row in self.rows:
             row.mark_interrupted(str(self.stopped), only=(RunStatus.QUEUED,))
+
+
+class WorkerStopped(Stopped):
+    """Raised in a django-q2 worker's job when its cluster is stopped (see ``cluster``).
+
+    The job ends as for a stopped command (undone, ``interrupted``); the entry point in
+    ``jobs`` then returns instead of raising, so the worker takes its STOP and exits."""

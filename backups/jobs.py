@@ -10,7 +10,7 @@ import time
 from django.db.models import F
 from django.utils import timezone
 
-from . import alerts, dump, inventory, verify, worker
+from . import alerts, dump, interrupt, inventory, verify, waiting, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
 from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
@@ -20,22 +20,38 @@ from .restore import run as restore_run
 log = logging.getLogger(__name__)
 
 
+STOPPING = "not started: the worker is stopping (it stays queued; reconcile enqueues it again)"
+
+
 def run_backup(run_id: int) -> str:
-    """Worker entry point for one backup run; a second delivery finds nothing to claim."""
+    """Worker entry point for one backup run; a second delivery finds nothing to claim.
+
+    A worker being stopped leaves the run queued, and a stop interrupts the run (see
+    ``cluster``): either way the worker is free to take its STOP at once."""
+    if worker.stopping():
+        return STOPPING
     if not BackupRun.claim(run_id, worker.worker_id()):
         status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
         log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
         return f"not claimed ({status})"
     run = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
-    return runner.execute(run)
+    try:
+        return runner.execute(run)
+    except interrupt.WorkerStopped as exc:
+        return f"interrupted: {exc}"
 
 
 def run_restore(restore_id: int) -> str:
     """Worker entry point for one restore; a second delivery finds nothing to claim."""
+    if worker.stopping():
+        return STOPPING
     if not Restore.claim(restore_id, worker.worker_id()):
         return "not claimed"
     restore = Restore.objects.select_related("backup__vm__host").get(pk=restore_id)
-    return restore_run.execute(restore)
+    try:
+        return restore_run.execute(restore)
+    except interrupt.WorkerStopped as exc:
+        return f"interrupted: {exc}"
 
 
 def verify_backup(backup_id: int) -> str:
@@ -98,7 +114,8 @@ def verify_pass(
 
 
 def reconcile(cluster: str | None = None) -> str:
-    return reconcile_mod.reconcile(cluster=cluster).summary()
+    summary = reconcile_mod.reconcile(cluster=cluster).summary()
+    return f"{summary}, {waiting.summary(waiting.check(cluster))}"
 
 
 def check_alerts(cluster: str = "") -> str:

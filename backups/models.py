@@ -594,6 +594,7 @@ class AlertKind(models.TextChoices):
     STALE = "stale", "last good backup too old"
     CORRUPT = "corrupt", "backup failed verification"
     NO_WORKER = "no-worker", "no live worker"
+    RUN_WAITING = "run-waiting", "backup run waiting for a worker"
 
 
 class AlertQuerySet(models.QuerySet):

@@ -65,8 +65,14 @@ def request_backup(
             f"{vm.name} already has an active backup" + (f" (run {active.pk})" if active else "")
         ) from exc
     if enqueue:
-        _enqueue("backups.jobs.run_backup", run.pk, vm=vm, name=f"backup-{run.pk}")
+        enqueue_backup(run)
     return run
+
+
+def enqueue_backup(run: BackupRun) -> None:
+    """Enqueue a queued run's task (again, for ``waiting``: the claim makes a second
+    delivery a no-op)."""
+    _enqueue("backups.jobs.run_backup", run.pk, vm=run.vm, name=f"backup-{run.pk}")
 
 
 def request_cancel(run: BackupRun) -> None:

@@ -3,7 +3,7 @@
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from . import schedules
+from . import alerts, schedules, waiting
 from .models import BackupPolicy, Host
 
 
@@ -29,3 +29,9 @@ def host_saved(sender, instance, created=False, raw=False, update_fields=None, *
 @receiver(post_delete, sender=Host)
 def host_deleted(sender, instance, **kwargs):
     schedules.install_housekeeping()
+
+
+@receiver(waiting.run_waiting)
+def run_waiting(sender, run, host, since, **kwargs):
+    """``waiting`` found a run no worker takes: mail it once (``alerts``)."""
+    alerts.run_waiting(run, host, since)

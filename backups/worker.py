@@ -19,6 +19,16 @@ from django.db import connection
 from django.utils import timezone
 
 log = logging.getLogger(__name__)
+_stopping = [False]  # a plain flag: set from a signal handler
+
+
+def request_stop() -> None:
+    """This worker process is being stopped: it starts no new backup or restore."""
+    _stopping[0] = True
+
+
+def stopping() -> bool:
+    return _stopping[0]
 
 
 def worker_id() -> str:

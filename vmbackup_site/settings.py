@@ -92,6 +92,10 @@ VMBACKUP_OVERLAY_RESERVE_MIB = envint("VMBACKUP_OVERLAY_RESERVE_MIB", 1024)
 VMBACKUP_SWTPM_DIR = env("VMBACKUP_SWTPM_DIR", "/var/lib/libvirt/swtpm")
 # A run whose heartbeat is older than this is considered dead by reconcile.
 VMBACKUP_STALE_AFTER = envint("VMBACKUP_STALE_AFTER", 300)
+# a worker cluster stopped (TERM/INT) interrupts its jobs and ends within this many seconds
+VMBACKUP_WORKER_STOP_TIMEOUT = envint("VMBACKUP_WORKER_STOP_TIMEOUT", 60)
+# a run queued this long while its cluster is alive is reported and enqueued again
+VMBACKUP_QUEUED_ALERT_AFTER = envint("VMBACKUP_QUEUED_ALERT_AFTER", 300)
 # Backups made without a policy ("Back up now", vmbackup_run): the newest N of each VM are
 # kept (protected ones always); 0 keeps them all.
 VMBACKUP_KEEP_MANUAL = envint("VMBACKUP_KEEP_MANUAL", 5)
@@ -129,9 +133,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_htmx",
+    "backups",  # before django_q: its qcluster command replaces django-q2's
     "django_q",
     "axes",
-    "backups",
 ]
 
 MIDDLEWARE = [

@@ -1,10 +1,13 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import reconcile
+from backups import reconcile, waiting
 
 
 class Command(BaseCommand):
-    help = "Repair what dead runs left behind: overlays, block jobs, frozen guests, partial dirs."
+    help = (
+        "Repair what dead runs left behind: overlays, block jobs, frozen guests, partial dirs; "
+        "enqueue again the runs no worker took (VMBACKUP_QUEUED_ALERT_AFTER)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -19,5 +22,6 @@ class Command(BaseCommand):
     def handle(self, *args, stale_after=None, cluster=None, **options):
         report = reconcile.reconcile(stale_after, cluster=cluster)
         self.stdout.write(report.summary())
+        self.stdout.write(waiting.summary(waiting.check(cluster)))
         if report.errors:
             raise CommandError("reconcile could not repair everything")
