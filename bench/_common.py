@@ -35,6 +35,11 @@ def setup_django(scratch: Path) -> None:
     """Settings from the project, but a throwaway SQLite database and data dir in `scratch`."""
     project_on_path()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "vmbackup_site.settings")
+    # A DATABASE_URL (or a *_FILE variant, which settings read first) from the caller's
+    # environment would point the bench's migrate and seeding at a real database.
+    for name in ("DATABASE_URL", "VMBACKUP_SQLITE_PATH", "VMBACKUP_DATA_DIR"):
+        os.environ.pop(name, None)
+        os.environ.pop(f"{name}_FILE", None)
     os.environ["VMBACKUP_SQLITE_PATH"] = str(scratch / "bench.sqlite3")
     os.environ["VMBACKUP_DATA_DIR"] = str(scratch / "data")
     os.environ.setdefault("LOG_LEVEL", "WARNING")

@@ -1,11 +1,14 @@
 """Incremental push backup vs full push backup of the same running disk, side by side.
 
     .venv/bin/python bench/incremental.py [--size-gib 2] [--rounds 3] [--changed-mib 100]
+    .venv/bin/python bench/incremental.py --smoke   # 64 MiB, 1 round, 4 MiB: does it run?
 
 Builds a qcow2 disk (half random, a quarter text, a quarter hole) for a running TCG domain.
-Each round takes a full push backup, writes ``--changed-mib`` MiB into the running guest's
-disk (1 MiB writes at spread offsets, through QEMU's own block layer with HMP ``qemu-io``),
-then an incremental push backup on top of that full. Wall time is the run's ``started_at`` to
+Both backups of a round are made under one policy with ``full_every=1`` (chains never cross
+policies), so its backups alternate full, incremental, full...: each round takes a full push
+backup, writes ``--changed-mib`` MiB into the running guest's disk (1 MiB writes at spread
+offsets, through QEMU's own block layer with HMP ``qemu-io``), then an incremental push
+backup on top of that full. Wall time is the run's ``started_at`` to
 ``finished_at`` (pre-flight, copy, hash, verify, publish: everything a user waits for); size is
 the incremental's image file. The last line is ``ratio_time=<x> ratio_size_to_changed=<y>``
 (incremental time / full time; incremental image bytes / bytes changed).
@@ -24,6 +27,7 @@ from pathlib import Path
 import _common as c
 
 TARGETS = {"ratio_time": 0.10, "ratio_size_to_changed": 1.1}
+SMOKE = {"size_gib": 0.0625, "rounds": 1, "changed_mib": 4}  # the smallest run (make bench-smoke)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--changed-mib", type=int, default=100)
     parser.add_argument("--verbose", action="store_true", help="print each step's offset")
+    parser.add_argument("--smoke", action="store_true", help="smallest size, one round")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+    size = int(args.size_gib * c.GiB)
+    if size <= 0 or size % (4 * c.CHUNK):
+        parser.error(f"--size-gib must be a positive multiple of {4 * c.CHUNK // c.MiB} MiB")
+    if not 1 <= args.changed_mib <= size * 3 // 4 // c.MiB or args.rounds < 1:
+        parser.error("--changed-mib must fit in 3/4 of the disk; --rounds must be >= 1")
     scratch, work = c.scratch_dir(), c.bench_dir()
     domains = None
     try:
@@ -105,17 +117,20 @@ def run_rounds(args, work: Path, domains) -> int:
     inventory.sync_host(host)
     vm = VirtualMachine.objects.get(uuid=dom.uuid)
     keep_all = {"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
-    every_full = BackupPolicy.objects.create(name="full", schedule="", full_every=0, **keep_all)
-    chained = BackupPolicy.objects.create(name="inc", schedule="", full_every=1000, **keep_all)
+    # One policy: an incremental's parent is the newest backup under the same policy.
+    # full_every=1 makes every second backup a full again (full, incremental, full, ...).
+    policy = BackupPolicy.objects.create(name="bench", schedule="", full_every=1, **keep_all)
     fulls, incs, sizes, changed_bytes = [], [], [], 0
     print(f"disk {args.size_gib:g} GiB, {args.changed_mib} MiB changed per round")
     print(f"{'round':>5} {'full s':>8} {'inc s':>8} {'inc MiB':>9} {'kind':>12}")
     for i in range(args.rounds):
         c.settle()
-        full = backup(vm, every_full)
+        full = backup(vm, policy)
+        if full.kind != "full":
+            raise RuntimeError(f"expected a full, got an incremental: {full.kind_reason}")
         changed_bytes = change(domains, dom, size, args.changed_mib, seed=i)
         c.settle()
-        inc = backup(vm, chained)
+        inc = backup(vm, policy)
         if inc.kind != "incremental":
             raise RuntimeError(f"expected an incremental, got a full: {inc.kind_reason}")
         image = Path(inc.backup.path) / "vda.qcow2"
