@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: Django bootstrap, scratch directories, test disks,
-timing statistics and signal handling. Nothing here imports Django or the project at module
-level, so a script can set the environment first."""
+hashing, timing statistics, waiting for a quiet machine, libvirt job events and signal
+handling. Nothing here imports Django, libvirt or the project at module level, so a script
+can set the environment first."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,18 @@ def timed(argv: list[str], timeout: float = 1800) -> float:
     return time.perf_counter() - start
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file the way the product hashes an image (hashlib, 8 MiB reads into one
+    buffer), without its page-cache advice or writeback: the bare cost of the hash."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
 def cached_fraction(path: Path) -> float | None:
     """Share of `path`'s allocated pages in the page cache (util-linux fincore), or None."""
     if not shutil.which("fincore"):
@@ -187,6 +201,24 @@ def cpu_busy(seconds: float = 1.0) -> float:
     time.sleep(seconds)
     total1, idle1 = sample()
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(limit: float) -> None:
+    """Wait (up to `limit` s) until no other guest or test run is using the 2 cores."""
+    deadline = time.monotonic() + limit
+    while True:
+        others = foreign_activity(())
+        busy = cpu_busy(2.0)
+        quiet = not any(others.values()) and busy < 0.15
+        if quiet or time.monotonic() >= deadline:
+            state = "quiet" if quiet else "NOT quiet (measuring anyway)"
+            print(
+                f"machine {state}: CPU {100 * busy:.0f}% busy,"
+                f" {others['qemu']} other QEMU, {others['pytest']} pytest processes",
+                flush=True,
+            )
+            return
+        time.sleep(3)
 
 
 def settle() -> None:
@@ -240,3 +272,36 @@ def uninterruptible() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class JobWatch:
+    """Notes when libvirt reports a domain job finished: where QEMU's copy ends and the
+    runner's own waiting and bookkeeping begin. Read-only: a second connection's events."""
+
+    def __init__(self, uri: str):
+        import libvirt
+
+        from backups import hypervisor
+
+        hypervisor.ensure_event_loop()  # before open(), or this connection gets no events
+        self.conn = libvirt.open(uri)
+        self.events: dict[str, tuple[datetime, float]] = {}
+        self.callback = self.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._completed, None
+        )
+
+    def _completed(self, _conn, dom, params, _opaque) -> None:
+        elapsed = params.get("time_elapsed", 0) / 1000
+        self.events[dom.UUIDString()] = (datetime.now(UTC), elapsed)
+
+    def pop(self, uuid: str, wait: float = 2.0) -> tuple[datetime, float] | None:
+        deadline = time.monotonic() + wait
+        while uuid not in self.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.events.pop(uuid, None)
+
+    def close(self) -> None:
+        try:
+            self.conn.domainEventDeregisterAny(self.callback)
+        finally:
+            self.conn.close()
