@@ -3,7 +3,7 @@ PY := .venv/bin/python
 ADDR ?= 127.0.0.1:8000
 DEMO ?= 0
 
-.PHONY: run test setup lint format install
+.PHONY: run test setup lint format install bench-smoke
 
 setup:
 	./scripts/setup-host.sh
@@ -21,6 +21,11 @@ test:
 	.venv/bin/ruff check .
 	.venv/bin/pytest $(PYTEST_ARGS)
 	./scripts/test-postgres.sh
+
+# Every bench/ script at its smallest size, one round: it must finish and print its last
+# line (tests/test_bench_smoke.py, ~15 s). `make test` runs it with the rest of pytest.
+bench-smoke:
+	.venv/bin/pytest -q -p no:cacheprovider tests/test_bench_smoke.py
 
 lint:
 	.venv/bin/ruff format --check . && .venv/bin/ruff check .

@@ -62,16 +62,25 @@ def close_django() -> None:
         pass
 
 
+def scratch_parent() -> Path | None:
+    """``VMBACKUP_BENCH_DIR`` if set: the smoke test points it at a directory of its own, to
+    see that nothing is left behind. Else the defaults (/var/tmp, and the system's temp dir
+    for the database)."""
+    return Path(os.environ["VMBACKUP_BENCH_DIR"]) if os.environ.get("VMBACKUP_BENCH_DIR") else None
+
+
 def bench_dir(prefix: str = "vmbackup-bench") -> Path:
-    """/var/tmp/<prefix>-<random>, mode 0755 so QEMU (libvirt-qemu) can traverse it."""
-    path = Path("/var/tmp") / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    """<parent>/<prefix>-<random>, mode 0755 so QEMU (libvirt-qemu) can traverse it."""
+    path = (scratch_parent() or Path("/var/tmp")) / f"{prefix}-{uuid.uuid4().hex[:8]}"
     path.mkdir(mode=0o755)
     path.chmod(0o755)
     return path
 
 
 def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="vmbackup-bench-db-"))
+    """A private directory for the throwaway database (0700, as tempfile makes it)."""
+    parent = scratch_parent()
+    return Path(tempfile.mkdtemp(prefix="vmbackup-bench-db-", dir=parent))
 
 
 def subdir(parent: Path, name: str) -> Path:

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         with c.interrupts_as_keyboard():
             c.setup_django(scratch)
             c.project_on_path()
-            from tests.domains import Domains
+            from tests import domains as domains_mod
 
-            domains = Domains()
+            domains_mod.BASE = work  # domain dirs live in our scratch dir, not the tests'
+            domains = domains_mod.Domains()
             return run_rounds(args, work, domains)
     finally:
         with c.uninterruptible():
