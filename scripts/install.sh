@@ -30,7 +30,8 @@ CREATE_USER=1
 PYTHON=/usr/bin/python3
 USE_SYSTEMD=1
 SYSTEMCTL=""
-UNITS=(vmbackup-web.service vmbackup-worker.service vmbackup-worker@.service)
+UNITS=(vmbackup-web.service vmbackup-worker.service vmbackup-worker@.service
+  vmbackup-events.service vmbackup-events@.service)
 
 log() { echo "install: $*"; }
 die() {
@@ -133,16 +134,17 @@ if [ -n "$tree_changes" ] || [ "$stamp" != "$venv_stamp" ]; then CHANGED=1; fi
 systemd_up() { [ "$USE_SYSTEMD" = 1 ] && { [ -n "$SYSTEMCTL" ] || [ -d /run/systemd/system ]; }; }
 systemctl() { "${SYSTEMCTL:-/usr/bin/systemctl}" "$@"; }
 
-# --- Upgrade order. The worker stops first: no job may run while its code and schema are
-# replaced (one in flight is interrupted, and reconcile - the worker's ExecStartPre -
-# repairs it at the next start). Then the web, so no request writes with the old code into
+# --- Upgrade order. The worker (and the live inventory beside it) stops first: no job may
+# run while its code and schema are replaced (one in flight is interrupted, and reconcile -
+# the worker's ExecStartPre - repairs it at the next start). Then the web, so no request writes with the old code into
 # the new schema (nor holds SQLite's lock while migrate runs). Copy, venv, migrate and
-# collectstatic run with both stopped; the web starts first (the worker unit is ordered
-# after it) and the worker last, so it takes queued jobs only with the new code and schema.
+# collectstatic run with both stopped; the web starts first (the worker units are ordered
+# after it) and the workers last, so it takes queued jobs only with the new code and schema.
 running_workers=()
 if [ "$FIRST" = 0 ] && [ "$CHANGED" = 1 ] && systemd_up; then
   mapfile -t running_workers < <(systemctl list-units --state=active --plain --no-legend \
-    'vmbackup-worker.service' 'vmbackup-worker@*.service' | awk '{print $1}')
+    'vmbackup-worker.service' 'vmbackup-worker@*.service' \
+    'vmbackup-events.service' 'vmbackup-events@*.service' | awk '{print $1}')
   web_was_active=$(systemctl is-active vmbackup-web.service || true)
   log "upgrade: stopping ${running_workers[*]:-no worker}, then the web"
   [ ${#running_workers[@]} -gt 0 ] && systemctl stop "${running_workers[@]}"
@@ -225,7 +227,7 @@ if ! systemd_up; then
   fi
   log "$why: units installed in $UNIT_DIR, not enabled or started."
   log "on a host booted with systemd: systemctl daemon-reload &&" \
-    "systemctl enable --now vmbackup-web vmbackup-worker"
+    "systemctl enable --now vmbackup-web vmbackup-worker vmbackup-events"
   log "done ($PREFIX)"
   exit 0
 fi
@@ -233,7 +235,8 @@ fi
 if [ "$FIRST" = 1 ]; then
   systemctl enable --now vmbackup-web.service
   systemctl enable --now vmbackup-worker.service
-  log "started vmbackup-web and vmbackup-worker"
+  systemctl enable --now vmbackup-events.service
+  log "started vmbackup-web, vmbackup-worker and vmbackup-events"
 elif [ "$CHANGED" = 1 ]; then
   [ "${web_was_active:-active}" = active ] && systemctl start vmbackup-web.service
   [ ${#running_workers[@]} -gt 0 ] && systemctl start "${running_workers[@]}"

@@ -24,7 +24,13 @@ import pytest
 
 BASE = Path(__file__).resolve().parent.parent
 USER = "nobody"
-UNITS = ("vmbackup-web.service", "vmbackup-worker.service", "vmbackup-worker@.service")
+UNITS = (
+    "vmbackup-web.service",
+    "vmbackup-worker.service",
+    "vmbackup-worker@.service",
+    "vmbackup-events.service",
+    "vmbackup-events@.service",
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="install.sh runs as root"),
@@ -125,6 +131,12 @@ def test_it_writes_units_whose_commands_and_files_exist(installed):
         assert "manage.py vmbackup_reconcile" in worker["ExecStartPre"][0]
         assert worker["ExecStart"][0].endswith("manage.py qcluster")
     assert unit(tmp / "systemd/vmbackup-worker@.service")["Environment"] == ["Q_CLUSTER_NAME=%i"]
+    for name in ("vmbackup-events.service", "vmbackup-events@.service"):
+        events = unit(tmp / "systemd" / name)
+        assert events["User"] == ["root"] and events["Restart"] == ["always"]
+        assert events["TimeoutStopSec"] == ["15"]
+        assert events["ExecStart"][0].endswith("manage.py vmbackup_events")
+    assert unit(tmp / "systemd/vmbackup-events@.service")["Environment"] == ["Q_CLUSTER_NAME=%i"]
     # the venv is made from a Python every user may run, not one under /root
     venv_python = (tmp / "opt/vmbackup/.venv/bin/python").resolve()
     assert not str(venv_python).startswith("/root")
@@ -208,12 +220,14 @@ def test_it_serves_the_login_page_with_the_web_units_own_command(installed):
 
 
 STUB = """#!/bin/sh
-# systemctl as the upgrade sees it: a web and a worker running; each call is logged with
-# which tree was in place at that moment
+# systemctl as the upgrade sees it: a web, a worker and the live inventory running; each
+# call is logged with which tree was in place at that moment
 tree=$(grep -q 'upgraded tree' "{prefix}/README.md" && echo new || echo old)
 echo "$* tree=$tree" >> "{log}"
 case "$1" in
-  list-units) echo "vmbackup-worker.service loaded active running vmbackup worker" ;;
+  list-units)
+    echo "vmbackup-worker.service loaded active running vmbackup worker"
+    echo "vmbackup-events.service loaded active running vmbackup live inventory" ;;
   is-active) echo active ;;
 esac
 """
@@ -246,10 +260,10 @@ def test_it_upgrades_in_order_stopping_workers_then_web_and_starting_them_back(i
     calls = [line.split(" tree=") for line in log.read_text().splitlines()]
     acting = [(call, tree) for call, tree in calls if call.startswith(("stop", "start"))]
     assert acting == [
-        ("stop vmbackup-worker.service", "old"),
+        ("stop vmbackup-worker.service vmbackup-events.service", "old"),
         ("stop vmbackup-web.service", "old"),
         ("start vmbackup-web.service", "new"),
-        ("start vmbackup-worker.service", "new"),
+        ("start vmbackup-worker.service vmbackup-events.service", "new"),
     ]
     assert "upgraded tree" in (tmp / "opt/vmbackup/README.md").read_text()
 

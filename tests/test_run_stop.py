@@ -1,5 +1,6 @@
-"""``make run`` stops: Ctrl-C (SIGINT) or SIGTERM to scripts/run.sh ends the web server and
-the django-q2 cluster, every process of both, within a bounded time — it used to hang."""
+"""``make run`` stops: Ctrl-C (SIGINT) or SIGTERM to scripts/run.sh ends the web server, the
+django-q2 cluster and the live inventory (``vmbackup_events``), every process of each, within
+a bounded time — it used to hang."""
 
 import os
 import signal
@@ -106,6 +107,7 @@ def test_it_stops_the_web_server_and_the_cluster_within_a_bound(started, how):
     processes = descendants(proc.pid)
     commands = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ") for p in processes}
     assert any(b"qcluster" in c for c in commands) and any(b"runserver" in c for c in commands)
+    assert any(b"vmbackup_events" in c for c in commands)
 
     begin = time.monotonic()
     how(proc)
@@ -118,4 +120,4 @@ def test_it_stops_the_web_server_and_the_cluster_within_a_bound(started, how):
     assert time.monotonic() - begin < BOUND
     assert proc.returncode in (130, 143)
     assert login_page(port) == 0
-    assert log.read_text().count("stopping.") == 1  # one stop, not two
+    assert log.read_text().count("stopping the cluster (") == 1  # one stop, not two
