@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,37 +51,104 @@ def verify(
     ``hashed``: digests the caller computed from these very files moments ago (the check
     right after a backup); they are compared with SHA256SUMS instead of being read again.
     Scheduled verification passes nothing and re-reads everything.
+
+    The two halves, ``structure`` and ``data``, are also used apart: a restore checks the
+    structure before qemu-img opens the chain and reads the data beside the copy.
     """
-    backup_dir = Path(os.path.abspath(backup_dir))
-    problem = _directory_problem(backup_dir)
+    found = structure(backup_dir, check_images=check_images)
+    if found.sums is None:
+        return VerifyResult(False, found.errors, 0, 0)
+    more = data(found, hashed=hashed, check_images=check_images)
+    errors = found.errors + more.errors
+    return VerifyResult(not errors, errors, more.checked_files, more.bytes)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What ``structure`` found: its errors, and what ``data`` goes on with (``sums`` is
+    None when SHA256SUMS itself is unusable; ``sound`` are the images whose header is as
+    the manifest says, the only ones ``qemu-img check`` may open)."""
+
+    directory: Path
+    errors: tuple[str, ...]
+    sums: dict[str, str] | None
+    sound: tuple[DiskEntry, ...] = ()
+
+
+def structure(backup_dir: str | os.PathLike, *, check_images: bool = True) -> Structure:
+    """The cheap half of ``verify``, nothing but metadata read: the directory and its files
+    are plain, every file is listed in SHA256SUMS, the manifest is readable and covered,
+    and every image header says what the manifest says (``header_problems``)."""
+    directory = Path(os.path.abspath(backup_dir))
+    problem = _directory_problem(directory)
     if problem:
-        return VerifyResult(False, (problem,), 0, 0)
+        return Structure(directory, (problem,), None)
     try:
-        sums = read_sums(backup_dir)
+        sums = read_sums(directory)
     except (ArchiveError, OSError) as exc:
-        return VerifyResult(False, (str(exc),), 0, 0)
+        return Structure(directory, (str(exc),), None)
     errors: list[str] = []
-    fresh = {name: digest for name, digest in (hashed or {}).items() if name in sums}
-    errors += [f"{n}: checksum mismatch" for n, d in sorted(fresh.items()) if sums[n] != d]
-    errors += [f"{n}: missing" for n in sorted(fresh) if not is_regular(backup_dir / n)]
-    rest = {name: digest for name, digest in sums.items() if name not in fresh}
-    checked, total = _verify_sums(backup_dir, rest, errors)
-    checked += len(fresh)
     try:
-        unlisted = tree(backup_dir) - sums.keys() - {SUMS}
+        unlisted = tree(directory) - sums.keys() - {SUMS}
         errors += [f"{name}: not listed in {SUMS}" for name in sorted(unlisted)]
     except (ArchiveError, OSError) as exc:
         errors.append(str(exc))
     try:
-        manifest = read_manifest(backup_dir)
+        manifest = read_manifest(directory)
     except (ArchiveError, OSError) as exc:
         errors.append(str(exc))
         manifest = None
+    sound = []
     if manifest is not None:
         errors += coverage_problems(manifest, sums)
-        if check_images:
-            errors += _image_problems(backup_dir, manifest)
+        for disk in manifest.disks if check_images else ():
+            header = header_problems(directory, disk)
+            errors += header
+            sound += [] if header else [disk]
+    return Structure(directory, tuple(errors), sums, tuple(sound))
+
+
+class Stop(Exception):
+    """``data`` was asked to stop (the restore it runs beside failed or was cancelled)."""
+
+
+def data(
+    found: Structure,
+    *,
+    hashed: dict[str, str] | None = None,
+    check_images: bool = True,
+    stop: threading.Event | None = None,
+    keep_cache: bool = False,
+) -> VerifyResult:
+    """The expensive half of ``verify``: every file in SHA256SUMS hashed (those in
+    ``hashed`` only compared), then ``qemu-img check`` of every qcow2 image whose header
+    ``structure`` found sound.  ``stop`` set raises ``Stop`` within one read; ``keep_cache``
+    leaves what was read in the page cache, for a copy reading the same files meanwhile."""
+    directory, sums = found.directory, found.sums or {}
+    errors: list[str] = []
+    fresh = {name: digest for name, digest in (hashed or {}).items() if name in sums}
+    errors += [f"{n}: checksum mismatch" for n, d in sorted(fresh.items()) if sums[n] != d]
+    errors += [f"{n}: missing" for n in sorted(fresh) if not is_regular(directory / n)]
+    rest = {name: digest for name, digest in sums.items() if name not in fresh}
+    checked, total = _verify_sums(directory, rest, errors, stop, keep_cache)
+    checked += len(fresh)
+    for disk in found.sound if check_images else ():
+        if disk.image_format != "qcow2":
+            continue  # raw has no metadata to check
+        _stop_if_asked(stop)
+        try:
+            result = qemu_img.check(str(directory / disk.file), "qcow2")
+        except qemu_img.QemuImgError as exc:
+            errors.append(f"{disk.file}: {exc}")
+            continue
+        if not result.ok:
+            errors.append(f"{disk.file}: qemu-img check failed: {result.output}")
     return VerifyResult(not errors, tuple(errors), checked, total)
+
+
+def _stop_if_asked(stop: threading.Event | None, _n: int = 0) -> None:
+    if stop is not None and stop.is_set():
+        raise Stop("stopped")
 
 
 def _directory_problem(backup_dir: Path) -> str | None:
@@ -98,11 +166,19 @@ def _directory_problem(backup_dir: Path) -> str | None:
     return None
 
 
-def _verify_sums(directory: Path, sums: dict[str, str], errors: list[str]) -> tuple[int, int]:
+def _verify_sums(
+    directory: Path,
+    sums: dict[str, str],
+    errors: list[str],
+    stop: threading.Event | None = None,
+    keep_cache: bool = False,
+) -> tuple[int, int]:
     checked = total = 0
+    on_bytes = None if stop is None else (lambda n: _stop_if_asked(stop))
     for name, expected in sorted(sums.items()):
+        _stop_if_asked(stop)
         try:
-            actual, size = hash_member(directory, name)
+            actual, size = hash_member(directory, name, on_bytes=on_bytes, drop=not keep_cache)
             total += size
         except FileNotFoundError:
             errors.append(f"{name}: missing")
@@ -149,23 +225,6 @@ def header_problems(directory: Path, disk: DiskEntry) -> list[str]:
         problems.append(f"{disk.file}: names an external data file {info.data_file!r}")
     if disk.backing and not problems and not is_regular(directory / disk.backing):
         problems.append(f"{disk.file}: its backing file {disk.backing} is missing or not a file")
-    return problems
-
-
-def _image_problems(directory: Path, manifest: Manifest) -> list[str]:
-    problems = []
-    for disk in manifest.disks:
-        header = header_problems(directory, disk)
-        if header or disk.image_format != "qcow2":
-            problems += header  # raw has no metadata to check
-            continue
-        try:
-            result = qemu_img.check(str(directory / disk.file), "qcow2")
-        except qemu_img.QemuImgError as exc:
-            problems.append(f"{disk.file}: {exc}")
-            continue
-        if not result.ok:
-            problems.append(f"{disk.file}: qemu-img check failed: {result.output}")
     return problems
 
 

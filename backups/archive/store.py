@@ -150,11 +150,17 @@ def hash_file(
     return hash_fd(open_regular(path), chunk, flush=flush, on_bytes=on_bytes)
 
 
-def hash_member(directory: str | os.PathLike, rel: str) -> tuple[str, int]:
+def hash_member(
+    directory: str | os.PathLike,
+    rel: str,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+    drop: bool = True,
+) -> tuple[str, int]:
     """SHA-256 and size of a file below a backup directory (``open_member``)."""
     fd = open_member(directory, rel)
     size = os.fstat(fd).st_size
-    return hash_fd(fd), size
+    return hash_fd(fd, on_bytes=on_bytes, drop=drop), size
 
 
 def hash_fd(
@@ -163,10 +169,12 @@ def hash_fd(
     *,
     flush: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    drop: bool = True,
 ) -> str:
     """SHA-256 of an open file read front to back (the descriptor is closed); the kernel
-    is told so, to read ahead harder and (afterwards) to drop the pages, so hashing a huge
-    image does not evict the host's working set.
+    is told so, to read ahead harder and (afterwards, unless ``drop`` is false) to drop
+    the pages, so hashing a huge image does not evict the host's working set.  A restore
+    hashing the chain beside the copy keeps them: qemu-img reads the same pages.
 
     ``flush`` is for a file just written: its dirty pages are written back by a second
     thread while this one hashes, so dropping the pages afterwards does not stall on a
@@ -187,7 +195,8 @@ def hash_fd(
                 on_bytes(n)
         if writeback is not None:
             writeback.join()
-        _fadvise(f.fileno(), "POSIX_FADV_DONTNEED")
+        if drop:
+            _fadvise(f.fileno(), "POSIX_FADV_DONTNEED")
     return digest.hexdigest()
 
 
