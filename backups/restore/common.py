@@ -1,12 +1,14 @@
-"""What every kind of restore shares: the chain checked before anything is written (every
-file hashed, every header as its manifest says), the chain's fingerprint compared after the
-copy, space, the refusal rules, flattening a disk, progress and cancel, and recording the
-result past the point of no return."""
+"""What every kind of restore shares: the chain checked (every header as its manifest says
+before qemu-img opens the chain, every file hashed beside the copy, nothing published or
+switched before both succeeded), the chain's fingerprint compared after the copy, space,
+the refusal rules, flattening a disk, progress and cancel, and recording the result past
+the point of no return."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -39,16 +41,22 @@ class RestoreCancelled(Exception):
 CANCEL_CHECK_EVERY = 2.0  # seconds between cancel checks while a disk is being copied
 
 
-CANCELLABLE = frozenset({"verify", "staging", "convert", "tpm", "publish", "partial", "switch"})
+CANCELLABLE = frozenset(
+    {"verify", "check", "staging", "convert", "tpm", "publish", "partial", "switch"}
+)
 
 
 class Progress:
     def __init__(self, restore: Restore):
         self.restore = restore
         self.checked = 0.0
+        self.beside: ChainCheck | None = None  # the chain check running beside the copy
 
     def check_cancel(self, every: float = 0.0) -> None:
-        """Raise RestoreCancelled when the user asked; at most one query per ``every`` s."""
+        """Raise the failure of the check running beside the copy, or RestoreCancelled
+        when the user asked; at most one query per ``every`` s."""
+        if self.beside is not None:
+            self.beside.raise_if_failed()
         now = time.monotonic()
         if now - self.checked < every:
             return
@@ -123,20 +131,104 @@ def require_unchanged(backup_dir: Path, before: dict[str, tuple[int, int, int]])
         )
 
 
-def verify_chain(backup_dir: Path, progress: Progress) -> archive.Manifest:
-    """Check the backup and every backup it builds on before anything is written: every
-    file hashed, every image header as its manifest says (an image reads only its parent,
-    ``archive`` refuses any other backing), before qemu-img opens a chain."""
+def verify_chain(backup_dir: Path, progress: Progress) -> tuple[archive.Manifest, ChainCheck]:
+    """The cheap half of the chain check, before qemu-img opens anything: in the backup and
+    every backup it builds on, every file plain and listed, every manifest readable and
+    covered, every image header as its manifest says (an image reads only its parent,
+    ``archive`` refuses any other backing), and ``qemu-img check`` of each image alone.
+    Returns the manifest and the expensive half (every file hashed), to run beside the
+    copy: ``with check: <copy>`` ends only when both have succeeded."""
     dirs = chain_dirs(backup_dir)
     progress.step("verify", backups=[d.name for d in dirs])
+    found = []
     for directory in reversed(dirs):  # the full first: a broken link reports its own fault
-        result = archive_check.verify(directory)
-        if not result.ok:
-            raise RestoreError(
-                f"backup {directory.name} failed its check, not restoring: "
-                + "; ".join(result.errors[:5])
-            )
-    return archive.read_manifest(backup_dir)
+        structure = archive_check.structure(directory)
+        errors = list(structure.errors) or archive_check.image_checks(structure)
+        if errors:
+            raise _failed(directory, errors)
+        found.append(structure)
+    return archive.read_manifest(backup_dir), ChainCheck(found, progress)
+
+
+def _failed(directory: Path, errors) -> RestoreError:
+    return RestoreError(
+        f"backup {directory.name} failed its check, not restoring: " + "; ".join(errors[:5])
+    )
+
+
+class ChainCheck:
+    """Every file of the chain hashed against its SHA256SUMS in a thread, while the main
+    thread flattens: the two use both cores, and the page cache serves whichever reads a
+    range second (the hash keeps its pages, see ``archive.hash_fd``), so the chain is read
+    from disk once.  Nothing here touches the database or runs qemu-img (that stays in the
+    job's thread): a failure is kept for the main thread, which raises it at its next
+    progress report (killing qemu-img), at its next step, or when it waits at the end.
+
+    ``with check:`` starts it (journal ``check``); leaving the block normally waits for it
+    (journal ``checked``) and raises if it failed; leaving on an exception stops it within
+    one read.  The fingerprint taken before (``fingerprint``/``require_unchanged``) still
+    proves that the bytes hashed are the bytes copied."""
+
+    def __init__(self, found: list, progress: Progress):
+        self.found, self.progress = found, progress
+        self.stop = threading.Event()
+        self.failure: RestoreError | None = None
+        self.ended: str | None = None
+        self.journaled = False
+        self.thread = threading.Thread(target=self._run, name="restore-check", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for structure in self.found:
+                result = archive_check.data(
+                    structure, check_images=False, stop=self.stop, keep_cache=True, first_error=True
+                )
+                if not result.ok:
+                    self.failure = _failed(structure.directory, result.errors)
+                    break
+        except archive_check.Stop:
+            pass
+        except Exception as exc:  # a bug must fail the restore, not pass the check
+            self.failure = RestoreError(f"the chain check failed: {exc!r}")
+        finally:
+            self.ended = timezone.now().isoformat()
+
+    def __enter__(self) -> ChainCheck:
+        dirs = [s.directory.name for s in reversed(self.found)]
+        self.progress.step("check", backups=dirs, beside="convert")
+        self.thread.start()
+        self.progress.beside = self
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self.progress.beside = None
+            self.stop.set()
+            self.thread.join(timeout=60)  # stops within one 8 MiB read
+
+    def raise_if_failed(self) -> None:
+        """Called from the main thread (``Progress.check_cancel``): the first time it sees
+        the failure, the journal records when the check ended."""
+        if self.failure is None:
+            return
+        if not self.journaled:
+            self.journaled = True
+            self.progress.step("checked", ok=False, ended=self.ended)
+        raise self.failure
+
+    def wait(self) -> None:
+        """After the copy: wait for the check, honouring cancel meanwhile."""
+        if self.thread.is_alive():
+            self.progress.step("check", waiting=True)
+        while self.thread.is_alive():
+            self.thread.join(timeout=max(CANCEL_CHECK_EVERY, 0.1))
+            self.progress.check_cancel(every=CANCEL_CHECK_EVERY)
+        self.raise_if_failed()
+        self.journaled = True
+        self.progress.step("checked", ok=True, ended=self.ended)
 
 
 def needed_bytes(backup_dir: Path, disks) -> int:

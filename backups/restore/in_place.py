@@ -2,7 +2,8 @@
 
 The VM must be shut off and stay so. Every disk is first flattened into a hidden file beside
 the disk it replaces (same file system, so the switch is a rename); only when all of them
-are written and flushed are the disks switched, one rename pair each, and the replaced
+are written and flushed, and every file of the chain hashed beside the copy has matched its
+checksum, are the disks switched, one rename pair each, and the replaced
 files are kept as ``<disk>.before-restore-<id>`` — nothing the user had is deleted. A
 failure before the switch removes the hidden files; a failure during it renames every
 disk already switched back. The domain definition is kept as it is (the backup's
@@ -54,16 +55,16 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     domain = _shut_off_domain(hv, uuid, vm.name)
     backup_dir = Path(restore.backup.path)
     before = fingerprint(backup_dir)
-    manifest = verify_chain(backup_dir, progress)
+    manifest, check = verify_chain(backup_dir, progress)
     current = {d.target: d for d in domain.disks if d.device == "disk"}
     plan, notes = _plan(manifest, current)
-    by_dir: dict[Path, list] = {}
-    for disk, path, _fmt in plan:
-        by_dir.setdefault(Path(path).parent, []).append(disk)
-    for directory, disks in by_dir.items():
-        require_space(directory, needed_bytes(backup_dir, disks))
-
-    files = _write_replacements(restore, domain, manifest, plan, notes, progress, created)
+    with check:  # the data hashed beside the copy; the block ends when both have succeeded
+        by_dir: dict[Path, list] = {}
+        for disk, path, _fmt in plan:
+            by_dir.setdefault(Path(path).parent, []).append(disk)
+        for directory, disks in by_dir.items():
+            require_space(directory, needed_bytes(backup_dir, disks))
+        files = _write_replacements(restore, domain, manifest, plan, notes, progress, created)
     require_unchanged(backup_dir, before)
     progress.step("switch", files=[path for _partial, path in files])
     _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files

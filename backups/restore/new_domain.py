@@ -1,10 +1,11 @@
 """Restore a backup as a new domain (DESIGN "Restore").
 
 The same steps an operator follows in RESTORE.md, done so that nothing half-made is ever
-visible: check the whole chain (SHA-256, headers, ``qemu-img check``) before writing
-anything, refuse early (name taken, root not allowed, not enough space), flatten every disk
-into a hidden ``<root>/.<name>.restore-<site>-<id>.partial`` directory, fsync, rename it to
-``<root>/<name>``, and only then define the domain. Whatever fails, what this restore
+visible: check the whole chain's structure (headers, manifests, ``qemu-img check``) before
+qemu-img opens it, refuse early (name taken, root not allowed, not enough space), flatten
+every disk into a hidden ``<root>/.<name>.restore-<site>-<id>.partial`` directory while
+every file of the chain is hashed beside it, and only when both have succeeded fsync,
+rename it to ``<root>/<name>`` and define the domain. Whatever fails, what this restore
 created is removed again (by the caller, from ``created``) and the original VM is never
 touched.
 """
@@ -49,29 +50,30 @@ def restore(restore, hv, progress: Progress, created: list[Path], defined: list[
         raise RestoreError(f"{final} already exists; nothing is overwritten")
     backup_dir = Path(restore.backup.path)
     before = fingerprint(backup_dir)
-    manifest = verify_chain(backup_dir, progress)
-    require_space(root, needed_bytes(backup_dir, manifest.disks))
+    manifest, check = verify_chain(backup_dir, progress)
+    with check:  # the data hashed beside the copy; the block ends when both have succeeded
+        require_space(root, needed_bytes(backup_dir, manifest.disks))
 
-    progress.step("staging", path=str(staging))
-    # 0711, not 0700: libvirt's DAC driver hands each disk file to QEMU's user when the
-    # domain starts, but QEMU still has to pass through this directory to open them.
-    # Search-only lists nothing; every file in it is 0600.
-    private.mkdir(staging, private.TRAVERSE)
-    created.append(staging)
-    total = sum(d.virtual_size for d in manifest.disks)
-    progress.bytes(0, total)
-    done = 0
-    disks: dict[str, tuple[str, str]] = {}
-    for disk in manifest.disks:
-        out = staging / f"{disk.target}.{disk.format}"
-        private.create_file(out)  # 0600 before a byte is copied
-        flatten(backup_dir, disk, out, disk.format, progress, done)
-        done += disk.virtual_size
-        disks[disk.target] = (str(final / out.name), disk.format)
-    nvram = None
-    if manifest.nvram:
-        private.copy_file(backup_dir / manifest.nvram, staging / "nvram.fd")
-        nvram = str(final / "nvram.fd")
+        progress.step("staging", path=str(staging))
+        # 0711, not 0700: libvirt's DAC driver hands each disk file to QEMU's user when the
+        # domain starts, but QEMU still has to pass through this directory to open them.
+        # Search-only lists nothing; every file in it is 0600.
+        private.mkdir(staging, private.TRAVERSE)
+        created.append(staging)
+        total = sum(d.virtual_size for d in manifest.disks)
+        progress.bytes(0, total)
+        done = 0
+        disks: dict[str, tuple[str, str]] = {}
+        for disk in manifest.disks:
+            out = staging / f"{disk.target}.{disk.format}"
+            private.create_file(out)  # 0600 before a byte is copied
+            flatten(backup_dir, disk, out, disk.format, progress, done)
+            done += disk.virtual_size
+            disks[disk.target] = (str(final / out.name), disk.format)
+        nvram = None
+        if manifest.nvram:
+            private.copy_file(backup_dir / manifest.nvram, staging / "nvram.fd")
+            nvram = str(final / "nvram.fd")
 
     require_unchanged(backup_dir, before)
     new_uuid = str(uuidlib.uuid4())
