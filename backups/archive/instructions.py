@@ -133,8 +133,9 @@ def _disks_section(m: Manifest) -> list[str]:
         "",
         "## Restore the disks",
         "",
-        "The quick way: `sh restore.sh /var/lib/libvirt/images/restored` checks the files, then",
-        "converts every disk into that directory, and refuses to overwrite anything.",
+        "The quick way: `sh restore.sh /var/lib/libvirt/images/restored` converts every disk",
+        "into that directory while it checks the files, renames the disks into place only if",
+        "the check passed (otherwise removes them), and refuses to overwrite anything.",
         "",
         "By hand, from this directory (the restored file is a complete, standalone disk):",
         "",
@@ -233,8 +234,9 @@ def restore_md(manifest: Manifest) -> str:
 _SH_HEAD = """\
 #!/bin/sh
 # Restores the disks of one vmbackup backup without vmbackup. See RESTORE.md.
-#   restore.sh [DEST_DIR]  check this backup (and the ones it builds on), then convert
-#                          every disk into DEST_DIR (default: the current directory)
+#   restore.sh [DEST_DIR]  convert every disk into DEST_DIR (default: the current
+#                          directory) while this backup and the ones it builds on are
+#                          checked; the disks appear there only if the check passed
 #   restore.sh --check     only check this backup and the ones it builds on
 # Nothing existing is overwritten. Needs: sh, sha256sum, qemu-img.
 set -eu
@@ -270,30 +272,46 @@ refuse_existing() {
 # disk TARGET IMAGE IMAGE_FORMAT OUTPUT_FORMAT
 disk() {
     out="$DEST/$1.$4"
-    if [ "$MODE" = preflight ]; then
+    case "$MODE" in
+    preflight)
         [ -f "./$2" ] || die "image missing: $2"
         refuse_existing "$out"
         refuse_existing "$out.partial"
-        return 0
-    fi
-    printf 'Restoring disk %s -> %s\n' "$1" "$out"
-    PARTIAL="$out.partial"
-    qemu-img convert -p -f "$3" -O "$4" "./$2" "$PARTIAL"
-    refuse_existing "$out"
-    mv -- "$PARTIAL" "$out"
-    PARTIAL=
+        ;;
+    convert)
+        printf 'Restoring disk %s -> %s\n' "$1" "$out"
+        qemu-img convert -p -f "$3" -O "$4" "./$2" "$out.partial"
+        ;;
+    publish)
+        refuse_existing "$out"
+        mv -- "$out.partial" "$out"
+        ;;
+    discard)
+        rm -f -- "$out.partial"
+        ;;
+    esac
 }
 
-# extra NAME: a file or directory copied as is (NVRAM, TPM state)
+# extra NAME: a file or directory copied as is (NVRAM, TPM state), once the check passed
 extra() {
-    if [ "$MODE" = preflight ]; then
+    case "$MODE" in
+    preflight)
         [ -e "./$1" ] || die "missing: $1"
         refuse_existing "$DEST/$1"
-        return 0
-    fi
-    printf 'Copying %s -> %s\n' "$1" "$DEST/$1"
-    refuse_existing "$DEST/$1"
-    cp -R -- "./$1" "$DEST/$1"
+        ;;
+    publish)
+        printf 'Copying %s -> %s\n' "$1" "$DEST/$1"
+        refuse_existing "$DEST/$1"
+        cp -R -- "./$1" "$DEST/$1"
+        ;;
+    esac
+}
+
+# On the way out: a check still running is stopped (a sha256sum it started may finish
+# reading on its own; it writes nothing), and every disk not published is removed.
+cleanup() {
+    if [ -n "$CHECK_PID" ]; then kill "$CHECK_PID" 2>/dev/null || :; fi
+    if [ -n "$WRITING" ]; then MODE=discard; plan; fi
 }
 
 hints() {
@@ -310,8 +328,9 @@ hints() {
 
 main() {
     umask 077  # the restored disks hold the VM's secrets
-    PARTIAL=
-    trap 'if [ -n "$PARTIAL" ]; then rm -f -- "$PARTIAL"; fi' EXIT
+    CHECK_PID=
+    WRITING=
+    trap cleanup EXIT
     trap 'exit 130' HUP INT TERM
     case "${1:-}" in
         --check) [ $# -eq 1 ] || usage; cd_here; check_chain; exit 0 ;;
@@ -327,9 +346,25 @@ main() {
     printf 'Backup of VM %s (UUID %s)\n' "$VM_NAME" "$VM_UUID"
     MODE=preflight
     plan
-    check_chain
-    MODE=restore
+    if [ -n "$PARENT" ] && [ ! -f "../$PARENT/restore.sh" ]; then
+        die "the backup this one builds on is missing: ../$PARENT"
+    fi
+    # The check reads every file of the chain while qemu-img converts (each on its own
+    # core, the page cache serving whichever reads second); the disks are written under
+    # a temporary name and renamed into place only when both have succeeded.
+    WRITING=1
+    (trap - EXIT HUP INT TERM; check_chain) &
+    CHECK_PID=$!
+    MODE=convert
     plan
+    if ! wait "$CHECK_PID"; then
+        CHECK_PID=
+        die "the backup failed its check: nothing restored"
+    fi
+    CHECK_PID=
+    MODE=publish
+    plan
+    WRITING=
     hints
 }
 
