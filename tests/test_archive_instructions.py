@@ -232,6 +232,54 @@ def test_it_removes_a_half_written_disk_when_qemu_img_fails(full, dest, tmp_path
     assert list(dest.iterdir()) == []
 
 
+def overlapping_tools(tmp_path: Path) -> dict:
+    """qemu-img and sha256sum shims: qemu-img leaves a mark and runs the real one;
+    sha256sum runs the real one only once the mark is there (a script checking first and
+    converting after would wait here in vain and say so)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = shlex.quote(str(tmp_path / "converting"))
+    real_img, real_sum = shutil.which("qemu-img"), shutil.which("sha256sum")
+    (bin_dir / "qemu-img").write_text(f'#!/bin/sh\ntouch {mark}\nexec {real_img} "$@"\n')
+    (bin_dir / "sha256sum").write_text(
+        "#!/bin/sh\n"
+        f"i=0; while [ ! -e {mark} ]; do i=$((i + 1)); "
+        "[ $i -lt 100 ] || { echo NO OVERLAP >&2; exit 1; }; sleep 0.1; done\n"
+        f'exec {real_sum} "$@"\n'
+    )
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@needs_tools
+def test_it_checks_while_it_converts_and_publishes_after_both(incremental, dest, tmp_path):
+    env = overlapping_tools(tmp_path)
+
+    argv = ["sh", str(incremental / "restore.sh"), str(dest)]
+    result = subprocess.run(argv, cwd=dest, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert "NO OVERLAP" not in result.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["vda.raw"]
+
+
+@needs_tools
+def test_a_corrupt_file_found_beside_the_copy_leaves_no_output(incremental, full, dest,
+                                                               tmp_path):  # fmt: skip
+    flip_byte(full / "vda.qcow2")  # the parent's data: the chain converts fine
+    env = overlapping_tools(tmp_path)
+
+    argv = ["sh", str(incremental / "restore.sh"), str(dest)]
+    result = subprocess.run(argv, cwd=dest, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode != 0
+    assert "NO OVERLAP" not in result.stderr
+    assert (tmp_path / "converting").exists()  # the copy ran
+    assert "failed its check" in result.stderr and "nothing restored" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
 @needs_tools
 def test_it_refuses_to_restore_into_the_backup_itself(full):
     result = run_restore(full, cwd=full)
