@@ -3,9 +3,11 @@ and qemu-img."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.helpers import (
     publish_backup,
     qemu_io,
     raw_source,
+    wait_until,
 )
 
 HOSTILE_VM = 'it\'s a "vm" $(touch pwned)'
@@ -277,6 +280,24 @@ def test_a_corrupt_file_found_beside_the_copy_leaves_no_output(incremental, full
     assert "NO OVERLAP" not in result.stderr
     assert (tmp_path / "converting").exists()  # the copy ran
     assert "failed its check" in result.stderr and "nothing restored" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
+@needs_tools
+def test_a_stopped_restore_leaves_no_output(full, dest, tmp_path):
+    """TERM to the script's process group (as a terminal's hangup or a service stop)."""
+    env = fake_qemu_img(tmp_path, 'for last; do :; done\necho junk > "$last"\nexec sleep 30')
+    argv = ["sh", str(full / "restore.sh"), str(dest)]
+    proc = subprocess.Popen(argv, cwd=dest, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        wait_until(lambda: (dest / "vda.raw.partial").exists(), timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert list(dest.iterdir()) == []
 
 

@@ -178,20 +178,21 @@ class ChainCheck:
         self.thread = threading.Thread(target=self._run, name="restore-check", daemon=True)
 
     def _run(self) -> None:
+        failure = None
         try:
             for structure in self.found:
                 result = archive_check.data(
                     structure, check_images=False, stop=self.stop, keep_cache=True, first_error=True
                 )
                 if not result.ok:
-                    self.failure = _failed(structure.directory, result.errors)
+                    failure = _failed(structure.directory, result.errors)
                     break
         except archive_check.Stop:
             pass
         except Exception as exc:  # a bug must fail the restore, not pass the check
-            self.failure = RestoreError(f"the chain check failed: {exc!r}")
-        finally:
-            self.ended = timezone.now().isoformat()
+            failure = RestoreError(f"the chain check failed: {exc!r}")
+        self.ended = timezone.now().isoformat()
+        self.failure = failure  # last: the main thread reads ``ended`` once it sees this
 
     def __enter__(self) -> ChainCheck:
         dirs = [s.directory.name for s in reversed(self.found)]
