@@ -199,12 +199,17 @@ def test_it_aborts_when_the_parent_backup_is_corrupt_or_gone(incremental, full, 
 
 
 def fake_qemu_img(tmp_path: Path, body: str) -> dict:
-    """An environment whose PATH finds a qemu-img shim first; it logs its argv."""
+    """An environment whose PATH finds a qemu-img shim first: it logs the argv of
+    ``convert`` and runs ``body`` for it; the header checks before (``info``) run for real."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "qemu-img"
     log = tmp_path / "argv.log"
-    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(log))}\n{body}\n')
+    real = shlex.quote(shutil.which("qemu-img"))
+    shim.write_text(
+        f'#!/bin/sh\n[ "$1" = convert ] || exec {real} "$@"\n'
+        f'printf "%s\\n" "$@" > {shlex.quote(str(log))}\n{body}\n'
+    )
     shim.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -352,7 +357,8 @@ def test_it_quotes_every_manifest_value_in_the_script():
     assert "\nset -eu\n" in script
     assert f"VM_NAME={shlex.quote(HOSTILE_VM)}\n" in script
     assert f"VM_UUID={shlex.quote(m.vm_uuid)}\n" in script
-    quoted = " ".join(shlex.quote(a) for a in (HOSTILE_TARGET, "a b.qcow2", "qcow2", "qcow2"))
+    args = (HOSTILE_TARGET, "a b.qcow2", "qcow2", "qcow2", "")
+    quoted = " ".join(shlex.quote(a) for a in args)
     assert f"    disk {quoted}\n" in script
     assert f"    extra {shlex.quote(m.nvram)}\n" in script
     assert "rm -rf /\n" not in script.replace(shlex.quote(m.vm_uuid), "")
@@ -421,3 +427,36 @@ def test_it_keeps_hostile_names_inside_code_spans():
     assert "VM ```a ``b`` c```" in text
     assert "disk ``x`y``" in text
     assert f"virsh start {shlex.quote(m.vm_name)}" in text
+
+
+@needs_tools
+def test_it_refuses_a_backing_header_pointing_elsewhere_before_qemu_img_opens_it(
+    incremental, dest, tmp_path
+):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = incremental / "vda.qcow2"
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(fifo), "-F", "raw",
+                    str(image)], check=True, timeout=60)  # fmt: skip
+
+    result = run_restore(incremental, str(dest), cwd=dest)  # a FIFO opened would block
+
+    assert result.returncode != 0
+    assert f"backs onto '{fifo}'" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
+@needs_tools
+@pytest.mark.parametrize("target", ["/dev/zero", "secret"])
+def test_it_refuses_a_symlink_named_like_an_image(full, dest, tmp_path, target):
+    secret = tmp_path / "secret"
+    secret.write_text("not for backups")
+    image = full / "vda.qcow2"
+    image.unlink()
+    image.symlink_to(secret if target == "secret" else target)
+
+    result = run_restore(full, str(dest), cwd=dest)
+
+    assert result.returncode != 0
+    assert "not a regular file" in result.stderr
+    assert list(dest.iterdir()) == []

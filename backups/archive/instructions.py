@@ -238,6 +238,7 @@ _SH_HEAD = """\
 #                          directory) while this backup and the ones it builds on are
 #                          checked; the disks appear there only if the check passed
 #   restore.sh --check     only check this backup and the ones it builds on
+#   restore.sh --headers   only check that every image names only its parent
 # Nothing existing is overwritten. Needs: sh, sha256sum, qemu-img.
 set -eu
 """
@@ -254,10 +255,18 @@ cd_here() {
     cd -- "$HERE"
 }
 
+# Stored backups are untrusted input: a symlink or a FIFO named like a file would send
+# sha256sum or qemu-img elsewhere or make them wait forever.
+refuse_special() {
+    odd=$(find . \( -type l -o -type p -o -type s -o -type b -o -type c \) -print | head -n 1)
+    [ -z "$odd" ] || die "not a regular file in $HERE: $odd; not restoring"
+}
+
 check_chain() {
     depth=${VMBACKUP_CHECK_DEPTH:-0}
     [ "$depth" -lt 1000 ] || die "backup chain too long or circular"
     printf 'Checking %s\n' "$HERE"
+    refuse_special
     sha256sum -c SHA256SUMS || die "checksum mismatch in $HERE: not restoring"
     [ -n "$PARENT" ] || return 0
     [ -f "../$PARENT/restore.sh" ] || die "the backup this one builds on is missing: ../$PARENT"
@@ -265,15 +274,50 @@ check_chain() {
         die "the backup this one builds on failed its check: ../$PARENT"
 }
 
+# Before qemu-img opens a chain: every image's header names only what its manifest says
+# (qemu-img info reads one header and opens no backing file), down the whole chain.
+check_headers() {
+    depth=${VMBACKUP_CHECK_DEPTH:-0}
+    [ "$depth" -lt 1000 ] || die "backup chain too long or circular"
+    refuse_special
+    MODE=headers
+    plan
+    [ -n "$PARENT" ] || return 0
+    [ -f "../$PARENT/restore.sh" ] || die "the backup this one builds on is missing: ../$PARENT"
+    rc=0
+    VMBACKUP_CHECK_DEPTH=$((depth + 1)) sh "../$PARENT/restore.sh" --headers || rc=$?
+    [ "$rc" -ne 2 ] || printf 'restore.sh: ../%s predates header checks\n' "$PARENT" >&2
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ] ||
+        die "the backup this one builds on failed its header check: ../$PARENT"
+}
+
+# header IMAGE FORMAT BACKING
+header() {
+    [ -f "./$1" ] && [ ! -L "./$1" ] || die "not a regular file: $HERE/$1"
+    [ "$2" = qcow2 ] || return 0
+    info=$(qemu-img info -U -f qcow2 --output=json "./$1") || die "unreadable header: $HERE/$1"
+    backing=$(printf '%s\n' "$info" | sed -n 's/^ *"backing-filename": "\(.*\)",*$/\1/p')
+    [ "$backing" = "$3" ] || die "$HERE/$1 backs onto '$backing', not '$3': not restoring"
+    case "$info" in
+        *'"data-file"'*) die "$HERE/$1 names an external data file: not restoring" ;;
+    esac
+}
+
 refuse_existing() {
     if [ -e "$1" ] || [ -L "$1" ]; then die "refusing to overwrite $1"; fi
 }
 
-# disk TARGET IMAGE IMAGE_FORMAT OUTPUT_FORMAT
+# disk TARGET IMAGE IMAGE_FORMAT OUTPUT_FORMAT BACKING
 disk() {
-    out="$DEST/$1.$4"
+    out="${DEST:-}/$1.$4"
     case "$MODE" in
+    headers)
+        header "$2" "$3" "$5"
+        ;;
     preflight)
+        if [ -L "./$2" ] || { [ -e "./$2" ] && [ ! -f "./$2" ]; }; then
+            die "not a regular file: $2; not restoring"
+        fi
         [ -f "./$2" ] || die "image missing: $2"
         refuse_existing "$out"
         refuse_existing "$out.partial"
@@ -295,6 +339,7 @@ disk() {
 # extra NAME: a file or directory copied as is (NVRAM, TPM state), once the check passed
 extra() {
     case "$MODE" in
+    headers) ;;
     preflight)
         [ -e "./$1" ] || die "missing: $1"
         refuse_existing "$DEST/$1"
@@ -334,6 +379,7 @@ main() {
     trap 'exit 130' HUP INT TERM
     case "${1:-}" in
         --check) [ $# -eq 1 ] || usage; cd_here; check_chain; exit 0 ;;
+        --headers) [ $# -eq 1 ] || usage; cd_here; check_headers; exit 0 ;;
         -h|--help) usage ;;
         -*) usage ;;
     esac
@@ -349,6 +395,7 @@ main() {
     if [ -n "$PARENT" ] && [ ! -f "../$PARENT/restore.sh" ]; then
         die "the backup this one builds on is missing: ../$PARENT"
     fi
+    check_headers
     # The check reads every file of the chain while qemu-img converts (each on its own
     # core, the page cache serving whichever reads second); the disks are written under
     # a temporary name and renamed into place only when both have succeeded.
@@ -375,7 +422,7 @@ main "$@"
 def _plan(m: Manifest) -> list[str]:
     lines = ["plan() {", "    :"]
     for d in m.disks:
-        args = (d.target, d.file, d.image_format, d.format)
+        args = (d.target, d.file, d.image_format, d.format, d.backing or "")
         lines.append("    disk " + " ".join(quote(a) for a in args))
     for name in (m.nvram, m.tpm):
         if name:
