@@ -271,6 +271,9 @@ class Bench:
         want = "incremental" if step == "inc" else "full"
         if backup.kind != want or backup.method != "push":
             raise RuntimeError(f"expected a {want} push backup, got {backup.kind} {backup.method}")
+        begin = next(e for e in backup.run.journal if e.get("step") == "backup-begin")
+        if step == "full_z" and begin.get("mode") != "pull":
+            raise RuntimeError(f"the compressed full was not pulled (so not compressed): {begin}")
         self.sizes[(step, "ours")] = allocated(path)
         return path
 
@@ -446,7 +449,8 @@ def report(bench: Bench, rounds: int, busy: int, elapsed: float) -> None:
         " virtnbdbackup -z compresses with lz4"
     )
     verdict = ", ".join(
-        f"{k} {v:.2f} {'<=' if v <= TARGETS[k] else '>'} {TARGETS[k]}" for k, v in ratios.items()
+        f"{k} {ratios[k]:.2f} {'<=' if ratios[k] <= limit else '>'} {limit}"
+        for k, limit in TARGETS.items()
     )
     if busy:
         say(f"WARNING: other guests/test runs were active in {busy} of {rounds} rounds: noisy")
