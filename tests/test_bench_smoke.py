@@ -28,8 +28,9 @@ LAST_KEYS = {
     "dashboard.py": ["overview_p50_ms", "vm_p50_ms", "runs_p50_ms"],
     "full_backup.py": ["ratio_offline", "ratio_push_vs_qemu", "ratio_total_vs_floor"],
     "incremental.py": ["ratio_time", "ratio_size_to_changed"],
+    "vs_virtnbdbackup.py": ["vs_full", "vs_full_compressed", "vs_inc", "vs_restore", "identical"],
 }
-NUMBER = r"-?\d+(?:\.\d+)?"
+NUMBER = r"-?\d+(?:\.\d+)?(?:/\d+)?"  # a figure, or a count like identical=3/3
 LAST_LINE = re.compile(rf"\w+={NUMBER}(?: \w+={NUMBER})*")
 
 
