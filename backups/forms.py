@@ -89,12 +89,7 @@ class PolicyForm(forms.ModelForm):
             "verify_after",
             "destination",
             "full_every",
-            "keep_last",
-            "keep_hourly",
-            "keep_daily",
-            "keep_weekly",
-            "keep_monthly",
-            "keep_yearly",
+            *BackupPolicy.KEEP_FIELDS,
             "notify_to",
             "stale_after_hours",
         ]

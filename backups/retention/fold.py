@@ -25,13 +25,12 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 from django.conf import settings
 
-from .. import archive, qemu_img, site
+from .. import archive, qemu_img, site, worker
 from ..archive import check as archive_check
 from ..models import Backup, Kind
 
@@ -47,10 +46,6 @@ class FoldError(Exception):
 
 class Foreign(Exception):
     """A fold journal of another installation (another database on this host): not ours."""
-
-
-def holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def journal_path(backup_dir: Path) -> Path:
@@ -76,7 +71,7 @@ def fold(child: Backup, new_parent: Backup | None) -> None:
     record = {
         "version": 1,
         "site": site.site_id(),
-        "holder": holder(),
+        "holder": worker.worker_id(),
         "backup": directory.name,
         "state": "writing",
         "files": {file: beside_name(file) for file in plan},
@@ -184,16 +179,13 @@ def journals(vm_dir: Path) -> list[Path]:
 
 
 def _holder_alive(record: dict, journal: Path) -> bool:
-    host, _, pid = str(record.get("holder", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return int(pid) != os.getpid()
-    return time.time() - journal.stat().st_mtime < FOREIGN_AFTER
+    """A fold's prune still runs: its process lives (this host; not this very process,
+    which runs no fold while it recovers one) or, elsewhere, its journal is recent."""
+    holder = str(record.get("holder", ""))
+    alive = worker.process_alive(holder)
+    if alive is None:
+        return time.time() - journal.stat().st_mtime < FOREIGN_AFTER
+    return alive and holder != worker.worker_id()
 
 
 def recover(journal: Path, me: str) -> str | None:
