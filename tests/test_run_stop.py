@@ -81,7 +81,8 @@ def started(tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while login_page(port) != 200:
+        # both up: the web answers, and the cluster has its workers (and its stop handler)
+        while login_page(port) != 200 or "running." not in (tmp_path / "run.log").read_text():
             assert proc.poll() is None, (tmp_path / "run.log").read_text()
             assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
             time.sleep(0.5)
