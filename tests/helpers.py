@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -394,3 +395,50 @@ def assert_images_equal(dom, backup_dir: Path):
     for target, path in dom.disks.items():
         image = backup_dir / f"{target}.qcow2"
         assert qemu_img.compare(str(path), dom.formats[target], str(image), "qcow2")
+
+
+# --- processes (for tests that kill commands and clusters) ---------------------------------
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name; None when it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: it only waits for its parent to read its status)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(entry.name) if entry.name.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def children_of(pid: int) -> set[int]:
+    return set(_children_by_parent().get(pid, []))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (by parent links in /proc)."""
+    children = _children_by_parent()
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -27,6 +27,7 @@ from django_q.models import OrmQ
 from backups import cluster, reconcile, requests
 from backups.models import BackupRun, RunStatus
 from tests.domains import DiskSpec
+from tests.helpers import alive
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 QEMU_IMG = shutil.which("qemu-img")
@@ -88,13 +89,6 @@ def with_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         pass
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_for_run(run: BackupRun, statuses: set[str], timeout: float, workers: Qcluster) -> float:

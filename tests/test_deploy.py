@@ -12,7 +12,6 @@ import pwd
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 BASE = Path(__file__).resolve().parent.parent
 USER = "nobody"
@@ -36,12 +37,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="install.sh runs as root"),
     pytest.mark.skipif(not shutil.which("rsync"), reason="install.sh copies with rsync"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unit(path: Path) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ from backups import interrupt, jobs, reconcile, requests
 from backups.archive import check as archive_check
 from backups.models import Backup, BackupPolicy, BackupRun, PruneLock, Restore, RunStatus
 from tests.domains import DiskSpec
-from tests.helpers import new_name, push, restore_now, wait_until
+from tests.helpers import alive, children_of, new_name, push, restore_now, wait_until
 
 pytestmark = [pytest.mark.libvirt]
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -103,26 +103,6 @@ class Command:
 
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def assert_all_gone(pids: set[int]) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from backups import qemu_img
 from backups.qemu_img import CheckResult, ImageInfo, Measure, QemuImgError
-from tests.helpers import wait_until
+from tests.helpers import alive, wait_until
 
 MIB = 1024 * 1024
 needs_qemu = pytest.mark.skipif(
@@ -728,12 +728,4 @@ def test_it_kills_qemu_img_when_the_process_that_started_it_dies(tmp_path):
     child = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20))
     parent.kill()
     parent.wait()
-    wait_until(lambda: not _alive(child), 10, "qemu-img outlived the process that started it")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_until(lambda: not alive(child), 10, "qemu-img outlived the process that started it")

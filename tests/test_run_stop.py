@@ -4,7 +4,6 @@ a bounded time — it used to hang."""
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -12,41 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import alive, descendants, free_port
+
 BASE = Path(__file__).resolve().parent.parent
 BOUND = 30  # seconds; run.sh SIGKILLs what is left after VMBACKUP_STOP_TIMEOUT (20)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (by parent links in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def login_page(port: int) -> int:

@@ -45,7 +45,7 @@ from django_q.models import Schedule, Task
 from backups import hypervisor, inventory, requests, waiting
 from backups.models import BackupRun, Host, RunStatus, VirtualMachine
 from tests.domains import URI, DiskSpec
-from tests.helpers import wait_until
+from tests.helpers import descendants, wait_until
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PG = urlsplit(
@@ -152,24 +152,6 @@ def manage(env: dict[str, str], *args: str) -> None:
         timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (by parent links in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 class Cluster:
