@@ -84,6 +84,7 @@ def test_it_shows_the_admin_password_once_and_keeps_it_private(db, data_dir,
     password = (data_dir / "admin_password").read_text().strip()
 
     assert password in first
+    assert "readable only by its owner, root" in first  # who can read it, not a guess
     assert (data_dir / "admin_password").stat().st_mode & 0o777 == 0o600
     assert django_user_model.objects.get(username="admin").check_password(password)
     again = run_command()

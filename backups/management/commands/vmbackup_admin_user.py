@@ -6,6 +6,7 @@ scrollback; a file written and then chmod-ed was readable in between.
 """
 
 import os
+import pwd
 import secrets
 
 from django.conf import settings
@@ -54,5 +55,16 @@ class Command(BaseCommand):
         write_password(password_file, password)
         self.stdout.write(
             f"Log in as {username!r} with the password {password} "
-            f"(shown once; also in {password_file}, readable by root only)"
+            f"(shown once; also in {password_file}, readable only by its owner, "
+            f"{_owner(password_file)})"
         )
+
+
+def _owner(path) -> str:
+    """Who can read the password file: root under `make run`, the service user under the
+    systemd units."""
+    uid = os.stat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
