@@ -1,15 +1,30 @@
-"""A tiny real guest that runs the QEMU guest agent (for fsfreeze/thaw tests).
+"""Tiny real guests that run the QEMU guest agent, built by ``scripts/build-agent-guest.sh``.
 
-``scripts/build-agent-guest.sh`` builds a Debian -cloud-amd64 kernel and an initramfs holding
-busybox-static and qemu-ga; the guest boots by direct kernel boot under TCG, answers the agent on
-a virtio-serial channel, and mounts every ext4 virtio disk on ``/mnt/<target>`` so that
-``guest-fsfreeze-freeze`` has something real to freeze. Domains follow ``tests.domains``: named
-``vmbt-*``, every file under ``tests.domains.BASE`` (the kernel and initrd are copied there so QEMU,
-running as libvirt-qemu, can read them), registered with the ``domains`` fixture for teardown.
+The initramfs-only guest (``create_agent_domain``; fsfreeze/thaw, shutdown tests): a Debian
+-cloud-amd64 kernel and an initramfs holding busybox-static and qemu-ga, booted by direct kernel
+boot under TCG; it answers the agent on a virtio-serial channel and mounts every ext4 virtio disk
+on ``/mnt/<target>`` so that ``guest-fsfreeze-freeze`` has something real to freeze. Its system
+is not on its disks, so a backup of them proves nothing about booting.
+
+The disk-rooted guest (``create_rooted_domain``; restore and drill tests): the whole system is on
+virtio disk vda — MBR, syslinux, the kernel and a small initramfs on partition 1, an ext4 root with
+busybox, qemu-ga and ``/sbin/init`` on partition 2 (``/dev/vda2``) — and SeaBIOS boots it, so a
+restored definition (which drops direct kernel boot) boots it too. ``make_root_disk`` writes a
+marker of the test's choosing into ``/etc/vmbackup-proof`` (with debugfs, nothing mounted);
+``read_marker`` reads it back through the agent (``guest-file-open``/``read``), ``guest_exec``
+runs a command (qemu-ga 7.2 as Debian builds it allows ``guest-exec``: no command is blocked).
+A disk that holds no working system never answers the agent: a zeroed disk leaves SeaBIOS
+printing "No bootable device." and a broken root partition leaves the initramfs printing
+"agent-guest: no root on /dev/vda2: <why>" on the serial console (``wait_for_console``).
+
+Domains follow ``tests.domains``: named ``vmbt-*``, every file under ``tests.domains.BASE`` (the
+kernel and initrd are copied there so QEMU, running as libvirt-qemu, can read them), registered
+with the ``domains`` fixture for teardown.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -40,6 +55,10 @@ GUEST_DIR = Path(os.environ.get("VMBACKUP_AGENT_GUEST_DIR", "/var/tmp/vmbackup-g
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CMDLINE = "console=ttyS0 quiet"
 MEMORY_MIB = 256
+ROOT_DEVICE = "/dev/vda2"  # the disk-rooted guest's root, partition 2 of vda
+MARKER_PATH = "/etc/vmbackup-proof"
+NO_ROOT_LINE = f"agent-guest: no root on {ROOT_DEVICE}"
+NO_BOOT_LINE = "No bootable device."  # SeaBIOS, on the serial console with useserial
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class GuestImage:
     kernel: Path
     initrd: Path
     stamp: str
+    disk_root: Path  # raw, bootable, the disk-rooted guest's whole system; never written
 
 
 _built: dict[Path, GuestImage] = {}
@@ -69,6 +89,7 @@ def ensure_guest(outdir: Path = GUEST_DIR, timeout: float = 600) -> GuestImage:
             kernel=outdir / "vmlinuz",
             initrd=outdir / "initrd.img",
             stamp=(outdir / "stamp").read_text().strip(),
+            disk_root=outdir / "disk-root.img",
         )
     return _built[outdir]
 
@@ -76,15 +97,16 @@ def ensure_guest(outdir: Path = GUEST_DIR, timeout: float = 600) -> GuestImage:
 def agent_domain_xml(
     name: str,
     dom_uuid: str,
-    kernel: Path,
-    initrd: Path,
+    kernel: Path | None,
+    initrd: Path | None,
     disks: dict[str, tuple[Path, str]],
     *,
     console_log: Path | None = None,
     memory_mib: int = MEMORY_MIB,
     cmdline: str = CMDLINE,
 ) -> str:
-    """TCG domain booting ``kernel``/``initrd`` directly, with the agent channel and
+    """TCG domain booting ``kernel``/``initrd`` directly (or, with ``kernel`` None, SeaBIOS
+    booting the first disk, its messages on the serial console too), with the agent channel and
     ``disks`` (target -> (path, format)) on virtio; the serial console goes to ``console_log``."""
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
@@ -94,9 +116,13 @@ def agent_domain_xml(
     ET.SubElement(dom, "vcpu").text = "1"
     os_node = ET.SubElement(dom, "os")
     ET.SubElement(os_node, "type", arch="x86_64", machine="pc").text = "hvm"
-    ET.SubElement(os_node, "kernel").text = str(kernel)
-    ET.SubElement(os_node, "initrd").text = str(initrd)
-    ET.SubElement(os_node, "cmdline").text = cmdline
+    if kernel is None:
+        ET.SubElement(os_node, "boot", dev="hd")
+        ET.SubElement(os_node, "bios", useserial="yes")
+    else:
+        ET.SubElement(os_node, "kernel").text = str(kernel)
+        ET.SubElement(os_node, "initrd").text = str(initrd)
+        ET.SubElement(os_node, "cmdline").text = cmdline
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     devices = ET.SubElement(dom, "devices")
@@ -139,12 +165,8 @@ def create_agent_domain(
     ``ext4`` get an ext4 filesystem instead, which the guest mounts on ``/mnt/<target>``.
     """
     image = image or ensure_guest()
-    token = uuidlib.uuid4().hex[:8]
-    name = f"{PREFIX}agent-{token}"
-    directory = make_dir(BASE / f"{PREFIX}agent-{token}")
-    dom_uuid = str(uuidlib.uuid4())
-    domain = TestDomain(name=name, uuid=dom_uuid, dir=directory, disks={}, formats={})
-    domains.created.append(domain)  # registered first: teardown removes the directory anyway
+    domain = _new_domain(domains, "agent")
+    directory, dom_uuid, name = domain.dir, domain.uuid, domain.name
 
     kernel = directory / "vmlinuz"
     initrd = directory / "initrd.img"
@@ -172,6 +194,164 @@ def create_agent_domain(
     if start:
         dom.create()
     return domain
+
+
+def _new_domain(domains, kind: str) -> TestDomain:
+    """A name, a UUID and a directory under BASE, registered for teardown before anything
+    is made (teardown removes the directory whatever fails next)."""
+    token = uuidlib.uuid4().hex[:8]
+    name = f"{PREFIX}{kind}-{token}"
+    directory = make_dir(BASE / name)
+    domain = TestDomain(name=name, uuid=str(uuidlib.uuid4()), dir=directory, disks={}, formats={})
+    domains.created.append(domain)
+    return domain
+
+
+def partition_offset(raw: Path, number: int) -> tuple[int, int]:
+    """(offset, length) in bytes of MBR partition ``number`` (1-4) of the raw image."""
+    with open(raw, "rb") as f:
+        mbr = f.read(512)
+    if mbr[510:512] != b"\x55\xaa":
+        raise ValueError(f"{raw}: no MBR")
+    entry = mbr[446 + 16 * (number - 1) : 446 + 16 * number]
+    start = int.from_bytes(entry[8:12], "little")
+    sectors = int.from_bytes(entry[12:16], "little")
+    return start * 512, sectors * 512
+
+
+def make_root_disk(
+    path: Path,
+    fmt: str = "qcow2",
+    *,
+    marker: str | None = None,
+    broken: str | None = None,
+    image: GuestImage | None = None,
+) -> None:
+    """A fresh copy of the disk-rooted guest's disk at ``path`` (raw or qcow2).
+
+    ``marker`` is written into ``MARKER_PATH`` on the root filesystem (debugfs, not mounted).
+    ``broken`` makes a disk that holds no working system: "zeros" (the whole disk wiped: SeaBIOS
+    finds nothing to boot) or "root" (the root partition wiped: the initramfs finds no root).
+    """
+    image = image or ensure_guest()
+    raw = path if fmt == "raw" else path.with_name(path.name + ".raw")
+    run(["cp", "--sparse=always", str(image.disk_root), str(raw)])
+    raw.chmod(0o644)
+    offset, length = partition_offset(raw, 2)
+    if marker is not None:
+        source = path.with_name(path.name + ".marker")
+        source.write_text(marker)
+        source.chmod(0o644)
+        fs = f"{raw}?offset={offset}"
+        run(["debugfs", "-w", "-R", f"write {source} {MARKER_PATH}", fs])
+        source.unlink()
+        written = run(["debugfs", "-R", f"cat {MARKER_PATH}", fs])
+        if written != marker:
+            raise RuntimeError(f"{raw}: marker not written ({written!r})")
+    if broken == "zeros":
+        run(["qemu-io", "-f", "raw", "-c", f"write -z 0 {raw.stat().st_size}", str(raw)])
+    elif broken == "root":
+        run(["qemu-io", "-f", "raw", "-c", f"write -z {offset} {length}", str(raw)])
+    elif broken is not None:
+        raise ValueError(f"broken={broken!r}: 'zeros' or 'root'")
+    if raw != path:
+        run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(path)])
+        raw.unlink()
+
+
+def create_rooted_domain(
+    domains,
+    *,
+    marker: str | None = None,
+    broken: str | None = None,
+    fmt: str = "qcow2",
+    start: bool = True,
+    image: GuestImage | None = None,
+) -> TestDomain:
+    """Define (and start) a disk-rooted agent guest through the ``domains`` fixture, which
+    removes it: vda is a fresh ``make_root_disk`` copy, SeaBIOS boots it (no kernel from the
+    host), the serial console (SeaBIOS, syslinux, the guest) goes to ``console_log_path``."""
+    domain = _new_domain(domains, "rooted")
+    path = domain.dir / f"vda.{fmt}"
+    make_root_disk(path, fmt, marker=marker, broken=broken, image=image)
+    domain.disks["vda"] = path
+    domain.formats["vda"] = fmt
+    xml = agent_domain_xml(
+        domain.name,
+        domain.uuid,
+        None,
+        None,
+        {"vda": (path, fmt)},
+        console_log=console_log_path(domain),
+    )
+    dom = domains.conn.defineXML(xml)
+    if start:
+        dom.create()
+    return domain
+
+
+def wait_for_console(path: Path, text: str, timeout: float = 60) -> float:
+    """Poll the serial console log until ``text`` shows; returns the seconds waited."""
+    started = time.monotonic()
+    while True:
+        try:
+            if text in path.read_text(errors="replace"):
+                return time.monotonic() - started
+        except FileNotFoundError:
+            pass
+        if time.monotonic() - started >= timeout:
+            raise TimeoutError(
+                f"{text!r} not on the console within {timeout:.0f} s\n"
+                f"--- serial console ---\n{console_tail(path)}"
+            )
+        time.sleep(0.25)
+
+
+def read_marker(dom, path: str = MARKER_PATH) -> str:
+    """The guest file ``path`` read through the agent (guest-file-open/read/close)."""
+    handle = agent_command(dom, "guest-file-open", {"path": path, "mode": "r"})
+    try:
+        data = b""
+        while True:
+            chunk = agent_command(dom, "guest-file-read", {"handle": handle, "count": 65536})
+            data += base64.b64decode(chunk["buf-b64"])
+            if chunk["eof"] or not chunk["count"]:
+                break
+    finally:
+        agent_command(dom, "guest-file-close", {"handle": handle})
+    return data.decode()
+
+
+def write_guest_file(dom, path: str, text: str) -> None:
+    """Write ``text`` into the guest file ``path`` through the agent, then sync the guest's
+    filesystems (guest-exec of busybox sync), so the bytes are on its disk, not only cached."""
+    handle = agent_command(dom, "guest-file-open", {"path": path, "mode": "w"})
+    try:
+        data = base64.b64encode(text.encode()).decode()
+        agent_command(dom, "guest-file-write", {"handle": handle, "buf-b64": data})
+        agent_command(dom, "guest-file-flush", {"handle": handle})
+    finally:
+        agent_command(dom, "guest-file-close", {"handle": handle})
+    code, _, err = guest_exec(dom, "/bin/sync")
+    if code != 0:
+        raise RuntimeError(f"sync in the guest failed ({code}): {err}")
+
+
+def guest_exec(dom, path: str, args: list[str] = (), timeout: float = 10) -> tuple[int, str, str]:
+    """Run ``path args`` in the guest through the agent; (exit code, stdout, stderr)."""
+    started = agent_command(
+        dom, "guest-exec", {"path": path, "arg": list(args), "capture-output": True}
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        status = agent_command(dom, "guest-exec-status", {"pid": started["pid"]})
+        if status["exited"]:
+            out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+            return status.get("exitcode", -1), out, err
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"guest-exec {path} {list(args)} still running after {timeout} s")
+        time.sleep(0.1)
 
 
 def console_log_path(domain: TestDomain) -> Path:
