@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
           libvirt-dev pkg-config ovmf dnsmasq-base python3-venv rsync)
-# the test suite also needs a browser (Debian's; browsers cannot be downloaded), mkfs.ext4 and
-# cpio for the guest-agent test guest, swtpm for a guest with an emulated TPM; the benches
+# the test suite also needs a browser (Debian's; browsers cannot be downloaded), e2fsprogs
+# (mkfs.ext4, debugfs) and cpio for the guest-agent test guests (syslinux and mtools are run
+# from their extracted packages), swtpm for a guest with an emulated TPM; the benches
 # (whose smoke runs in the suite) compare with virtnbdbackup and take CPU/RSS from GNU time
 [ "${1:-}" = "--test" ] && PACKAGES+=(chromium e2fsprogs cpio swtpm swtpm-tools virtnbdbackup time)
 
