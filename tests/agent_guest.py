@@ -32,6 +32,7 @@ import subprocess
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from tests.domains import (
     OWNER_TAG,
     PREFIX,
     DiskSpec,
+    MiB,
     TestDomain,
     add_disks,
     fill,
@@ -225,6 +227,7 @@ def make_root_disk(
     *,
     marker: str | None = None,
     broken: str | None = None,
+    size_mib: int | None = None,
     image: GuestImage | None = None,
 ) -> None:
     """A fresh copy of the disk-rooted guest's disk at ``path`` (raw or qcow2).
@@ -232,11 +235,17 @@ def make_root_disk(
     ``marker`` is written into ``MARKER_PATH`` on the root filesystem (debugfs, not mounted).
     ``broken`` makes a disk that holds no working system: "zeros" (the whole disk wiped: SeaBIOS
     finds nothing to boot) or "root" (the root partition wiped: the initramfs finds no root).
+    ``size_mib`` grows the disk past its 64 MiB (unpartitioned, unallocated space after the
+    root partition, for data a test writes with qemu-io).
     """
     image = image or ensure_guest()
     raw = path if fmt == "raw" else path.with_name(path.name + ".raw")
     run(["cp", "--sparse=always", str(image.disk_root), str(raw)])
     raw.chmod(0o644)
+    if size_mib is not None:
+        if size_mib * MiB < raw.stat().st_size:
+            raise ValueError(f"size_mib={size_mib}: the disk-rooted guest needs 64 MiB")
+        os.truncate(raw, size_mib * MiB)
     offset, length = partition_offset(raw, 2)
     if marker is not None:
         source = path.with_name(path.name + ".marker")
@@ -264,6 +273,7 @@ def create_rooted_domain(
     *,
     marker: str | None = None,
     broken: str | None = None,
+    size_mib: int | None = None,
     fmt: str = "qcow2",
     start: bool = True,
     image: GuestImage | None = None,
@@ -273,7 +283,7 @@ def create_rooted_domain(
     host), the serial console (SeaBIOS, syslinux, the guest) goes to ``console_log_path``."""
     domain = _new_domain(domains, "rooted")
     path = domain.dir / f"vda.{fmt}"
-    make_root_disk(path, fmt, marker=marker, broken=broken, image=image)
+    make_root_disk(path, fmt, marker=marker, broken=broken, size_mib=size_mib, image=image)
     domain.disks["vda"] = path
     domain.formats["vda"] = fmt
     xml = agent_domain_xml(
@@ -337,7 +347,9 @@ def write_guest_file(dom, path: str, text: str) -> None:
         raise RuntimeError(f"sync in the guest failed ({code}): {err}")
 
 
-def guest_exec(dom, path: str, args: list[str] = (), timeout: float = 10) -> tuple[int, str, str]:
+def guest_exec(
+    dom, path: str, args: Sequence[str] = (), timeout: float = 10
+) -> tuple[int, str, str]:
     """Run ``path args`` in the guest through the agent; (exit code, stdout, stderr)."""
     started = agent_command(
         dom, "guest-exec", {"path": path, "arg": list(args), "capture-output": True}

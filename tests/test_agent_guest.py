@@ -89,7 +89,7 @@ def test_freeze_without_filesystems(domains):
 def test_rooted_guest_boots_from_its_disk_and_shows_the_marker(domains):
     marker = f"proof-{uuid.uuid4().hex}"
     started = time.monotonic()
-    spec = create_rooted_domain(domains, marker=marker)
+    spec = create_rooted_domain(domains, marker=marker, size_mib=256)
     dom = domains.lookup(spec)
     waited = wait_for_agent(domains.conn, spec.uuid, timeout=90)
     print(f"\nrooted guest: define+boot to guest-ping {time.monotonic() - started:.1f} s (TCG)")
@@ -100,6 +100,7 @@ def test_rooted_guest_boots_from_its_disk_and_shows_the_marker(domains):
     assert read_marker(dom) == marker
     assert guest_exec(dom, "/bin/cat", [MARKER_PATH]) == (0, marker, "")
     assert [fs["mountpoint"] for fs in agent_command(dom, "guest-get-fsinfo")] == ["/"]
+    assert dom.blockInfo("vda")[0] == 256 * 1024 * 1024  # grown past the system's 64 MiB
     assert waited < 90
 
 
@@ -125,11 +126,11 @@ def test_a_push_backup_of_the_rooted_guest_restores_to_a_system_that_boots(
     spec = create_rooted_domain(domains, marker=marker)
     dom = domains.lookup(spec)
     wait_for_agent(domains.conn, spec.uuid, timeout=90)
-    write_guest_file(dom, "/root/before-backup", "written by the guest")
+    write_guest_file(dom, "/var/lib/before-backup", "written by the guest")
     run = push(synced(spec))
     assert run.consistency == "filesystem-frozen"  # the root filesystem, "/", was frozen
     backup = run.backup
-    write_guest_file(dom, "/root/after-backup", "too late")
+    write_guest_file(dom, "/var/lib/after-backup", "too late")
 
     restore = restore_now(backup, restore_root, start=True)
 
@@ -139,7 +140,7 @@ def test_a_push_backup_of_the_rooted_guest_restores_to_a_system_that_boots(
     wait_for_agent(domains.conn, restore.domain_uuid, timeout=90)
     print(f"\nrestored rooted guest: boot to guest-ping {time.monotonic() - started:.1f} s")
     assert read_marker(new) == marker
-    assert read_marker(new, "/root/before-backup") == "written by the guest"
+    assert read_marker(new, "/var/lib/before-backup") == "written by the guest"
     with pytest.raises(libvirt.libvirtError, match="No such file"):
-        read_marker(new, "/root/after-backup")
+        read_marker(new, "/var/lib/after-backup")
     assert dom.isActive()  # the original runs on, on its own disk
