@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from backups import jobs, qemu_img, requests, restic
-from backups.models import BackupPolicy, CopyTrigger, OffsiteCopy, OffsiteRepository, RunStatus
-from backups.offsite import repository as offsite_repository
+from backups.models import BackupPolicy, CopyTrigger, OffsiteCopy, RunStatus
 from backups.offsite import restic_repository
 from tests.domains import DiskSpec, run
 from tests.helpers import push, sha256sum_check, write
@@ -23,20 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("restic"), reason="restic is required"),
 ]
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def offsite(tmp_path, settings) -> OffsiteRepository:
-    """An initialized local-path repository; its password in a private file."""
-    settings.VMBACKUP_RESTIC_CACHE_DIR = str(tmp_path / "cache")
-    password = tmp_path / "password"
-    password.write_text(os.urandom(16).hex() + "\n")
-    password.chmod(0o600)
-    model = OffsiteRepository.objects.create(
-        name="offsite", url=str(tmp_path / "repo"), password_file=str(password)
-    )
-    offsite_repository.initialize(model)
-    return model
 
 
 def policy_for(vm, repository, **fields) -> BackupPolicy:
