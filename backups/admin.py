@@ -220,7 +220,8 @@ class OffsiteRepositoryAdmin(admin.ModelAdmin):
 
 @admin.register(OffsiteCopy)
 class OffsiteCopyAdmin(admin.ModelAdmin):
-    """Written by the copy jobs only."""
+    """Written by the copy jobs only, and kept: a row is the record of where a snapshot
+    is (deleting it would make the chain look incomplete offsite)."""
 
     list_display = ["id", "backup", "repository", "status", "trigger", "created_at", "verified_at"]
     list_filter = ["status", "repository", "trigger"]
@@ -231,6 +232,9 @@ class OffsiteCopyAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False
 
 
