@@ -84,7 +84,10 @@ def test_a_chain_is_copied_in_order_and_rebuilt_from_the_repository_alone(
         assert copy.verified_at and copy.snapshot_id
 
     repo = restic_repository(offsite)
-    snaps = restic.snapshots(repo, ["vmbackup", f"uuid={vm.uuid}"])
+    # by run: the snapshots' times are the backups', to the second (restic's --time)
+    snaps = sorted(
+        restic.snapshots(repo, ["vmbackup", f"uuid={vm.uuid}"]), key=lambda s: int(s.tag("run"))
+    )
     assert [s.id for s in snaps] == [first.snapshot_id, link.snapshot_id, last.snapshot_id]
     names = [Path(b.path).name for b in (full.backup, inc1.backup, inc2.backup)]
     assert [s.tag("backup") for s in snaps] == names

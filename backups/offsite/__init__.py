@@ -16,9 +16,11 @@ exactly the files the backup's SHA256SUMS lists, plus SHA256SUMS itself — noth
 manifest does not account for (see ``files_to_send``). Restoring the snapshots of a chain
 into one directory gives ``<dir>/<backup>/…`` for each of them, so an incremental's backing
 file (``../<parent>/<file>``) resolves, and ``sha256sum -c SHA256SUMS`` in each directory
-checks it. The snapshot's time is the backup's, its host name the hypervisor host's
-(``Host.name``). Tags (``key=value``; restic separates tags by ',', so a value's ',' and
-'%' are escaped as %2C and %25)::
+checks it. The snapshot's time is the backup's to the second (restic's ``--time``: two
+backups in one second share it, so order a chain by its ``parent`` tags, or by ``run``),
+its host name the hypervisor host's (``Host.name``).
+Tags (``key=value``; restic separates tags by ',', so a value's ',' and '%' are escaped as
+%2C and %25)::
 
     vmbackup  site=<installation id>  uuid=<vm uuid>  vm=<vm name>  backup=<dir name>
     kind=full|incremental  parent=<parent dir name> (incrementals only)  run=<run id>
