@@ -5,7 +5,19 @@ from django.contrib import admin, messages
 from django_q.models import Failure, OrmQ, Schedule, Success
 
 from . import alerts, requests
-from .models import Alert, Backup, BackupPolicy, BackupRun, Disk, Host, Trigger, VirtualMachine
+from .models import (
+    Alert,
+    Backup,
+    BackupPolicy,
+    BackupRun,
+    CopyTrigger,
+    Disk,
+    Host,
+    OffsiteCopy,
+    OffsiteRepository,
+    Trigger,
+    VirtualMachine,
+)
 
 
 @admin.register(Host)
@@ -118,7 +130,25 @@ class BackupAdmin(admin.ModelAdmin):
     ]
     list_filter = ["kind", "method", "verify_status", "protected"]
     search_fields = ["vm__name", "path"]
-    actions = ["verify_now"]
+    actions = ["verify_now", "copy_offsite"]
+
+    @admin.action(description="Copy to its policy's offsite repository", permissions=["copy"])
+    def copy_offsite(self, request, queryset):
+        for backup in queryset.select_related("vm__host", "policy__offsite"):
+            repository = backup.policy.offsite if backup.policy else None
+            if repository is None:
+                self.message_user(
+                    request, f"{backup}: its policy names no offsite repository", messages.WARNING
+                )
+                continue
+            try:
+                copy = requests.request_offsite_copy(backup, repository, trigger=CopyTrigger.ADMIN)
+                self.message_user(request, f"{backup}: copy to {repository} queued ({copy.pk})")
+            except (requests.CopyActive, requests.CopyRefused) as exc:
+                self.message_user(request, f"{backup}: {exc}", messages.WARNING)
+
+    def has_copy_permission(self, request):
+        return request.user.has_perm("backups.copy_offsite")
 
     @admin.action(description="Verify now", permissions=["verify_backup"])
     def verify_now(self, request, queryset):
@@ -141,6 +171,71 @@ class BackupAdmin(admin.ModelAdmin):
         return request.user.has_perm("backups.verify_backup")
 
     readonly_fields = [f.name for f in Backup._meta.fields if f.name not in {"id", "protected"}]
+
+
+@admin.register(OffsiteRepository)
+class OffsiteRepositoryAdmin(admin.ModelAdmin):
+    """Where copies go; init and check run on the repository's cluster (its password file
+    is on the workers, not here), and what they found shows in the probe/check columns."""
+
+    list_display = ["name", "url", "enabled", "cluster", "probe_state", "checked_at", "check_ok"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "url"]
+    readonly_fields = [
+        "created_at",
+        "probed_at",
+        "probe_state",
+        "probe_message",
+        "checked_at",
+        "check_ok",
+        "check_subset",
+        "check_message",
+    ]
+    actions = ["initialize", "check_now"]
+
+    @admin.action(
+        description="Initialize (restic init, only where no repository is)", permissions=["init"]
+    )
+    def initialize(self, request, queryset):
+        """Queued: the worker that holds the password file runs it. A repository already
+        there is never touched; the refusal (wrong password, already initialized) shows
+        in its probe columns."""
+        for repository in queryset:
+            requests.request_offsite_init(repository)
+            self.message_user(
+                request,
+                f"{repository}: restic init queued on cluster {repository.cluster or '(default)'};"
+                " the outcome shows in its probe state",
+            )
+
+    @admin.action(description="Check now (restic check, structure only)", permissions=["change"])
+    def check_now(self, request, queryset):
+        for repository in queryset:
+            requests.request_offsite_check(repository)
+            self.message_user(request, f"{repository}: restic check queued")
+
+    def has_init_permission(self, request):
+        return request.user.has_perm("backups.init_repository")
+
+
+@admin.register(OffsiteCopy)
+class OffsiteCopyAdmin(admin.ModelAdmin):
+    """Written by the copy jobs only, and kept: a row is the record of where a snapshot
+    is (deleting it would make the chain look incomplete offsite)."""
+
+    list_display = ["id", "backup", "repository", "status", "trigger", "created_at", "verified_at"]
+    list_filter = ["status", "repository", "trigger"]
+    search_fields = ["vm__name", "snapshot_id", "error"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

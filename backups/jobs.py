@@ -13,8 +13,29 @@ from django.utils import timezone
 from . import alerts, dump, interrupt, inventory, verify, waiting, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
-from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
-from .requests import RunActive, request_backup
+from .models import (
+    Backup,
+    BackupPolicy,
+    BackupRun,
+    CopyTrigger,
+    Host,
+    OffsiteCopy,
+    OffsiteRepository,
+    Restore,
+    RunStatus,
+    Trigger,
+)
+from .offsite import OffsiteError
+from .offsite import copy as offsite_copy
+from .offsite import repository as offsite_repository
+from .requests import (
+    CopyActive,
+    CopyRefused,
+    RunActive,
+    request_backup,
+    request_offsite_copy,
+    retry_offsite_copy,
+)
 from .restore import run as restore_run
 
 log = logging.getLogger(__name__)
@@ -36,9 +57,30 @@ def run_backup(run_id: int) -> str:
         return f"not claimed ({status})"
     run = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
     try:
-        return runner.execute(run)
+        outcome = runner.execute(run)
     except interrupt.WorkerStopped as exc:
         return f"interrupted: {exc}"
+    copy_after_backup(run)
+    return outcome
+
+
+def copy_after_backup(run: BackupRun) -> None:
+    """A published backup of a policy that names an offsite repository is copied there
+    (it was verified before it was published when the policy verifies; the copy verifies it
+    again before sending). While the VM's previous copy is still running it waits: that
+    copy requests the newest backup left uncopied when it ends (``copy_offsite``)."""
+    run.refresh_from_db(fields=["status"])
+    policy = run.policy
+    if run.status != RunStatus.SUCCEEDED or policy is None or policy.offsite_id is None:
+        return
+    backup = Backup.objects.filter(run=run).select_related("vm__host").first()
+    if backup is None:
+        return
+    try:
+        copy = request_offsite_copy(backup, policy.offsite, trigger=CopyTrigger.AFTER_BACKUP)
+        run.log("offsite-requested", copy=copy.pk, repository=policy.offsite.name)
+    except (CopyActive, CopyRefused) as exc:
+        run.log("offsite-deferred", reason=str(exc))
 
 
 def run_restore(restore_id: int) -> str:
@@ -52,6 +94,62 @@ def run_restore(restore_id: int) -> str:
         return restore_run.execute(restore)
     except interrupt.WorkerStopped as exc:
         return f"interrupted: {exc}"
+
+
+def copy_offsite(copy_id: int) -> str:
+    """Worker entry point for one offsite copy; a second delivery finds nothing to claim.
+    A copy stopped with its worker is requested again (it resumes nothing: restic wrote no
+    snapshot, and deduplication makes sending again cheap)."""
+    if worker.stopping():
+        return STOPPING
+    if not OffsiteCopy.claim(copy_id, worker.worker_id()):
+        return "not claimed"
+    copy = OffsiteCopy.objects.select_related("backup__vm__host", "repository").get(pk=copy_id)
+    try:
+        outcome = offsite_copy.execute(copy)
+    except interrupt.WorkerStopped as exc:
+        retry_offsite_copy(copy)
+        return f"interrupted: {exc}"
+    if copy.status == RunStatus.SUCCEEDED:
+        _copy_next(copy)
+    return outcome
+
+
+def _copy_next(copy: OffsiteCopy) -> None:
+    """The newest backup of this VM whose policy names this repository, published after
+    this one and never copied there: one deferred while this copy ran."""
+    newer = (
+        Backup.objects.published()
+        .filter(vm=copy.vm, policy__offsite=copy.repository, created_at__gt=copy.backup.created_at)
+        .exclude(offsite_copies__repository=copy.repository)
+        .select_related("vm__host")
+        .order_by("-created_at")
+        .first()
+    )
+    if newer is not None:
+        try:
+            request_offsite_copy(newer, copy.repository, trigger=CopyTrigger.AFTER_BACKUP)
+        except (CopyActive, CopyRefused) as exc:
+            log.info("backup %s not copied after copy %s: %s", newer.pk, copy.pk, exc)
+
+
+def check_offsite(repository_id: int, read_data_subset: str = "") -> str:
+    """``restic check`` of one repository (with that share of the data read)."""
+    model = OffsiteRepository.objects.get(pk=repository_id)
+    try:
+        result = offsite_repository.check(model, read_data_subset or None)
+    except OffsiteError as exc:
+        return f"failed: {exc}"
+    return "ok" if result.ok else "errors: " + "; ".join(result.errors)
+
+
+def init_offsite(repository_id: int) -> str:
+    """``restic init`` of one repository, refused where there is one already."""
+    model = OffsiteRepository.objects.get(pk=repository_id)
+    try:
+        return offsite_repository.initialize(model)
+    except OffsiteError as exc:
+        return f"refused: {exc}"
 
 
 def verify_backup(backup_id: int) -> str:

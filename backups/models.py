@@ -12,7 +12,13 @@ from django.utils import timezone
 
 from . import uris
 from .retention import rules as retention_rules
-from .validators import validate_backup_root, validate_cron, validate_libvirt_uri
+from .validators import (
+    validate_backup_root,
+    validate_cron,
+    validate_libvirt_uri,
+    validate_password_file,
+    validate_restic_url,
+)
 
 
 class Host(models.Model):
@@ -134,8 +140,66 @@ class Compression(models.TextChoices):
     ZSTD = "zstd"
 
 
+class OffsiteRepository(models.Model):
+    """A restic repository that backups are copied to (encrypted, deduplicated).
+
+    Only where it is and how to open it: the password stays in a file on the worker hosts
+    (``password_file``), never here. Copies run on the cluster of the backup's host (where
+    its files are, like its runs); this repository's own jobs — init, check — run on
+    ``cluster``. ``probe_*`` is what the last init or probe found, ``check_*`` the last
+    ``restic check``."""
+
+    name = models.CharField(max_length=100, unique=True)
+    url = models.CharField(
+        max_length=1024,
+        validators=[validate_restic_url],
+        help_text="restic repository: an absolute path, or sftp:, rest:, s3:, b2:, azure:, "
+        "gs:, swift: (as restic -r takes it)",
+    )
+    password_file = models.CharField(
+        max_length=1024,
+        validators=[validate_password_file],
+        help_text="absolute path of the file holding the repository's password, on every "
+        "worker host that copies (mode 0600); the password itself is never stored here",
+    )
+    enabled = models.BooleanField(default=True, help_text="disabled: no new copies are made")
+    cluster = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="django-q2 cluster that runs this repository's init and check (blank: the "
+        "default one); copies run on the cluster of the backup's host",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    probed_at = models.DateTimeField(null=True, blank=True)
+    probe_state = models.CharField(
+        max_length=32, blank=True, help_text="ok, no-repository, wrong-password, unreachable…"
+    )
+    probe_message = models.TextField(blank=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+    check_ok = models.BooleanField(null=True, blank=True)
+    check_subset = models.CharField(max_length=32, blank=True, help_text="data read by the check")
+    check_message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "offsite repositories"
+        permissions = [("init_repository", "Can initialize offsite repositories")]
+
+    def __str__(self):
+        return self.name
+
+    def record_probe(self, state: str, message: str) -> None:
+        self.probed_at, self.probe_state, self.probe_message = timezone.now(), state, message
+        self.save(update_fields=["probed_at", "probe_state", "probe_message"])
+
+    def record_check(self, ok: bool, subset: str, message: str) -> None:
+        self.checked_at, self.check_ok = timezone.now(), ok
+        self.check_subset, self.check_message = subset, message
+        self.save(update_fields=["checked_at", "check_ok", "check_subset", "check_message"])
+
+
 class BackupPolicy(models.Model):
-    """What to back up, when, how, and how long to keep it."""
+    """What to back up, when, how, and how long to keep it (here and offsite)."""
 
     name = models.CharField(max_length=100, unique=True)
     enabled = models.BooleanField(default=True)
@@ -174,6 +238,20 @@ class BackupPolicy(models.Model):
     keep_weekly = models.PositiveIntegerField(default=4)
     keep_monthly = models.PositiveIntegerField(default=6)
     keep_yearly = models.PositiveIntegerField(default=0)
+    offsite = models.ForeignKey(
+        OffsiteRepository,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="policies",
+        help_text="copy each backup there once it is published (and verified)",
+    )
+    offsite_keep_last = models.PositiveIntegerField(default=7)
+    offsite_keep_hourly = models.PositiveIntegerField(default=0)
+    offsite_keep_daily = models.PositiveIntegerField(default=7)
+    offsite_keep_weekly = models.PositiveIntegerField(default=4)
+    offsite_keep_monthly = models.PositiveIntegerField(default=12)
+    offsite_keep_yearly = models.PositiveIntegerField(default=0)
     notify_to = models.CharField(max_length=500, blank=True, help_text="emails, comma-separated")
     stale_after_hours = models.PositiveIntegerField(
         null=True,
@@ -197,9 +275,18 @@ class BackupPolicy(models.Model):
         "keep_yearly",
     )
 
+    OFFSITE_KEEP_FIELDS = tuple(f"offsite_{name}" for name in KEEP_FIELDS)
+
     @property
     def root(self) -> str:
         return self.destination or settings.VMBACKUP_ROOT
+
+    def offsite_retention_rules(self) -> retention_rules.Policy:
+        """The offsite_keep_* counts, for the copies in ``offsite`` (its own retention:
+        e.g. 12 monthly there while 7 daily are kept here)."""
+        return retention_rules.Policy(
+            **{name: getattr(self, f"offsite_{name}") or 0 for name in self.KEEP_FIELDS}
+        )
 
     def retention_rules(self) -> retention_rules.Policy:
         """The keep_* counts as the retention engine takes them (prune, the preview)."""
@@ -574,6 +661,87 @@ class PruneLock(models.Model):
 
     def __str__(self):
         return f"prune lock on {self.vm} by {self.holder}"
+
+
+class CopyTrigger(models.TextChoices):
+    AFTER_BACKUP = "after-backup"  # its policy names the repository
+    BUTTON = "button"
+    ADMIN = "admin"
+    COMMAND = "command"
+    RETRY = "retry"  # reconcile, after the worker died mid-copy
+    CHAIN = "chain"  # copied first, as the parent a requested incremental needs
+
+
+class OffsiteCopyQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(status__in=ACTIVE_STATUSES)
+
+    def succeeded(self):
+        return self.filter(status=RunStatus.SUCCEEDED)
+
+    def in_repository(self, repository):
+        """The copies whose snapshot is in ``repository``: what a chain builds on there."""
+        return self.succeeded().filter(repository=repository)
+
+
+class OffsiteCopy(Job):
+    """Copying one backup into one offsite repository as one restic snapshot.
+
+    Uses the run states. One copy per VM is active at a time (the database says so); the
+    parents an incremental needs there first are copied by the same job, each recorded as
+    a copy of its own whose ``via`` is that job's row. restic writes a snapshot last: a
+    copy that dies leaves none, and reconcile marks it interrupted and requeues it."""
+
+    backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="offsite_copies")
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="offsite_copies")
+    repository = models.ForeignKey(
+        OffsiteRepository, on_delete=models.PROTECT, related_name="copies"
+    )
+    trigger = models.CharField(
+        max_length=16, choices=CopyTrigger.choices, default=CopyTrigger.BUTTON
+    )
+    via = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="links",
+        help_text="the copy that sent this backup first, as a parent its backup needs",
+    )
+    attempt = models.PositiveSmallIntegerField(default=1)
+    snapshot_id = models.CharField(max_length=64, blank=True)
+    bytes_added = models.BigIntegerField(
+        default=0, help_text="new data the repository stored (after deduplication)"
+    )
+    reason = models.CharField(
+        max_length=32, blank=True, help_text="why it failed: wrong-password, unreachable…"
+    )
+    verified_at = models.DateTimeField(
+        null=True, blank=True, help_text="the snapshot's listing matched the manifest then"
+    )
+
+    objects = OffsiteCopyQuerySet.as_manager()
+
+    class Meta(Job.Meta):
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "offsite copies"
+        permissions = [("copy_offsite", "Can copy backups offsite")]
+        indexes = [models.Index(fields=["backup", "repository", "status"], name="copy_lookup")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(status__in=["queued", "running"], via__isnull=True),
+                name="one_active_copy_per_vm",
+            )
+        ]
+
+    def __str__(self):
+        return f"copy {self.pk} of backup {self.backup_id} to {self.repository} ({self.status})"
+
+    def save(self, *args, **kwargs):
+        if self.vm_id is None and self.backup_id is not None:  # always the backup's VM
+            self.vm_id = Backup.objects.values_list("vm_id", flat=True).get(pk=self.backup_id)
+        super().save(*args, **kwargs)
 
 
 class Installation(models.Model):

@@ -24,16 +24,18 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from . import adopt, archive, hypervisor, notify, roots, site, worker
+from . import adopt, archive, hypervisor, notify, requests, roots, site, worker
 from .backup import methods
 from .models import (
     BackupRun,
     Host,
+    OffsiteCopy,
     PruneLock,
     Restore,
     RestoreMode,
     RunStatus,
 )
+from .offsite import copy as offsite_copy
 from .restore import in_place, new_domain, rules
 from .retention import fold
 from .roots import refusal as root_refusal
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 class Report:
     interrupted: list[int] = field(default_factory=list)
     restores_interrupted: list[int] = field(default_factory=list)
+    copies_interrupted: list[int] = field(default_factory=list)
+    copies_requeued: list[int] = field(default_factory=list)  # the new copies' ids
     locks_released: list[str] = field(default_factory=list)  # of dead vmbackup_prune runs
     overlays: list[str] = field(default_factory=list)
     jobs_aborted: list[str] = field(default_factory=list)
@@ -60,6 +64,8 @@ class Report:
         parts = [
             f"{len(self.interrupted)} runs interrupted",
             f"{len(self.restores_interrupted)} restores interrupted",
+            f"{len(self.copies_interrupted)} offsite copies interrupted "
+            f"({len(self.copies_requeued)} requeued)",
             f"{len(self.locks_released)} prune locks released",
             f"{len(self.overlays)} overlays merged",
             f"{len(self.jobs_aborted)} jobs aborted",
@@ -93,6 +99,7 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     _release_dead_prune_locks(report)
     _repair_finished(report, stale_after, mine)
     _repair_restores(report, stale_after, mine)
+    _repair_copies(report, stale_after, mine)
     hosts = Host.objects.all() if cluster is None else Host.objects.filter(cluster=cluster)
     me = site.site_id()
     found = {host.pk: _repair_host(host, me, report) for host in hosts}
@@ -217,6 +224,38 @@ def _repair_new_domain(restore: Restore, report: Report) -> str:
     elif ours:
         shutil.rmtree(tpm, ignore_errors=True)  # named by the UUID no domain ever got
     return error
+
+
+def _repair_copies(report: Report, stale_after: int, mine: dict) -> None:
+    """A copy whose worker died left no snapshot (restic writes it last) and nothing on
+    this host: any reconcile may end it, interrupted, and request it again (up to
+    ``VMBACKUP_OFFSITE_ATTEMPTS``). Links are judged with the copy that runs them; a link
+    left running after its copy ended is ended too. A copy queued for a day is dropped."""
+    error = "interrupted: the worker died during the copy (repaired by reconcile)"
+    running = OffsiteCopy.objects.filter(status=RunStatus.RUNNING, via__isnull=True, **mine)
+    for copy_id in list(running.values_list("pk", flat=True)):
+        copy = OffsiteCopy.objects.select_related("backup__vm__host", "repository").get(pk=copy_id)
+        if copy.status != RunStatus.RUNNING or not worker.is_dead(copy, stale_after):
+            continue
+        try:
+            ended = offsite_copy.repair_dead(copy, error)
+        except Exception as exc:  # one bad copy must not stop the rest of reconcile
+            report.errors.append(f"offsite copy {copy.pk}: {exc}")
+            continue
+        if ended:
+            report.copies_interrupted.append(copy.pk)
+            retry = requests.retry_offsite_copy(copy)
+            report.copies_requeued += [retry.pk] if retry else []
+    orphans = OffsiteCopy.objects.filter(status=RunStatus.RUNNING, via__isnull=False, **mine)
+    for link in orphans.exclude(via__status=RunStatus.RUNNING):
+        if link.mark_interrupted(error, only=(RunStatus.RUNNING,)):
+            report.copies_interrupted.append(link.pk)
+    stale = OffsiteCopy.objects.filter(
+        status=RunStatus.QUEUED, created_at__lt=timezone.now() - timedelta(days=1), **mine
+    )
+    for copy in stale:
+        if copy.mark_interrupted("never picked up by a worker", only=(RunStatus.QUEUED,)):
+            report.copies_interrupted.append(copy.pk)
 
 
 def _expire_queued_restores(report: Report, after: timedelta = timedelta(days=1)) -> None:

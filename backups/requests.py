@@ -16,8 +16,11 @@ from .models import (
     ACTIVE_STATUSES,
     Backup,
     BackupRun,
+    CopyTrigger,
     Host,
     Method,
+    OffsiteCopy,
+    OffsiteRepository,
     Restore,
     RestoreMode,
     Trigger,
@@ -30,10 +33,12 @@ class RunActive(Exception):
     """The VM already has a queued or running backup."""
 
 
-def _enqueue(func: str, *args, vm: VirtualMachine, name: str) -> None:
+def _enqueue(func: str, *args, vm: VirtualMachine | None = None, name: str, cluster: str = ""):
+    """On commit, to the cluster that serves the VM's host (or ``cluster``)."""
     options = {"task_name": name}
-    if vm.host.cluster:
-        options["cluster"] = vm.host.cluster
+    cluster = vm.host.cluster if vm is not None else cluster
+    if cluster:
+        options["cluster"] = cluster
     transaction.on_commit(lambda: async_task(func, *args, q_options=options))
 
 
@@ -168,3 +173,77 @@ def request_restore_cancel(restore) -> None:
     """A queued restore ends at once; a running one stops at its next step, unless it is
     past the point of no return (the domain defined, the disks switched)."""
     restore.request_cancel()
+
+
+class CopyActive(Exception):
+    """The VM already has an offsite copy queued or running."""
+
+
+class CopyRefused(Exception):
+    """A copy that cannot be taken (backup pruned, repository disabled)."""
+
+
+def request_offsite_copy(
+    backup: Backup,
+    repository: OffsiteRepository,
+    *,
+    trigger: str = CopyTrigger.BUTTON,
+    attempt: int = 1,
+    enqueue: bool = True,
+) -> OffsiteCopy:
+    """Create a queued copy of ``backup`` to ``repository`` and enqueue it on the cluster
+    of the backup's host (its files are there); ``enqueue=False``: the caller runs it, as
+    ``vmbackup_offsite copy --wait`` does. Raises ``CopyActive`` while the VM has a copy
+    queued or running (the database decides), ``CopyRefused`` when it cannot be copied."""
+    if backup.pruned_at is not None:
+        raise CopyRefused(f"backup {backup.pk} was pruned; there is nothing to copy")
+    if not repository.enabled:
+        raise CopyRefused(f"repository {repository.name} is disabled")
+    try:
+        with transaction.atomic():
+            copy = OffsiteCopy.objects.create(
+                backup=backup, repository=repository, trigger=trigger, attempt=attempt
+            )
+    except IntegrityError as exc:
+        active = OffsiteCopy.objects.active().filter(vm=backup.vm, via__isnull=True).first()
+        raise CopyActive(
+            f"{backup.vm.name} already has an offsite copy queued or running"
+            + (f" (copy {active.pk})" if active else "")
+        ) from exc
+    if enqueue:
+        _enqueue("backups.jobs.copy_offsite", copy.pk, vm=backup.vm, name=f"offsite-{copy.pk}")
+    return copy
+
+
+def retry_offsite_copy(copy: OffsiteCopy) -> OffsiteCopy | None:
+    """Request an interrupted copy again (its worker died or was stopped), up to
+    ``VMBACKUP_OFFSITE_ATTEMPTS`` attempts in all; None when it is not retried."""
+    if copy.attempt >= settings.VMBACKUP_OFFSITE_ATTEMPTS:
+        return None
+    try:
+        return request_offsite_copy(
+            copy.backup, copy.repository, trigger=CopyTrigger.RETRY, attempt=copy.attempt + 1
+        )
+    except (CopyActive, CopyRefused):
+        return None
+
+
+def request_offsite_check(repository: OffsiteRepository, read_data_subset: str = "") -> None:
+    """``restic check`` of ``repository`` on its cluster (a share of the data read too)."""
+    args = (repository.pk, read_data_subset) if read_data_subset else (repository.pk,)
+    _enqueue(
+        "backups.jobs.check_offsite",
+        *args,
+        cluster=repository.cluster,
+        name=f"offsite-check-{repository.pk}",
+    )
+
+
+def request_offsite_init(repository: OffsiteRepository) -> None:
+    """``restic init`` of ``repository`` on its cluster, where its password file is."""
+    _enqueue(
+        "backups.jobs.init_offsite",
+        repository.pk,
+        cluster=repository.cluster,
+        name=f"offsite-init-{repository.pk}",
+    )

@@ -1,9 +1,13 @@
 """Model field validators: every form that saves a model (the dashboard's and the admin's)
 runs them through ``full_clean``, so no form can store what the worker would refuse."""
 
+import os
+import re
+
 from django.core.exceptions import ValidationError
 
 from . import cron, roots, uris
+from .restic_parse import url_problem
 
 
 def validate_libvirt_uri(value: str) -> None:
@@ -28,3 +32,16 @@ def validate_cron(value: str) -> None:
         cron.parse(value)
     except cron.CronError as exc:
         raise ValidationError(f"Not a valid cron expression: {exc}", code="cron") from exc
+
+
+def validate_restic_url(value: str) -> None:
+    """Checked again by ``restic.Repository`` before restic is run."""
+    problem = url_problem(value)
+    if problem:
+        raise ValidationError(problem, code="restic_url")
+
+
+def validate_password_file(value: str) -> None:
+    """A path on the worker hosts (this machine may not have it): only its shape here."""
+    if not os.path.isabs(value) or re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValidationError("an absolute path, one line", code="password_file")

@@ -4,13 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# restic: offsite copies (workers run it)
 PACKAGES=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
-          libvirt-dev pkg-config ovmf dnsmasq-base python3-venv rsync)
+          libvirt-dev pkg-config ovmf dnsmasq-base python3-venv rsync restic)
 # the test suite also needs a browser (Debian's; browsers cannot be downloaded), e2fsprogs
 # (mkfs.ext4, debugfs) and cpio for the guest-agent test guests (syslinux and mtools are run
 # from their extracted packages), swtpm for a guest with an emulated TPM; the benches
-# (whose smoke runs in the suite) compare with virtnbdbackup and take CPU/RSS from GNU time
-[ "${1:-}" = "--test" ] && PACKAGES+=(chromium e2fsprogs cpio swtpm swtpm-tools virtnbdbackup time)
+# (whose smoke runs in the suite) compare with virtnbdbackup and take CPU/RSS from GNU time;
+# openssh-server for the SFTP offsite tests (installed only: the tests start their own sshd)
+[ "${1:-}" = "--test" ] && PACKAGES+=(chromium e2fsprogs cpio swtpm swtpm-tools virtnbdbackup time
+                                     openssh-server)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -19,6 +22,12 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${missing[*]}"
+    # install only, start nothing (openssh-server would start sshd): a policy-rc.d that
+    # says no, unless the machine has its own
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from backups import inventory
-from backups.models import BackupPolicy, Disk, Host, Restore, VirtualMachine
+from backups import inventory, restic
+from backups.models import BackupPolicy, Disk, Host, OffsiteRepository, Restore, VirtualMachine
+from backups.offsite import restic_repository
 from tests import domains as domains_mod
 from tests.helpers import logged_in, make_user
 
@@ -197,3 +198,18 @@ def root(tmp_path: Path) -> Path:
     path = tmp_path / "backups"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def offsite(db, tmp_path, settings) -> OffsiteRepository:
+    """An initialized restic repository in a temporary directory (its password in a private
+    file beside it, restic's cache there too)."""
+    settings.VMBACKUP_RESTIC_CACHE_DIR = str(tmp_path / "restic-cache")
+    password = tmp_path / "restic-password"
+    password.write_text(uuid.uuid4().hex + "\n")
+    password.chmod(0o600)
+    model = OffsiteRepository.objects.create(
+        name="offsite", url=str(tmp_path / "restic-repo"), password_file=str(password)
+    )
+    restic.init(restic_repository(model))
+    return model

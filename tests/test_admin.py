@@ -74,6 +74,7 @@ def policy_data(**changes) -> dict:
         "keep_weekly": "4",
         "keep_monthly": "6",
         "keep_yearly": "0",
+        **{name: "0" for name in BackupPolicy.OFFSITE_KEEP_FIELDS},
         "notify_to": "",
     }
     data.update(changes)

@@ -103,6 +103,10 @@ VMBACKUP_KEEP_MANUAL = envint("VMBACKUP_KEEP_MANUAL", 5)
 VMBACKUP_SHUTDOWN_TIMEOUT = envint("VMBACKUP_SHUTDOWN_TIMEOUT", 300)
 # Daily copies of this database kept in <VMBACKUP_ROOT>/.vmbackup-db/ (vmbackup_dump).
 VMBACKUP_DUMP_KEEP = envint("VMBACKUP_DUMP_KEEP", 14)
+# Offsite copies (restic): restic's local cache (private, made 0700 by the worker), and how
+# often reconcile requeues a copy whose worker died before it gives up on it.
+VMBACKUP_RESTIC_CACHE_DIR = env("VMBACKUP_RESTIC_CACHE_DIR", str(DATA_DIR / "restic-cache"))
+VMBACKUP_OFFSITE_ATTEMPTS = envint("VMBACKUP_OFFSITE_ATTEMPTS", 3)
 
 # Failure mail (a policy's notify_to); any SMTP server, or set EMAIL_BACKEND.
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")

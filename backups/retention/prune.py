@@ -27,7 +27,15 @@ from django.utils import timezone
 
 from .. import archive, notify, roots, site
 from ..archive import check as archive_check
-from ..models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
+from ..models import (
+    ACTIVE_STATUSES,
+    Backup,
+    BackupPolicy,
+    OffsiteCopy,
+    PruneLock,
+    Restore,
+    RunStatus,
+)
 from . import fold
 from . import rules as retention
 
@@ -184,8 +192,13 @@ def holding(vm, holder: str):
 
 
 def _restore_active(vm, report: Report) -> bool:
+    """A restore or an offsite copy reading this VM's backups: prune stands back (the copy
+    would see a fold as a change and discard its snapshot)."""
     if Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES).exists():
         report.skipped = "a restore of this VM is running"
+        return True
+    if OffsiteCopy.objects.filter(vm=vm, status=RunStatus.RUNNING).exists():
+        report.skipped = "an offsite copy of this VM is running"
         return True
     return False
 

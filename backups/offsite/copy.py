@@ -1,0 +1,246 @@
+"""Copy one published backup into an offsite restic repository, in chain order.
+
+The order is the promise, as for a backup run: verify the backup here first (SHA-256 of
+every file, image headers against the manifest: a corrupt backup is never sent, and is
+marked corrupt); send exactly the files its SHA256SUMS lists and the manifest accounts for
+(``offsite.files_to_send``), from inside the VM directory (the snapshot layout in
+``offsite``); then read the new snapshot's listing back and compare names and sizes with
+what was sent and with the manifest. Only then is the copy ``succeeded``.
+
+Chain order: an incremental is useful offsite only with its parents there, so a copy first
+sends every ancestor that has no succeeded copy in that repository, oldest first, each
+recorded as a copy of its own (``via`` this one), and stops at the first that fails. One
+copy per VM is active at a time (its links do not count).
+
+A retention fold could rewrite a backup while it is read: a running copy makes prune stand
+back, and the files' (inode, size, mtime) taken before the check are compared after the
+upload; a change discards (forgets) the new snapshot and fails the copy. restic writes a
+snapshot last, so a copy that is stopped or dies leaves none; reconcile marks it
+interrupted and requeues it (``repair_dead``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from .. import alerts, archive, restic, site, worker
+from ..archive import check as archive_check
+from ..interrupt import Stopped
+from ..models import ACTIVE_STATUSES, Backup, OffsiteCopy, RunStatus
+from . import OffsiteError, files_to_send, listing_problems, restic_repository, tags
+
+log = logging.getLogger(__name__)
+BEAT_EVERY = 2.0  # seconds between progress writes (and cancel checks)
+
+
+class Cancelled(Exception):
+    """The user asked the copy to stop."""
+
+
+def execute(copy: OffsiteCopy) -> str:
+    """Run a claimed copy to its end; returns a one-line outcome for django-q2."""
+    with worker.Heartbeat(copy.pk, worker.heartbeat_every(), OffsiteCopy):
+        return _execute(copy)
+
+
+def _execute(copy: OffsiteCopy) -> str:
+    links: list[OffsiteCopy] = []
+    try:
+        if not copy.repository.enabled:
+            raise OffsiteError(f"repository {copy.repository.name} is disabled")
+        repo = restic_repository(copy.repository)
+        chain = pending_chain(copy.backup, copy.repository)
+        copy.log("plan", backups=[b.pk for b in chain])
+        for backup in chain[:-1]:
+            link = _link(copy, backup)
+            links.append(link)
+            send(link, repo, copy)
+            link.mark_succeeded()
+        send(copy, repo, copy)
+        copy.mark_succeeded()
+        return f"copied backup {copy.backup_id} as snapshot {copy.snapshot_id[:8]}"
+    except Cancelled as exc:
+        _end(copy, links, RunStatus.CANCELLED, str(exc))
+        return "cancelled"
+    except Stopped as exc:  # its command or worker was stopped: restic was stopped with it
+        _end(copy, links, RunStatus.INTERRUPTED, str(exc))
+        raise
+    except (OffsiteError, restic.ResticError, archive.ArchiveError, OSError) as exc:
+        reason = getattr(exc, "reason", "")
+        _end(copy, links, RunStatus.FAILED, _words(copy, links, exc), str(reason))
+        return f"failed: {copy.error}"
+    except Exception as exc:  # every failure is recorded as data on the copy
+        log.exception("offsite copy %s failed", copy.pk)
+        _end(copy, links, RunStatus.FAILED, _words(copy, links, exc))
+        return f"failed: {copy.error}"
+
+
+def pending_chain(backup: Backup, repo_model) -> list[Backup]:
+    """``backup`` and, before it, every ancestor with no succeeded copy in the repository,
+    oldest first. An ancestor pruned here and never copied breaks the chain offsite."""
+    chain = [backup]
+    node, seen = backup.parent, {backup.pk}
+    while node is not None and node.pk not in seen:
+        seen.add(node.pk)
+        if OffsiteCopy.objects.in_repository(repo_model).filter(backup=node).exists():
+            break
+        if node.pruned_at is not None:
+            raise OffsiteError(
+                f"backup {backup.pk} builds on backup {node.pk}, which was pruned here before "
+                f"it was copied to {repo_model.name}: take a full backup and copy that"
+            )
+        chain.insert(0, node)
+        node = node.parent
+    return chain
+
+
+def send(row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy) -> None:
+    """Verify, send and check one backup; recorded on ``row`` (the copy, or one of its
+    links); ``main`` is the copy whose cancel and progress count."""
+    backup = row.backup
+    if backup.pruned_at is not None:
+        raise OffsiteError(f"backup {backup.pk} was pruned before it could be copied")
+    directory = Path(backup.path)
+    before = fingerprint(directory)
+    manifest, names = _verified(row, backup, directory)
+    sizes = {name: before[name][1] for name in names}
+    marks = tags(manifest, directory.name, site.site_id())
+    row.log("send", backup=backup.pk, files=len(names), bytes=sum(sizes.values()), tags=marks)
+    progress = _Progress(row, main)
+    result = restic.backup(
+        repo,
+        str(directory.parent),
+        [f"{directory.name}/{name}" for name in names],
+        marks,
+        progress,
+        host=backup.vm.host.name,
+        when=backup.created_at,
+        timeout=settings.Q_TIMEOUT,
+    )
+    row.snapshot_id, row.bytes_added = result.snapshot_id, result.bytes_added
+    row.save(update_fields=["snapshot_id", "bytes_added"])
+    row.log("sent", snapshot=result.snapshot_id, added=result.bytes_added)
+    problems = _changed(directory, before, names)
+    if not problems:
+        nodes = restic.ls(repo, result.snapshot_id, timeout=settings.Q_TIMEOUT)
+        problems = listing_problems(nodes, directory.name, sizes, manifest)
+    if problems:
+        _discard(row, repo, result.snapshot_id)
+        raise OffsiteError(f"snapshot {result.snapshot_id[:8]} discarded: " + "; ".join(problems))
+    row.verified_at = timezone.now()
+    row.save(update_fields=["verified_at"])
+    row.log("listed", files=len(names))
+
+
+def _verified(row: OffsiteCopy, backup: Backup, directory: Path):
+    """The backup checked as a restore would read it, the outcome kept on its row (a
+    corrupt one alerts); returns its manifest and the files to send."""
+    row.log("verify", path=str(directory))
+    result = archive_check.verify(directory)
+    backup.mark_verified(result.ok, "; ".join(result.errors))
+    alerts.backup_checked(backup)
+    if not result.ok:
+        raise OffsiteError(
+            f"backup {backup.pk} failed verification, not sent: " + "; ".join(result.errors[:5])
+        )
+    manifest = archive.read_manifest(directory)
+    return manifest, files_to_send(manifest, archive.read_sums(directory))
+
+
+def fingerprint(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file below ``directory``: a fold switches an image by
+    rename and rewrites the manifest, either shows here."""
+    marks = {}
+    for path in sorted(directory.rglob("*")):
+        st = path.lstat()
+        if not path.is_dir() or path.is_symlink():
+            marks[path.relative_to(directory).as_posix()] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return marks
+
+
+def _changed(directory: Path, before: dict, names: list[str]) -> list[str]:
+    try:
+        after = fingerprint(directory)
+    except OSError as exc:
+        return [f"{directory.name} changed during the copy: {exc}"]
+    changed = [name for name in names if after.get(name) != before.get(name)]
+    return [f"{name} changed during the copy (pruned or folded meanwhile)" for name in changed]
+
+
+def _discard(row: OffsiteCopy, repo: restic.Repository, snapshot_id: str) -> None:
+    """A snapshot that is not what was meant to be sent is forgotten (best effort: an
+    append-only repository refuses; the copy's error names it either way)."""
+    try:
+        restic.forget(repo, [snapshot_id])
+        row.log("forgotten", snapshot=snapshot_id)
+    except restic.ResticError as exc:
+        row.log("not-forgotten", snapshot=snapshot_id, error=str(exc))
+
+
+class _Progress:
+    """restic's status lines as the rows' bytes, throttled; a cancel raises here, which
+    stops restic before it writes a snapshot."""
+
+    def __init__(self, row: OffsiteCopy, main: OffsiteCopy):
+        self.row, self.main, self.last = row, main, 0.0
+
+    def __call__(self, status: restic.Progress) -> None:
+        now = time.monotonic()
+        if now - self.last < BEAT_EVERY:
+            return
+        self.last = now
+        for row in {self.row.pk: self.row, self.main.pk: self.main}.values():
+            row.beat(status.bytes_done, status.total_bytes)
+        if OffsiteCopy.objects.filter(pk=self.main.pk, cancel_requested=True).exists():
+            raise Cancelled("cancelled by user")
+
+
+def _link(copy: OffsiteCopy, backup: Backup) -> OffsiteCopy:
+    """A parent sent first, as part of ``copy``: running at once, under the same worker."""
+    now = timezone.now()
+    link = OffsiteCopy.objects.create(
+        backup=backup,
+        repository=copy.repository,
+        trigger="chain",
+        via=copy,
+        status=RunStatus.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        worker=copy.worker,
+    )
+    copy.log("link", copy=link.pk, backup=backup.pk)
+    return link
+
+
+def _words(copy: OffsiteCopy, links: list[OffsiteCopy], exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    failed = [link for link in links if link.status in ACTIVE_STATUSES]
+    if failed:
+        return f"parent backup {failed[-1].backup_id} could not be copied first: {text}"
+    return text
+
+
+def _end(copy, links, status: str, error: str, reason: str = "") -> None:
+    """Record the outcome once, on the copy and on any link still running."""
+    for link in links:
+        link.finish(status, error, only=(RunStatus.RUNNING,), reason=reason)
+    copy.finish(status, error, only=(RunStatus.RUNNING,), reason=reason)
+
+
+def repair_dead(copy: OffsiteCopy, error: str) -> bool:
+    """A copy whose worker died: interrupted, with any link it was sending, and the stale
+    lock restic left removed (it would block ``check``). restic wrote no snapshot for what
+    it was sending. Returns whether this call ended it."""
+    for link in copy.links.filter(status=RunStatus.RUNNING):
+        link.mark_interrupted(error, only=(RunStatus.RUNNING,))
+    ended = copy.mark_interrupted(error, only=(RunStatus.RUNNING,))
+    try:
+        restic.unlock(restic_repository(copy.repository))
+    except restic.ResticError as exc:
+        copy.log("unlock-failed", error=str(exc))
+    return ended

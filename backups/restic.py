@@ -1,0 +1,476 @@
+"""The only place in vmbackup that runs restic (offsite copies).
+
+One door, as for qemu-img: argv lists (no shell), an absolute binary, a timeout on every
+call, JSON parsed into frozen dataclasses, and one exception, ``ResticError``, whose
+``reason`` says what went wrong in words an operator can act on (restic 0.14 exits 1 for
+nearly everything, so the reason is read from its stderr).
+
+Secrets stay out of argv, logs and the database: the repository and its password file
+reach restic only through the child's environment (``RESTIC_REPOSITORY``,
+``RESTIC_PASSWORD_FILE``), the password itself is never read here, and a password inside a
+repository URL (``rest:https://user:secret@host/``) is masked in every message. The child
+gets a clean environment: our own settings (database URL, secret key, mail password) are
+not passed on; the variables restic's backends take their credentials from are.
+
+restic is stopped with SIGINT (it then removes its lock and exits) when a call times out,
+when the progress callback raises (a cancel), or when the process that started it dies
+(``PR_SET_PDEATHSIG``); a snapshot is written last, so a stopped backup leaves none. No
+Django here: the engines pass in what they know (``Repository``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .restic_parse import (
+    BackupResult,
+    CheckResult,
+    Node,
+    Probe,
+    Progress,
+    Reason,
+    Repository,
+    ResticError,
+    Snapshot,
+    error_for,
+    error_lines,
+    line_of,
+    loads,
+    mask,
+    progress_of,
+    result_of,
+    snapshots_of,
+    url_problem,
+)
+
+RESTIC = shutil.which("restic", path="/usr/local/bin:/usr/bin:/bin") or "/usr/bin/restic"
+DEFAULT_TIMEOUT = 600.0  # seconds; a backup, check or restore is given its own
+PROBE_TIMEOUT = 120.0
+STOP_GRACE = 10.0  # seconds restic gets after SIGINT to remove its lock
+MAX_STDERR = 64 * 1024
+MAX_DUMP = 4 * 1024 * 1024
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# what restic's backends read credentials from (S3, B2, Azure, GCS, Swift; ssh's agent)
+PASSED_ON = ("AWS_", "B2_", "AZURE_", "GOOGLE_", "OS_", "ST_", "SSH_AUTH_SOCK", "TMPDIR")
+PASSED_ON += ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+_SUBSET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)%|[1-9]\d*/[1-9]\d*|[1-9]\d*[kKmMgGtT]?)$")
+_SNAPSHOT_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once: the child between fork and exec should do as little as possible
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (AttributeError, OSError):
+    _prctl = None
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def init(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> str:
+    """Create a repository at ``repo.url``; returns its id. Raises ``ResticError`` with
+    reason ``exists`` when there is one already (whatever its password)."""
+    done = _run(repo, ["init"], timeout=timeout)
+    match = re.search(r"created restic repository ([0-9a-f]+)", done.stdout)
+    return match.group(1) if match else ""
+
+
+def probe(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> Probe:
+    """Is there a repository, and does the password open it? Unreachable, locked, timed
+    out and the like raise ``ResticError``: they answer neither question."""
+    try:
+        done = _run(repo, ["cat", "config"], timeout=timeout)
+    except ResticError as exc:
+        if exc.reason in (Reason.NO_REPOSITORY, Reason.WRONG_PASSWORD):
+            return Probe(str(exc.reason), str(exc))
+        raise
+    config = loads(done.stdout, "cat config")
+    return Probe(
+        "ok",
+        f"repository {config.get('id', '')[:10]} opens",
+        config.get("id", ""),
+        int(config.get("version", 0)),
+    )
+
+
+def backup(
+    repo: Repository,
+    directory: str,
+    files: Iterable[str],
+    tags: Iterable[str],
+    progress: Callable[[Progress], None] | None = None,
+    *,
+    host: str | None = None,
+    when: datetime | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> BackupResult:
+    """Back up exactly ``files`` (paths relative to ``directory``, no '..', no newline),
+    run from inside ``directory``: the snapshot stores them under those relative names
+    (``/<name>``), whatever ``directory`` is. ``progress`` gets each status line; an
+    exception it raises stops restic (no snapshot is written) and is raised here."""
+    names = [_relative(name) for name in files]
+    if not names:
+        raise ResticError("nothing to back up", reason=Reason.INVALID)
+    if not os.path.isabs(directory) or not os.path.isdir(directory):
+        raise ResticError(f"not a directory: {directory!r}", reason=Reason.INVALID)
+    args = ["backup", "--json", "--files-from-verbatim", "LIST"]
+    args += [arg for tag in tags for arg in ("--tag", _tag(tag))]
+    args += ["--host", host] if host else []
+    args += ["--time", when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")] if when else []
+    summary: dict = {}
+
+    def on_line(line: str) -> bool:
+        message = line_of(line)
+        kind = message.get("message_type")
+        if kind == "summary":
+            summary.update(message)
+        elif kind == "status" and progress is not None:
+            progress(progress_of(message))
+        return kind in ("status", "summary")
+
+    with tempfile.NamedTemporaryFile("w", prefix="vmbackup-restic-", suffix=".list") as listing:
+        listing.write("".join(f"{name}\n" for name in names))
+        listing.flush()
+        args[args.index("LIST")] = listing.name
+        try:
+            _run(repo, args, timeout=timeout, cwd=directory, on_line=on_line)
+        except ResticError as exc:
+            if exc.returncode == 3 and summary.get("snapshot_id"):
+                exc.reason, exc.snapshot_id = Reason.INCOMPLETE, summary["snapshot_id"]
+            raise
+    if not summary.get("snapshot_id"):
+        raise ResticError("restic backup ended without a summary", argv=[RESTIC, *args])
+    return result_of(summary, _full_id(repo, summary["snapshot_id"], timeout))
+
+
+def snapshots(
+    repo: Repository, tags: Iterable[str] = (), *, timeout: float = DEFAULT_TIMEOUT
+) -> list[Snapshot]:
+    """The snapshots carrying every one of ``tags``, oldest first."""
+    wanted = [_tag(tag) for tag in tags]
+    args = ["snapshots", "--json"] + (["--tag", ",".join(wanted)] if wanted else [])
+    return snapshots_of(loads(_run(repo, args, timeout=timeout).stdout, "snapshots") or [])
+
+
+def ls(repo: Repository, snapshot: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[Node]:
+    """Every file and directory in ``snapshot`` (the snapshot line itself left out)."""
+    done = _run(repo, ["ls", "--json", _snapshot(snapshot)], timeout=timeout)
+    nodes = []
+    for line in done.stdout.splitlines():
+        item = line_of(line)
+        if item.get("struct_type") == "node":
+            size, mode = item.get("size", 0), item.get("mode", 0)
+            nodes.append(Node(str(item.get("path", "")), str(item.get("type", "")), size, mode))
+    return nodes
+
+
+def check(
+    repo: Repository, read_data_subset: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
+) -> CheckResult:
+    """``restic check`` (structure; with ``read_data_subset`` — ``"10%"``, ``"1/5"``,
+    ``"2G"`` — that share of the data packs read and verified too). Errors found in the
+    repository are the result (``ok`` false); a check that could not run raises."""
+    args = ["check"]
+    if read_data_subset is not None:
+        args += ["--read-data-subset", subset(read_data_subset)]
+    try:
+        done = _run(repo, args, timeout=timeout)
+    except ResticError as exc:
+        if "repository contains errors" not in exc.stderr:
+            raise
+        return CheckResult(False, tuple(error_lines(exc.stderr)), exc.stderr)
+    return CheckResult(True, (), done.stdout)
+
+
+def restore(
+    repo: Repository,
+    snapshot: str,
+    target: str,
+    *,
+    include: Iterable[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Restore ``snapshot`` (or the paths matching ``include``) below ``target``, every
+    file's content verified after writing (``--verify``). A damaged pack fails the call;
+    restic may still have written the other files (and a damaged one): callers restore
+    into a staging directory and check SHA256SUMS before using anything."""
+    if not os.path.isabs(target):
+        raise ResticError(f"restore target must be absolute: {target!r}", reason=Reason.INVALID)
+    args = ["restore", _snapshot(snapshot), "--target", target, "--verify"]
+    args += [arg for pattern in include for arg in ("--include", _relative_pattern(pattern))]
+    _run(repo, args, timeout=timeout)
+
+
+def dump(
+    repo: Repository,
+    snapshot: str,
+    path: str,
+    *,
+    max_bytes: int = MAX_DUMP,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> bytes:
+    """One small file of a snapshot (a manifest, SHA256SUMS), at most ``max_bytes``."""
+    if not path.startswith("/") or "\n" in path:
+        raise ResticError(f"dump needs a path as stored, '/…': {path!r}", reason=Reason.INVALID)
+    done = _run(repo, ["dump", _snapshot(snapshot), path], timeout=timeout, binary=True)
+    if len(done.stdout) > max_bytes:
+        raise ResticError(f"{path} is larger than {max_bytes} bytes", reason=Reason.INVALID)
+    return done.stdout
+
+
+def forget(
+    repo: Repository,
+    ids: Iterable[str],
+    prune: bool = False,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Remove the named snapshots (``prune``: and the data only they used)."""
+    chosen = [_snapshot(i) for i in ids]
+    if not chosen:
+        return
+    _run(repo, ["forget", *(["--prune"] if prune else []), *chosen], timeout=timeout)
+
+
+def unlock(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> None:
+    """Remove stale locks only (a restic killed on this host, or older than 30 min):
+    restic 0.14 does not ignore them, and a killed copy's lock blocks ``check``."""
+    _run(repo, ["unlock"], timeout=timeout)
+
+
+def subset(value: str) -> str:
+    """A ``--read-data-subset`` value restic accepts (``x%`` with 0 < x <= 100, ``n/t``,
+    a size): checked here so a typo fails before a long check starts."""
+    match = _SUBSET_RE.match(str(value))
+    percent = match and match.group(1)
+    if not match or (percent is not None and not 0 < float(percent) <= 100):
+        raise ResticError(
+            f"bad --read-data-subset {value!r}: use e.g. 10%, 1/5 or 2G", reason=Reason.INVALID
+        )
+    return str(value)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _relative(name: str) -> str:
+    parts = name.split("/") if isinstance(name, str) else [""]
+    bad = not name or name.startswith("/") or "\n" in name or "\r" in name
+    if bad or any(p in ("", ".", "..") for p in parts):
+        raise ResticError(f"not a plain relative file name: {name!r}", reason=Reason.INVALID)
+    return name
+
+
+def _relative_pattern(pattern: str) -> str:
+    if not pattern.startswith("/") or _CONTROL_RE.search(pattern) or "/../" in pattern + "/":
+        raise ResticError(f"include pattern must be '/…': {pattern!r}", reason=Reason.INVALID)
+    return pattern
+
+
+def _tag(tag: str) -> str:
+    if not isinstance(tag, str) or not tag or "," in tag or _CONTROL_RE.search(tag):
+        raise ResticError(f"a tag must be non-empty, without ',': {tag!r}", reason=Reason.INVALID)
+    return tag
+
+
+def _snapshot(snapshot: str) -> str:
+    if not isinstance(snapshot, str) or not _SNAPSHOT_RE.match(snapshot):
+        raise ResticError(f"not a snapshot id: {snapshot!r}", reason=Reason.INVALID)
+    return snapshot
+
+
+def _full_id(repo: Repository, short: str, timeout: float) -> str:
+    """restic 0.14's summary names the snapshot by its short id; we keep the full one."""
+    done = _run(repo, ["snapshots", "--json", _snapshot(short)], timeout=min(timeout, 600))
+    found = snapshots_of(loads(done.stdout, "snapshots") or [])
+    if len(found) != 1:
+        raise ResticError(f"snapshot {short} written but not found again")
+    return found[0].id
+
+
+# ------------------------------------------------------------------------------- runner
+
+
+@dataclass(frozen=True)
+class _Done:
+    stdout: str | bytes
+    stderr: str
+
+
+def _env(repo: Repository) -> dict[str, str]:
+    """The child's whole environment: the repository, its password file, the cache, a
+    fixed PATH, UTC (``--time``), and the backends' credentials — nothing else of ours."""
+    try:
+        st = os.stat(repo.password_file)
+    except OSError as exc:
+        raise ResticError(
+            f"password file {repo.password_file} is not readable on this worker: {exc.strerror}",
+            reason=Reason.PASSWORD_FILE,
+        ) from exc
+    if not os.path.isfile(repo.password_file) or st.st_size == 0:
+        raise ResticError(
+            f"password file {repo.password_file} is empty or not a file",
+            reason=Reason.PASSWORD_FILE,
+        )
+    if st.st_mode & 0o007:
+        raise ResticError(
+            f"password file {repo.password_file} is readable by every user; chmod 600 it",
+            reason=Reason.PASSWORD_FILE,
+        )
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
+    env.update(PATH=PATH, HOME=os.environ.get("HOME", "/root"), TZ="UTC", LC_ALL="C.UTF-8")
+    env.update(
+        RESTIC_REPOSITORY=repo.url, RESTIC_PASSWORD_FILE=repo.password_file, RESTIC_PROGRESS_FPS="2"
+    )
+    if repo.cache_dir:
+        os.makedirs(repo.cache_dir, mode=0o700, exist_ok=True)
+        env["RESTIC_CACHE_DIR"] = repo.cache_dir
+    return env
+
+
+def _argv(repo: Repository, args: list[str]) -> list[str]:
+    return [RESTIC, *args] + ([] if repo.cache_dir else ["--no-cache"])
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """restic runs in its own session (a Ctrl-C at the command must not reach it before we
+    decide), so the kernel interrupts it when its parent dies: SIGINT, on which restic
+    removes its lock and exits without writing a snapshot. Run only from the job's thread
+    (the kernel's "parent" is the thread that forked)."""
+
+    def child() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return child
+
+
+def _run(
+    repo: Repository,
+    args: list[str],
+    *,
+    timeout: float,
+    cwd: str | None = None,
+    on_line: Callable[[str], bool] | None = None,
+    binary: bool = False,
+) -> _Done:
+    """Run restic to its end and return its output, or raise ``ResticError``. ``on_line``
+    sees each stdout line as it comes and returns True for lines it consumed (not kept)."""
+    if not (isinstance(timeout, int | float) and timeout > 0):
+        raise ResticError(f"timeout must be positive, got {timeout!r}", reason=Reason.INVALID)
+    argv = _argv(repo, args)
+    env = _env(repo)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        close_fds=True,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()),
+    )
+    try:
+        out, err = _collect(proc, time.monotonic() + timeout, on_line)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        raise ResticError(
+            f"restic {args[0]} on {repo.display} did not finish within "
+            f"{timeout:g} s (unreachable or too slow?)",
+            reason=Reason.TIMEOUT,
+            argv=argv,
+        ) from None
+    finally:
+        _stop(proc)
+    stderr = mask(err.decode(errors="replace")[-MAX_STDERR:], repo.url)
+    if proc.returncode != 0:
+        raise error_for(repo, args[0], argv, proc.returncode, stderr)
+    return _Done(out if binary else out.decode(errors="replace"), stderr)
+
+
+def _collect(proc, deadline: float, on_line) -> tuple[bytes, bytes]:
+    """Both pipes drained together within the deadline; stdout split into lines for
+    ``on_line`` (a long backup prints a status line twice a second: consumed, not kept)."""
+    kept: list[bytes] = []
+    err = bytearray()
+    partial = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            for key, _ in sel.select(min(remaining, 1.0)):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is proc.stderr:
+                    err += data
+                    del err[: max(0, len(err) - MAX_STDERR)]
+                elif on_line is None:
+                    kept.append(data)
+                else:
+                    *lines, partial = (partial + data).split(b"\n")
+                    kept += [ln + b"\n" for ln in lines if not on_line(ln.decode(errors="replace"))]
+    if partial and (on_line is None or not on_line(partial.decode(errors="replace"))):
+        kept.append(partial)
+    proc.wait(max(deadline - time.monotonic(), 0.001))
+    return b"".join(kept), bytes(err)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT first (restic removes its lock), then SIGKILL to its whole group (ssh too)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+__all__ = [
+    "BackupResult",
+    "CheckResult",
+    "Node",
+    "Probe",
+    "Progress",
+    "Reason",
+    "Repository",
+    "ResticError",
+    "Snapshot",
+    "backup",
+    "check",
+    "dump",
+    "forget",
+    "init",
+    "ls",
+    "mask",
+    "probe",
+    "restore",
+    "snapshots",
+    "subset",
+    "unlock",
+    "url_problem",
+]
