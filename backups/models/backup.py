@@ -1,0 +1,171 @@
+"""Published backups, the restores made from them and the prune lock that guards them."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from .inventory import VirtualMachine
+from .job import BackupRun, Consistency, Job, Kind
+from .policy import BackupPolicy
+
+
+class VerifyStatus(models.TextChoices):
+    UNVERIFIED = "unverified"
+    OK = "ok"
+    CORRUPT = "corrupt"
+    MISSING = "missing"
+
+
+class BackupQuerySet(models.QuerySet):
+    def published(self):
+        return self.filter(pruned_at__isnull=True)
+
+    def retained_by(self, policy):
+        """The backups whose retention ``policy`` decides; None: those without a policy
+        (manual ones, and those of a deleted policy), kept by ``VMBACKUP_KEEP_MANUAL``."""
+        return self.filter(policy__isnull=True) if policy is None else self.filter(policy=policy)
+
+
+class Backup(models.Model):
+    """A published backup directory; its ``backup.json`` is the source of truth on disk."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="backups")
+    run = models.OneToOneField(
+        BackupRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="backup"
+    )
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    policy = models.ForeignKey(
+        BackupPolicy,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="backups",
+        help_text=(
+            "the policy whose retention owns this backup "
+            "(none: VMBACKUP_KEEP_MANUAL keeps the newest of each VM)"
+        ),
+    )
+    path = models.CharField(max_length=1024, unique=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.FULL)
+    method = models.CharField(max_length=16, blank=True)
+    consistency = models.CharField(max_length=24, choices=Consistency.choices, blank=True)
+    checkpoint = models.CharField(max_length=200, blank=True)
+    checkpoint_xml = models.TextField(blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    manifest = models.JSONField(default=dict, blank=True)
+    protected = models.BooleanField(default=False)
+    verify_status = models.CharField(
+        max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.UNVERIFIED
+    )
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verify_error = models.TextField(blank=True)
+    verify_queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="a verification is queued or running since then"
+    )
+    pruned_at = models.DateTimeField(null=True, blank=True)
+
+    objects = BackupQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        permissions = [
+            ("restore_backup", "Can restore backups"),
+            ("restore_in_place", "Can restore backups over their VM's own disks"),
+            ("verify_backup", "Can verify backups"),
+        ]
+        indexes = [models.Index(fields=["vm", "-created_at"], name="backup_vm_recent")]
+
+    def __str__(self):
+        return f"{self.vm} @ {self.created_at:%Y-%m-%d %H:%M}"
+
+    def get_absolute_url(self):
+        return reverse("backup_detail", args=[self.pk])
+
+    def mark_verified(self, ok: bool, error: str = "") -> None:
+        self.verify_status = VerifyStatus.OK if ok else VerifyStatus.CORRUPT
+        self.verify_error = error
+        self.verified_at = timezone.now()
+        self.save(update_fields=["verify_status", "verify_error", "verified_at"])
+
+
+class RestoreMode(models.TextChoices):
+    NEW = "new", "as a new domain"
+    IN_PLACE = "in-place", "in place, over the VM's own disks"
+
+
+class Restore(Job):
+    """Restoring one backup, as a new domain or in place over its (shut off) VM's disks.
+
+    Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
+    writes is visible as restored until the last step (see ``restore``); a failure at any
+    step removes what this restore created, and an in-place restore keeps the disks it
+    replaced beside them (``<disk>.before-restore-<id>``).
+    """
+
+    backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="restores")
+    vm = models.ForeignKey(
+        VirtualMachine,
+        on_delete=models.CASCADE,
+        related_name="restores",
+        help_text="the backup's VM (the one an in-place restore overwrites)",
+    )
+    mode = models.CharField(max_length=16, choices=RestoreMode.choices, default=RestoreMode.NEW)
+    name = models.CharField(max_length=255, help_text="the new domain's name (in place: the VM's)")
+    root = models.CharField(max_length=1024, blank=True, help_text="restore root (mode new)")
+    start = models.BooleanField(default=False, help_text="start the new domain afterwards")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    step = models.CharField(max_length=64, blank=True)
+    path = models.CharField(max_length=1024, blank=True, help_text="directory of the disks")
+    domain_uuid = models.CharField(max_length=36, blank=True)
+    notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
+
+    class Meta(Job.Meta):
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # Two restores must not race for the same new name.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(status__in=["queued", "running"], mode="new"),
+                name="one_active_restore_per_name",
+            ),
+            # ... and two in-place restores must not race over one VM, even after a rename.
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(status__in=["queued", "running"], mode="in-place"),
+                name="one_active_in_place_restore_per_vm",
+            ),
+        ]
+
+    def __str__(self):
+        return f"restore {self.pk} of backup {self.backup_id} as {self.name} ({self.status})"
+
+    def save(self, *args, **kwargs):
+        if self.vm_id is None and self.backup_id is not None:  # always the backup's VM
+            self.vm_id = Backup.objects.values_list("vm_id", flat=True).get(pk=self.backup_id)
+        super().save(*args, **kwargs)
+
+    def get_absolute_url(self):
+        return reverse("restore_detail", args=[self.pk])
+
+
+class PruneLock(models.Model):
+    """Held by ``vmbackup_prune`` while it folds and deletes one VM's backups.
+
+    A backup run holds its VM through the one-active-run constraint; a manual prune holds it
+    through this row. Each side writes its own marker first and then looks for the other's,
+    so of two that start together at least one sees the other and stands back.
+    """
+
+    vm = models.OneToOneField(VirtualMachine, on_delete=models.CASCADE, related_name="+")
+    holder = models.CharField(max_length=100, help_text="host:pid of the pruning process")
+    since = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"prune lock on {self.vm} by {self.holder}"
