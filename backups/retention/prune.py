@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from .. import archive, notify, roots, site
 from ..archive import check as archive_check
-from ..models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore
+from ..models import ACTIVE_STATUSES, Backup, BackupPolicy, PruneLock, Restore, RestoreMode
 from . import fold
 from . import rules as retention
 
@@ -184,7 +184,17 @@ def holding(vm, holder: str):
 
 
 def _restore_active(vm, report: Report) -> bool:
-    if Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES).exists():
+    """A restore reads this VM's chains; an instant one for as long as its domain runs on
+    them (the chain is pinned: named here and on the backup's page)."""
+    active = Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES)
+    pinned = sorted(active.filter(mode=RestoreMode.INSTANT).values_list("name", flat=True))
+    if pinned:
+        report.skipped = (
+            "its backups are in use by the instantly restored domain "
+            f"{', '.join(pinned)} until its data has moved"
+        )
+        return True
+    if active.exists():
         report.skipped = "a restore of this VM is running"
         return True
     return False
