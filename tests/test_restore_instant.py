@@ -21,6 +21,7 @@ from backups import jobs, private, qemu_img, reconcile, requests
 from backups.archive import check as archive_check
 from backups.models import Restore, RestoreMode, RunStatus
 from backups.restore import common, instant
+from tests.agent_guest import create_rooted_domain, read_marker, wait_for_agent, write_guest_file
 from tests.domains import DiskSpec, guest_write
 from tests.helpers import flip_byte, new_name, push, wait_until, write
 
@@ -262,4 +263,45 @@ def test_reconcile_removes_a_dead_restore_that_defined_nothing(
     restore.refresh_from_db()
     assert restore.status == RunStatus.INTERRUPTED
     assert not final.exists()
+    assert_backup_private(backup)
+
+
+@pytest.mark.django_db
+def test_the_rooted_guest_boots_from_the_backup_and_keeps_what_it_wrote_meanwhile(
+    domains, backup_root, synced, restore_root, settings, monkeypatch
+):
+    """A system whose whole root lives on its disk boots from the backup at once; what it
+    writes while its data moves is on the moved disk, which boots alone afterwards."""
+    marker = f"proof-{os.urandom(8).hex()}"
+    spec = create_rooted_domain(domains, marker=marker)
+    wait_for_agent(domains.conn, spec.uuid, timeout=90)
+    backup = push(synced(spec)).backup
+    domains.lookup(spec).destroy()
+    settings.VMBACKUP_INSTANT_MOVE_MIB_S = 1
+    seen = {}
+
+    def while_moving(restore, hv):
+        dom = domains.conn.lookupByName(restore.name)
+        seen["boot"] = wait_for_agent(domains.conn, dom.UUIDString(), timeout=120)
+        seen["moving"] = bool(dom.blockJobInfo("vda", 0))
+        seen["marker"] = read_marker(dom)
+        write_guest_file(dom, "/var/lib/during-move", "written while the data moved")
+        dom.blockJobSetSpeed("vda", 0, 0)
+
+    during_move(monkeypatch, while_moving)
+    restore = requests.request_restore(
+        backup, name=new_name(), root=str(restore_root), start=True, instant=True
+    )
+    jobs.run_restore(restore.pk)
+    restore.refresh_from_db()
+
+    assert restore.status == RunStatus.SUCCEEDED, restore.error
+    print(f"\ninstant rooted guest: boot to guest-ping {seen['boot']:.1f} s during the move")
+    assert seen["moving"] and seen["marker"] == marker
+    dom = domains.conn.lookupByName(restore.name)
+    dom.destroy()  # the moved disk alone: the backup is private again, not readable by QEMU
+    dom.create()
+    wait_for_agent(domains.conn, dom.UUIDString(), timeout=120)
+    assert read_marker(dom) == marker
+    assert read_marker(dom, "/var/lib/during-move") == "written while the data moved"
     assert_backup_private(backup)
