@@ -13,7 +13,9 @@ class Command(BaseCommand):
         "it runs in this process: exit 0 and the new domain's directory as the last line, or "
         "non-zero and the reason. Nothing is overwritten; the original VM is not touched. "
         "Stopped by TERM, INT or HUP, it undoes what it made, marks the restore interrupted "
-        "and exits 128 + the signal's number (a KILL: reconcile does that)."
+        "and exits 128 + the signal's number (a KILL: reconcile does that). An --instant "
+        "restore whose domain already runs is left running instead: reconcile hands its "
+        "move to a worker."
     )
 
     def add_arguments(self, parser):
