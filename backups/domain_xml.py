@@ -203,6 +203,37 @@ def with_disk_source(xml: str, target: str, path: str, fmt: str) -> str:
     return _to_string(root)
 
 
+def with_backing_chain(xml: str, target: str, chain: list[tuple[str, str]]) -> str:
+    """The definition with ``target``'s backing chain spelled out (``chain``: (path, format)
+    from the image under the disk's source down to the last), ended by an empty
+    ``<backingStore/>`` so libvirt probes nothing, and every link marked
+    ``<seclabel model='dac' relabel='no'/>``: libvirt's DAC driver must not chown a
+    backup's images to QEMU's user (they stay root's, 0600; QEMU reads them through an
+    ACL for the time it needs them, see ``private.grant_acl``)."""
+    root = ET.fromstring(xml)
+    for disk in root.findall("devices/disk"):
+        if _text(disk.find("target"), "dev") != target:
+            continue
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        parent = disk
+        for path, fmt in chain:
+            store = ET.Element("backingStore", type="file")
+            ET.SubElement(store, "format", type=fmt)
+            source = ET.SubElement(store, "source", file=path)
+            ET.SubElement(source, "seclabel", model="dac", relabel="no")
+            _insert_after_source(parent, store)
+            parent = store
+        _insert_after_source(parent, ET.Element("backingStore"))
+    return _to_string(root)
+
+
+def _insert_after_source(parent: ET.Element, child: ET.Element) -> None:
+    source = parent.find("source")
+    at = list(parent).index(source) + 1 if source is not None else len(parent)
+    parent.insert(at, child)
+
+
 def restored_xml(
     xml: str,
     *,

@@ -155,6 +155,12 @@ class RestoreForm(forms.Form):
     )
     root = forms.ChoiceField(label="Restore into", help_text="the disks go to <root>/<name>/")
     start = forms.BooleanField(required=False, label="Start the new domain when restored")
+    instant = forms.BooleanField(
+        required=False,
+        label="Instant recovery",
+        help_text="the domain runs from the backup within seconds (paused unless started) "
+        "while its data moves into <root>/<name>/",
+    )
 
     def __init__(self, *args, backup, **kwargs):
         super().__init__(*args, **kwargs)

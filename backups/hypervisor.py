@@ -246,8 +246,9 @@ class Session:
         dom = self._call(self._conn.defineXML, xml, doing="define domain")
         return dom.UUIDString()
 
-    def start(self, uuid: str) -> None:
-        self._call(self._dom(uuid).create, doing="start domain")
+    def start(self, uuid: str, *, paused: bool = False) -> None:
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        self._call(self._dom(uuid).createWithFlags, flags, doing="start domain")
 
     def shutdown(self, uuid: str) -> None:
         """Ask the guest to shut down (guest agent, else ACPI button); returns at once."""
@@ -527,6 +528,11 @@ class Session:
             if time.monotonic() > deadline:
                 raise HypervisorError(f"blockcommit of {target} not ready after {timeout:.0f}s")
             time.sleep(0.2)
+        self.pivot(uuid, target, deadline)
+
+    def pivot(self, uuid: str, target: str, deadline: float) -> None:
+        """Switch ``target`` to its block job's destination (commit's base, copy's mirror)
+        and wait, up to ``deadline`` (monotonic), for the job to be gone."""
         while True:
             try:
                 self.abort_block_job(uuid, target, pivot=True)
@@ -539,6 +545,33 @@ class Session:
                 time.sleep(0.2)
         while self.block_job(uuid, target) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
+
+    def block_copy(
+        self, uuid: str, target: str, dest: str, fmt: str, *, bandwidth: int = 0
+    ) -> None:
+        """Start copying ``target`` with its whole backing chain into ``dest`` (an empty
+        image we created, of the disk's size), mirroring guest writes, until ``pivot``.
+
+        A transient job (libvirt refuses others on a persistent domain); at the pivot
+        libvirt still points the persistent definition at ``dest``. The job lives in QEMU:
+        it outlives our process, and ``block_job`` finds it again. ``bandwidth``: bytes/s,
+        0 for no limit."""
+        disk = ET.Element("disk", type="file")
+        ET.SubElement(disk, "driver", type=fmt)
+        ET.SubElement(disk, "source", file=dest)
+        flags = (
+            libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        )
+        params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
+        dom = self._dom(uuid)
+        self._call(
+            dom.blockCopy,
+            target,
+            ET.tostring(disk, encoding="unicode"),
+            params,
+            flags,
+            doing=f"start block copy of {target}",
+        )
 
     # -- disk sources ----------------------------------------------------------------------------
     def disk_source(self, uuid: str, target: str, *, inactive: bool = False) -> str | None:

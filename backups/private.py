@@ -14,6 +14,7 @@ import fnmatch
 import os
 import pwd
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def lent_to(directory: Path, user: str) -> Iterator[None]:
         yield
         return
     parent = directory.parent
+    before = parent.stat().st_mode & 0o777  # 0710 with an instant restore's ACL: kept
     parent.chmod(TRAVERSE)
     os.chown(directory, *owner)
     try:
@@ -122,7 +124,7 @@ def lent_to(directory: Path, user: str) -> Iterator[None]:
     finally:
         os.chown(directory, os.getuid(), os.getgid())
         directory.chmod(DIR)
-        parent.chmod(DIR)
+        parent.chmod(before & 0o710)  # never wider than private, the mask kept
 
 
 def take_back(path: str | os.PathLike) -> None:
@@ -138,3 +140,61 @@ def tighten(path: str | os.PathLike, mode: int) -> None:
         current = os.stat(path).st_mode & 0o777
         if current & ~mode:
             os.chmod(path, current & mode)
+
+
+# -- read access for QEMU's user, by POSIX ACL ------------------------------------------------
+# An instantly restored domain runs on overlays whose backing files are a backup's images:
+# QEMU (its own user) must read them while the data moves, and nobody else may. Neither the
+# owner nor the mode bits change (libvirt must not chown them either: the definition marks
+# them ``relabel='no'``); one ACL entry names QEMU's user, and taking it back removes the
+# ACL and puts the private mode back exactly.
+ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_USER_OBJ, _USER, _GROUP_OBJ, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _acl(mode: int, uid: int, perm: int) -> bytes:
+    """The kernel's ACL xattr: owner, group and other as the mode says, plus ``uid``."""
+    entries = [
+        (_USER_OBJ, (mode >> 6) & 7, _NO_ID),
+        (_USER, perm, uid),
+        (_GROUP_OBJ, (mode >> 3) & 7, _NO_ID),
+        (_MASK, perm | ((mode >> 3) & 7), _NO_ID),
+        (_OTHER, mode & 7, _NO_ID),
+    ]
+    packed = b"".join(struct.pack("<HHI", tag, p, ident) for tag, p, ident in entries)
+    return struct.pack("<I", _ACL_VERSION) + packed
+
+
+def grant_acl(path: str | os.PathLike, uid: int, perm: int) -> None:
+    """Let ``uid`` read (4) a file or pass (1) a directory of ours, without following a
+    link and without changing owner or mode bits (the group bits show the mask)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.setxattr(fd, ACL_XATTR, _acl(os.fstat(fd).st_mode, uid, perm))
+    finally:
+        os.close(fd)
+
+
+def revoke_acl(path: str | os.PathLike, mode: int) -> None:
+    """No ACL any more and exactly ``mode`` (what ``grant_acl`` found); a path already gone
+    or already without an ACL is fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # ENODATA: no ACL there
+            os.removexattr(fd, ACL_XATTR)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def has_acl(path: str | os.PathLike) -> bool:
+    try:
+        os.getxattr(path, ACL_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return True

@@ -36,7 +36,7 @@ from .models import (
     RunStatus,
 )
 from .offsite import copy as offsite_copy
-from .restore import in_place, new_domain, rules
+from .restore import in_place, instant, new_domain, rules
 from .retention import fold
 from .roots import refusal as root_refusal
 
@@ -54,6 +54,7 @@ class Report:
     jobs_aborted: list[str] = field(default_factory=list)
     thawed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
+    restores_resumed: list[int] = field(default_factory=list)  # instant: handed to a worker
     adopted: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
     folds: list[str] = field(default_factory=list)  # folds of a killed prune, finished/undone
@@ -66,6 +67,7 @@ class Report:
             f"{len(self.restores_interrupted)} restores interrupted",
             f"{len(self.copies_interrupted)} offsite copies interrupted "
             f"({len(self.copies_requeued)} requeued)",
+            f"{len(self.restores_resumed)} instant restores handed to a worker",
             f"{len(self.locks_released)} prune locks released",
             f"{len(self.overlays)} overlays merged",
             f"{len(self.jobs_aborted)} jobs aborted",
@@ -168,6 +170,8 @@ def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
         try:
             if restore.mode == RestoreMode.IN_PLACE:
                 error = _repair_in_place(restore)
+            elif restore.mode == RestoreMode.INSTANT:
+                error = _repair_instant(restore, report)
             else:
                 error = _repair_new_domain(restore, report)
         except Exception as exc:  # one bad restore must not stop the rest of reconcile
@@ -196,6 +200,21 @@ def _repair_in_place(restore: Restore) -> str | None:
                     "(its disks are mixed); shut it down and reconcile puts the old ones back"
                 )
     return in_place.repair_dead(restore)
+
+
+def _repair_instant(restore: Restore, report: Report) -> str | None:
+    """A dead instant restore whose domain exists is queued again: a worker finds the block
+    copies QEMU kept running (or starts them again) and finishes the move — the domain is
+    in use. Otherwise (nothing defined yet, the domain gone, or a cancel was asked) its
+    domain and files are removed and the backup made private again."""
+    with hypervisor.session(restore.vm.host.uri) as hv:
+        if instant.needs_worker(restore, hv):
+            restore.log("requeued", reason="the worker died; another one takes the move over")
+            if restore.requeue():
+                requests.enqueue_restore(restore)
+                report.restores_resumed.append(restore.pk)
+            return None
+        return instant.discard(restore, hv)
 
 
 def _repair_new_domain(restore: Restore, report: Report) -> str:
@@ -266,6 +285,8 @@ def _expire_queued_restores(report: Report, after: timedelta = timedelta(days=1)
     ).values_list("pk", flat=True)
     for restore_id in list(stale):
         restore = Restore.objects.get(pk=restore_id)
+        if restore.mode == RestoreMode.INSTANT and restore.journal:
+            continue  # handed over: its domain may run on the backup, it stays pinned
         error = "never picked up by a worker; request it again"
         if restore.mark_interrupted(error, only=(RunStatus.QUEUED,)):
             report.restores_interrupted.append(restore_id)

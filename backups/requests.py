@@ -136,11 +136,15 @@ def request_restore(
     start: bool = False,
     user=None,
     in_place: bool = False,
+    instant: bool = False,
     enqueue: bool = True,
 ):
     """Create a queued restore of ``backup`` and enqueue it (``enqueue=False``: the caller
     runs it itself, as ``vmbackup_restore --wait`` does). As a new domain called ``name``
-    under ``root``, or ``in_place`` over the backup's own VM (name and root unused)."""
+    under ``root`` (``instant``: started at once from the backup, its data moved in while
+    it runs), or ``in_place`` over the backup's own VM (name and root unused)."""
+    if in_place and instant:
+        raise RestoreRefused("an instant restore makes a new domain; it cannot be in place")
     if in_place:
         name, root = backup.vm.name, ""
     else:
@@ -149,6 +153,8 @@ def request_restore(
         except RestoreError as exc:
             raise RestoreRefused(str(exc)) from exc
     mode = RestoreMode.IN_PLACE if in_place else RestoreMode.NEW
+    if instant:
+        mode = RestoreMode.INSTANT
     try:
         with transaction.atomic():
             _check_restore_cap(backup.vm.host)
@@ -165,8 +171,14 @@ def request_restore(
         what = f"of {backup.vm.name} in place" if in_place else f"as {name}"
         raise RestoreRefused(f"a restore {what} is already queued or running") from exc
     if enqueue:
-        _enqueue("backups.jobs.run_restore", restore.pk, vm=backup.vm, name=f"restore-{restore.pk}")
+        enqueue_restore(restore)
     return restore
+
+
+def enqueue_restore(restore) -> None:
+    """Enqueue a queued restore's task (again, for reconcile handing a dead worker's
+    instant restore to another: the claim makes a second delivery a no-op)."""
+    _enqueue("backups.jobs.run_restore", restore.pk, vm=restore.vm, name=f"restore-{restore.pk}")
 
 
 def request_restore_cancel(restore) -> None:

@@ -221,6 +221,7 @@ def backup_detail(request, backup_id: int):
         "children": backup.children.published(),
         "restore_refusal": _restore_refusal(backup),
         "restores": backup.restores.select_related("requested_by")[:RESTORES_SHOWN],
+        "pinned_by": Restore.objects.pinning(backup),
     }
     return render(request, "backups/backup_detail.html", context)
 

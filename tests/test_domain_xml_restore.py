@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from backups.domain_xml import restored_xml
+from backups.domain_xml import restored_xml, with_backing_chain
 
 ORIGINAL = """<domain type='qemu'>
   <name>web 'one'</name>
@@ -122,3 +122,30 @@ def test_shares_passthrough_and_luns_stay_with_the_original():
     assert not (root.findtext("genid") or "")
     assert "disk sdb was not in the backup and is left out" in notes
     assert any("shared directory" in n for n in notes) and any("host device" in n for n in notes)
+
+
+def test_an_instant_restore_spells_out_the_backing_chain_and_forbids_relabelling():
+    """libvirt would chown every image of a probed chain to QEMU's user: each link of the
+    backup's chain is named with ``relabel='no'``, and the chain ends explicitly."""
+
+    xml, _notes = restored_xml(
+        ORIGINAL, name="now", uuid="u", disks={"vda": ("/r/now/vda.overlay.qcow2", "qcow2")},
+        nvram=None,
+    )  # fmt: skip
+    chain = [("/b/vm/2-inc/vda.qcow2", "qcow2"), ("/b/vm/1-full/vda.qcow2", "qcow2")]
+
+    disk = next(
+        d
+        for d in ET.fromstring(with_backing_chain(xml, "vda", chain)).findall("devices/disk")
+        if d.find("target").get("dev") == "vda"
+    )
+
+    assert disk.find("source").get("file") == "/r/now/vda.overlay.qcow2"
+    store, found = disk.find("backingStore"), []
+    while store is not None and store.find("source") is not None:
+        label = store.find("source/seclabel")
+        found.append((store.find("source").get("file"), store.find("format").get("type")))
+        assert (label.get("model"), label.get("relabel")) == ("dac", "no")
+        store = store.find("backingStore")
+    assert found == chain
+    assert store is not None and len(store) == 0  # the explicit end: nothing probed

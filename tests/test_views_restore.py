@@ -5,7 +5,7 @@ which never fires inside the transaction every pytest-django test runs in (check
 """
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.test import Client
@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backups import access
-from backups.models import Host, Restore, RunStatus, VerifyStatus, VirtualMachine
+from backups.models import Host, Restore, RestoreMode, RunStatus, VerifyStatus, VirtualMachine
 from tests.helpers import logged_in, make_backup, make_user
 
 CREATED = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
@@ -447,3 +447,48 @@ def test_an_in_place_restore_is_cancelled_with_the_in_place_permission(
     assert only_in_place.post(cancel_url(restore)).status_code == 302
     restore.refresh_from_db()
     assert restore.status == RunStatus.CANCELLED
+
+
+# --- instant recovery --------------------------------------------------------------------------
+
+
+def test_it_queues_an_instant_restore(restorer_client, backup, root, async_calls):
+    data = {"name": "web-1-now", "root": root, "start": "on", "instant": "on"}
+    response = restorer_client.post(form_url(backup.pk), data)
+    restore = Restore.objects.get()
+    assert response["Location"] == reverse("restore_detail", args=[restore.pk])
+    assert (restore.mode, restore.name, restore.start) == (RestoreMode.INSTANT, "web-1-now", True)
+
+
+def test_an_instant_restore_holds_its_name_like_a_new_domain(
+    restorer_client, backup, root, async_calls
+):
+    restorer_client.post(form_url(backup.pk), {"name": "web-1-now", "root": root, "instant": "on"})
+    response = restorer_client.post(form_url(backup.pk), {"name": "web-1-now", "root": root})
+    assert "a restore as web-1-now is already queued or running" in response.content.decode()
+
+
+def test_the_backup_page_names_the_domain_its_chain_is_pinned_by(owner_client, vm):
+    full = make_backup(vm, ago=timedelta(days=2))
+    incremental = make_backup(vm, ago=timedelta(days=1), kind="incremental", parent=full)
+    later = make_backup(vm, ago=timedelta(hours=1))  # another chain: not pinned
+    make_restore(incremental, RunStatus.RUNNING, name="web-now", mode=RestoreMode.INSTANT)
+    make_restore(later, RunStatus.SUCCEEDED, name="web-done", mode=RestoreMode.INSTANT)
+
+    pages = {
+        b.pk: owner_client.get(reverse("backup_detail", args=[b.pk])).content.decode()
+        for b in (full, incremental, later)
+    }
+
+    note = "In use by the instantly restored domain <strong>web-now</strong>"
+    assert note in pages[full.pk] and note in pages[incremental.pk]
+    assert "In use by" not in pages[later.pk]
+
+
+def test_the_progress_says_the_instant_domain_runs_while_its_data_moves(viewer_client, backup):
+    restore = make_restore(
+        backup, RunStatus.RUNNING, mode=RestoreMode.INSTANT, domain_uuid=str(uuid.uuid4()),
+        path="/srv/restores/web-1-restored",
+    )  # fmt: skip
+    page = viewer_client.get(reverse("restore_progress", args=[restore.pk])).content.decode()
+    assert "runs from the backup; its data is moving into" in page

@@ -77,6 +77,9 @@ VMBACKUP_ROOTS = envlist("VMBACKUP_ROOTS", [VMBACKUP_ROOT])
 VMBACKUP_ALLOW_TEST_URI = envbool("VMBACKUP_ALLOW_TEST_URI", False)
 # Restores queued or running at once per host; one more is refused until one ends.
 VMBACKUP_MAX_RESTORES_PER_HOST = envint("VMBACKUP_MAX_RESTORES_PER_HOST", 2)
+# instant recovery: the bandwidth of each disk's move, MiB/s (0: as fast as the disks go),
+# so that the moving does not starve the restored VM of I/O
+VMBACKUP_INSTANT_MOVE_MIB_S = envint("VMBACKUP_INSTANT_MOVE_MIB_S", 0)
 # Directories the dashboard may restore into (comma-separated); a restore writes nowhere else.
 VMBACKUP_RESTORE_ROOTS = envlist("VMBACKUP_RESTORE_ROOTS", ["/var/lib/libvirt/images"])
 # Where external snapshot overlays are written (None: next to each disk).

@@ -5,7 +5,15 @@ by the sync job (``backups.inventory``), runs are advanced by ``backups.jobs``. 
 imported here, so ``from backups.models import X`` and Django's app registry see one module.
 """
 
-from .backup import Backup, BackupQuerySet, PruneLock, Restore, RestoreMode, VerifyStatus
+from .backup import (
+    Backup,
+    BackupQuerySet,
+    PruneLock,
+    Restore,
+    RestoreMode,
+    RestoreQuerySet,
+    VerifyStatus,
+)
 from .inventory import Disk, DiskDevice, Host, VirtualMachine, VirtualMachineQuerySet, VmState
 from .job import (
     ACTIVE_STATUSES,
@@ -44,6 +52,7 @@ __all__ = [
     "BackupQuerySet",
     "Backup",
     "RestoreMode",
+    "RestoreQuerySet",
     "Restore",
     "PruneLock",
     "CopyTrigger",

@@ -7,7 +7,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from .inventory import VirtualMachine
-from .job import BackupRun, Consistency, Job, Kind
+from .job import ACTIVE_STATUSES, BackupRun, Consistency, Job, Kind, RunStatus
 from .policy import BackupPolicy
 
 
@@ -96,10 +96,32 @@ class Backup(models.Model):
 class RestoreMode(models.TextChoices):
     NEW = "new", "as a new domain"
     IN_PLACE = "in-place", "in place, over the VM's own disks"
+    INSTANT = "instant", "instantly, as a new domain running from the backup"
+
+
+class RestoreQuerySet(models.QuerySet):
+    def pinning(self, backup: Backup):
+        """Active instant restores that read ``backup`` (their backup or one it builds on):
+        while one runs, its domain reads the chain, so retention must leave it alone."""
+        chain = Backup.objects.filter(vm_id=backup.vm_id, created_at__gte=backup.created_at)
+        ids = {b.pk: b.parent_id for b in chain.only("pk", "parent_id")}
+        readers = set()
+        for start in ids:
+            node = start
+            while node is not None and node not in readers:
+                if node == backup.pk:
+                    readers.add(start)
+                    break
+                node = ids.get(node)
+        return self.filter(
+            mode=RestoreMode.INSTANT, status__in=ACTIVE_STATUSES, backup_id__in=readers
+        )
 
 
 class Restore(Job):
-    """Restoring one backup, as a new domain or in place over its (shut off) VM's disks.
+    """Restoring one backup, as a new domain, in place over its (shut off) VM's disks, or
+    instantly (a new domain started on overlays over the backup, its data moved in while
+    it runs; active until the domain no longer reads the backup).
 
     Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
     writes is visible as restored until the last step (see ``restore``); a failure at any
@@ -126,13 +148,15 @@ class Restore(Job):
     domain_uuid = models.CharField(max_length=36, blank=True)
     notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
 
+    objects = RestoreQuerySet.as_manager()
+
     class Meta(Job.Meta):
         ordering = ["-created_at", "-id"]
         constraints = [
             # Two restores must not race for the same new name.
             models.UniqueConstraint(
                 fields=["name"],
-                condition=Q(status__in=["queued", "running"], mode="new"),
+                condition=Q(status__in=["queued", "running"], mode__in=["new", "instant"]),
                 name="one_active_restore_per_name",
             ),
             # ... and two in-place restores must not race over one VM, even after a rename.
@@ -153,6 +177,15 @@ class Restore(Job):
 
     def get_absolute_url(self):
         return reverse("restore_detail", args=[self.pk])
+
+    def requeue(self) -> bool:
+        """running -> queued, for a worker to take over a dead one's instant restore (its
+        domain runs on; the journal says how far it got). False if it ended meanwhile."""
+        return bool(
+            type(self)
+            .objects.filter(pk=self.pk, status=RunStatus.RUNNING)
+            .update(status=RunStatus.QUEUED, worker="")
+        )
 
 
 class PruneLock(models.Model):

@@ -1,5 +1,5 @@
 """The one dispatcher of restores: run a claimed restore of any kind (``new_domain``,
-``in_place``; instant recovery and drills go beside them), with one heartbeat, one failure
+``in_place``, ``instant``; drills go beside them), with one heartbeat, one failure
 path (undo what was made, record the outcome as data) and one cancel rule."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import hypervisor, worker
 from ..interrupt import Stopped
 from ..models import Restore, RestoreMode, RunStatus
-from . import in_place, new_domain
+from . import in_place, instant, new_domain
 from .common import Progress, RestoreCancelled
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def _execute(restore: Restore) -> str:
         with hypervisor.session(restore.backup.vm.host.uri) as hv:
             if restore.mode == RestoreMode.IN_PLACE:
                 result = in_place.restore(restore, hv, progress, created, swaps)
+            elif restore.mode == RestoreMode.INSTANT:
+                result = instant.restore(restore, hv, progress, created, defined)
             else:
                 result = new_domain.restore(restore, hv, progress, created, defined)
         created.clear()
@@ -45,6 +47,10 @@ def _execute(restore: Restore) -> str:
     # every failure is recorded as data on the restore; so is a stop of the command running
     # it (vmbackup_restore --wait), then raised again
     except (Exception, Stopped) as exc:
+        if isinstance(exc, Stopped) and restore.mode == RestoreMode.INSTANT:
+            if instant.left_running(restore):  # still running: reconcile hands it over
+                log.warning("restore %s: %s; its domain runs on", restore.pk, exc)
+                raise
         if isinstance(exc, Stopped):
             log.warning("restore %s: %s", restore.pk, exc)
         else:

@@ -34,6 +34,7 @@ from ..models import (
     OffsiteCopy,
     PruneLock,
     Restore,
+    RestoreMode,
     RunStatus,
 )
 from . import fold
@@ -192,9 +193,18 @@ def holding(vm, holder: str):
 
 
 def _restore_active(vm, report: Report) -> bool:
-    """A restore or an offsite copy reading this VM's backups: prune stands back (the copy
-    would see a fold as a change and discard its snapshot)."""
-    if Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES).exists():
+    """A restore reads this VM's chains (an instant one for as long as its domain runs on
+    them: the chain is pinned, named here and on the backup's page), or an offsite copy
+    reads them (it would see a fold as a change and discard its snapshot): prune stands back."""
+    active = Restore.objects.filter(vm=vm, status__in=ACTIVE_STATUSES)
+    pinned = sorted(active.filter(mode=RestoreMode.INSTANT).values_list("name", flat=True))
+    if pinned:
+        report.skipped = (
+            "its backups are in use by the instantly restored domain "
+            f"{', '.join(pinned)} until its data has moved"
+        )
+        return True
+    if active.exists():
         report.skipped = "a restore of this VM is running"
         return True
     if OffsiteCopy.objects.filter(vm=vm, status=RunStatus.RUNNING).exists():

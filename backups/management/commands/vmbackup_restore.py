@@ -13,7 +13,9 @@ class Command(BaseCommand):
         "it runs in this process: exit 0 and the new domain's directory as the last line, or "
         "non-zero and the reason. Nothing is overwritten; the original VM is not touched. "
         "Stopped by TERM, INT or HUP, it undoes what it made, marks the restore interrupted "
-        "and exits 128 + the signal's number (a KILL: reconcile does that)."
+        "and exits 128 + the signal's number (a KILL: reconcile does that). An --instant "
+        "restore whose domain already runs is left running instead: reconcile hands its "
+        "move to a worker."
     )
 
     def add_arguments(self, parser):
@@ -26,6 +28,13 @@ class Command(BaseCommand):
             "files are kept as <file>.before-restore-<id>)",
         )
         parser.add_argument(
+            "--instant",
+            action="store_true",
+            help="instant recovery: the new domain runs from the backup within seconds "
+            "(paused unless --start) while its data moves into <root>/<name>/; with --wait "
+            "this ends when the domain no longer reads the backup",
+        )
+        parser.add_argument(
             "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
         )
         parser.add_argument("--start", action="store_true", help="start the new domain")
@@ -35,9 +44,11 @@ class Command(BaseCommand):
         with interrupt.Guard("vmbackup_restore") as guard:
             self._handle(guard, **options)
 
-    def _handle(self, guard, *, backup, name, root, start, wait, in_place, **options):
+    def _handle(self, guard, *, backup, name, root, start, wait, in_place, instant, **options):
         target = _find_backup(backup)
         roots = restore_rules.allowed_roots()
+        if in_place and instant:
+            raise CommandError("--instant makes a new domain: not with --in-place")
         if in_place and (name or root):
             raise CommandError("--in-place restores over the VM itself: no --name or --root")
         if not in_place and not name:
@@ -51,6 +62,7 @@ class Command(BaseCommand):
                 root=root or (roots[0] if roots else ""),
                 start=start,
                 in_place=in_place,
+                instant=instant,
                 enqueue=not wait,
             )
         except requests.RestoreRefused as exc:
@@ -65,7 +77,7 @@ class Command(BaseCommand):
             raise CommandError(f"restore {restore.pk} {restore.status}: {restore.error}")
         for note in restore.notes:
             self.stdout.write(f"note: {note}")
-        how = "in place" if in_place else "as"
+        how = "in place" if in_place else ("instantly as" if instant else "as")
         self.stdout.write(f"restored {how} {restore.name} ({restore.domain_uuid})")
         self.stdout.write(restore.path)
 
