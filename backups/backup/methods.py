@@ -229,14 +229,32 @@ def _thaw(ctx: Context, attempts: int = 3) -> None:
 
 
 def push(ctx: Context) -> Result:
-    """libvirt backup API. QEMU pushes a point-in-time view into our files; with a pull
-    directory configured, a full backup is pulled instead (QEMU exports the view over NBD
-    and qemu-img copies it, compressed if the policy says so, each disk hashed while the
-    next is copied). Incrementals are always pushed: QEMU writes only what its bitmap
-    marks. bench/full_backup.py measured no speed gain from pulling on QEMU 7.2."""
+    """libvirt backup API. A full backup is pulled when there is a socket directory
+    (``pull_directory``): QEMU exports a point-in-time view over NBD and qemu-img copies
+    it, compressed if the policy says so, each disk hashed while the next is copied —
+    less wall time than QEMU's own push job here (bench/README.md, "push or pull").
+    Incrementals are pushed: QEMU writes only what its bitmap marks, and the image is
+    then re-written compressed when the policy asks (as are fulls pushed for want of a
+    socket directory)."""
     if ctx.pull_dir and not ctx.incremental:
         return _pull(ctx)
     return _push(ctx)
+
+
+DEFAULT_PULL_DIR = "/run/vmbackup"
+
+
+def pull_directory(configured: str | None) -> str | None:
+    """Where pull backups put their NBD sockets: ``VMBACKUP_NBD_DIR`` when set, else
+    ``/run/vmbackup`` when ``/run`` is ours to write (root's tmpfs: short paths, as unix
+    sockets need, and nobody else can plant anything there), else none: fulls are then
+    pushed like incrementals."""
+    if configured:
+        return configured
+    parent = os.path.dirname(DEFAULT_PULL_DIR)
+    if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+        return DEFAULT_PULL_DIR
+    return None
 
 
 def _pull(ctx: Context) -> Result:
@@ -313,7 +331,9 @@ def _push(ctx: Context) -> Result:
     an incremental image is re-pointed (``rebase -u``) from the live disk, which libvirt
     writes as its backing file, to the parent backup's image.
     """
-    targets = {d.target: str(ctx.staging / f"{d.target}.qcow2") for d in ctx.disks}
+    compress = ctx.compression != "none"
+    name = ".{}.push.qcow2" if compress else "{}.qcow2"  # compressed afterwards, see below
+    targets = {d.target: str(ctx.staging / name.format(d.target)) for d in ctx.disks}
     ctx.journal(
         "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
     )
@@ -333,12 +353,45 @@ def _push(ctx: Context) -> Result:
         backing = ctx.backing.get(disk.target) if ctx.incremental else None
         if backing:
             qemu_img.rebase(str(out), "qcow2", backing, "qcow2", unsafe=True)
+        if compress:
+            out = _compress(ctx, disk, out, backing)
         ctx.image_done(out)
         images.append(
             Image(disk.target, disk.source, disk.format, out.name, disk.capacity or 0, backing)
         )
     ctx.progress(ctx.total, ctx.total)
     return Result(consistency, images)
+
+
+def _compress(ctx: Context, disk: hypervisor.DiskInfo, pushed: Path, backing: str | None):
+    """QEMU's push job cannot compress, so the pushed image is re-written compressed into
+    ``<target>.qcow2`` and dropped. An incremental keeps its backing file and only the
+    clusters the job wrote are copied (``convert -B``: data and explicit zeros of the top
+    layer), so the chain stays an ordinary qcow2 chain. That convert opens the parent's
+    chain: ``chain.plan`` checked every header of it against its manifest (else this
+    run would be a full)."""
+    out = ctx.staging / f"{disk.target}.qcow2"
+    ctx.journal("compress", target=disk.target, file=out.name, compression=ctx.compression)
+    private.create_file(out)
+
+    def cancellable(_fraction: float) -> None:
+        if ctx.should_stop():
+            raise Cancelled("cancelled by user")
+
+    qemu_img.convert(
+        str(pushed),
+        "qcow2",
+        str(out),
+        "qcow2",
+        compression=ctx.compression,
+        backing=backing,
+        backing_fmt="qcow2" if backing else None,
+        progress=cancellable,
+        force_share=False,
+        timeout=ctx.timeout,
+    )
+    os.unlink(pushed)
+    return out
 
 
 def _wait_push(ctx: Context) -> None:

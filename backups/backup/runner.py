@@ -330,7 +330,7 @@ def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.
         site=prepared["site"],
         compression=run.policy.compression if run.policy else "none",
         overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
-        pull_dir=settings.VMBACKUP_NBD_DIR or None,
+        pull_dir=methods.pull_directory(settings.VMBACKUP_NBD_DIR),
         qemu_user=settings.VMBACKUP_QEMU_USER,
         timeout=settings.Q_TIMEOUT,
         journal=rc.journal,
