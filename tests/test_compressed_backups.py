@@ -9,7 +9,7 @@ import pytest
 
 from backups import archive, qemu_img, site
 from backups.archive import check as archive_check
-from backups.backup import methods
+from backups.backup import push as pushing
 from backups.models import BackupPolicy, RunStatus
 from tests.domains import DiskSpec, make_dir
 from tests.helpers import push, restore_now, snapshot_copy, write
@@ -77,7 +77,7 @@ def test_it_compresses_a_full_and_an_incremental_and_restores_both_exactly(
     full = push(vm, zstd)
     begin = steps(full, "backup-begin")[0]
     assert begin["mode"] == "pull"
-    sockets = Path(methods.DEFAULT_PULL_DIR)
+    sockets = Path(pushing.DEFAULT_PULL_DIR)
     assert Path(begin["socket"]).parent == sockets / f"{site.site_id()}-{full.pk}"
     assert not Path(begin["socket"]).parent.exists()  # removed after the copy
     assert sockets.stat().st_mode & 0o777 == 0o711  # QEMU passes through, lists nothing
@@ -110,7 +110,7 @@ def test_it_compresses_a_full_and_an_incremental_and_restores_both_exactly(
 def test_without_a_socket_directory_a_full_is_pushed_then_compressed(
     domains, backup_root, synced, zstd, monkeypatch
 ):
-    monkeypatch.setattr(methods, "pull_directory", lambda configured: None)
+    monkeypatch.setattr(pushing, "pull_directory", lambda configured: None)
     dom = domains.create([DiskSpec("vda", "qcow2", 32, [(0, 8, 0xA1)])], start=True)
     vm = synced(dom)
     refs = paused_references(domains, dom, "ref")
@@ -137,8 +137,8 @@ def test_it_makes_a_full_when_a_header_of_the_chain_is_wrong(domains, backup_roo
 
 
 def test_the_socket_directory_is_the_setting_else_run(tmp_path, monkeypatch):
-    assert methods.pull_directory("/srv/nbd") == "/srv/nbd"
-    monkeypatch.setattr(methods, "DEFAULT_PULL_DIR", str(tmp_path / "vmbackup"))
-    assert methods.pull_directory("") == str(tmp_path / "vmbackup")
-    monkeypatch.setattr(methods, "DEFAULT_PULL_DIR", str(tmp_path / "missing" / "vmbackup"))
-    assert methods.pull_directory("") is None
+    assert pushing.pull_directory("/srv/nbd") == "/srv/nbd"
+    monkeypatch.setattr(pushing, "DEFAULT_PULL_DIR", str(tmp_path / "vmbackup"))
+    assert pushing.pull_directory("") == str(tmp_path / "vmbackup")
+    monkeypatch.setattr(pushing, "DEFAULT_PULL_DIR", str(tmp_path / "missing" / "vmbackup"))
+    assert pushing.pull_directory("") is None
