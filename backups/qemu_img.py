@@ -367,9 +367,7 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _convert_options(
-    dst_fmt: str, compression: str, target_is_zero: bool, out_of_order: bool = False
-) -> list[str]:
+def _convert_options(dst_fmt: str, compression: str, target_is_zero: bool) -> list[str]:
     """Compression always comes with ``-W``: qcow2 compresses each cluster on a worker
     thread, but with writes kept in order only one cluster is ever being compressed."""
     if compression not in COMPRESSIONS:
@@ -384,7 +382,7 @@ def _convert_options(
         options += ["-c", "-o", f"compression_type={compression}"]
     if target_is_zero:
         options += ["-n", "--target-is-zero"]
-    if out_of_order or compression != "none":
+    if compression != "none":
         options.append("-W")
     return options
 
@@ -456,13 +454,14 @@ def convert_from_nbd(
 
     The source is given as ``--image-opts`` rather than an ``nbd+unix://`` URL: the
     socket path contains the VM's name, and option values only need commas doubled.
-    Writes may land out of order (``-W``): measured cheaper and faster than ordered
-    writes for this copy (bench/README.md, "push or pull").
+    Compressed, writes may land out of order (``-W``, see ``_convert_options``);
+    uncompressed they stay ordered: ``-W`` measured no faster here (bench/README.md,
+    "push or pull").
     """
     socket = validate_path(socket)
     if not export or any(c in export for c in "\0\n\r"):
         raise QemuImgError(f"bad NBD export name: {export!r}")
-    options = _convert_options("qcow2", compression, False, out_of_order=True)
+    options = _convert_options("qcow2", compression, False)
     source = "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}"
     source = source.format(socket.replace(",", ",,"), export.replace(",", ",,"))
     argv = [QEMU_IMG, "convert", "-p", "--image-opts", "-O", "qcow2", *options, source]

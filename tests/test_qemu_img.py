@@ -236,7 +236,7 @@ def test_it_builds_convert_argv_for_a_compressed_overlay(fake_run):
 
 @pytest.mark.parametrize(
     ("compression", "extra"),
-    [("none", ["-W"]), ("zstd", ["-c", "-o", "compression_type=zstd", "-W"])],
+    [("none", []), ("zstd", ["-c", "-o", "compression_type=zstd", "-W"])],
 )
 def test_it_builds_convert_from_nbd_argv(fake_run, compression, extra):
     qemu_img.convert_from_nbd("/run/v/s,1/nbd.sock", "vda", "/d.qcow2", compression=compression)
