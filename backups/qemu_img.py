@@ -379,11 +379,9 @@ def _convert_options(dst_fmt: str, compression: str, target_is_zero: bool) -> li
         if target_is_zero:
             # With -n qemu-img ignores -o, so the requested algorithm would silently be lost.
             raise QemuImgError("compression cannot be combined with target_is_zero")
-        options += ["-c", "-o", f"compression_type={compression}"]
+        options += ["-c", "-o", f"compression_type={compression}", "-W"]
     if target_is_zero:
         options += ["-n", "--target-is-zero"]
-    if compression != "none":
-        options.append("-W")
     return options
 
 
