@@ -121,6 +121,24 @@ def test_without_a_socket_directory_a_full_is_pushed_then_compressed(
     assert_holds(Path(full.backup.path), refs)
 
 
+def test_a_pull_qemu_refuses_becomes_a_push(domains, backup_root, synced, zstd, settings):
+    """As when AppArmor keeps QEMU from binding the socket: here the path is too long."""
+    settings.VMBACKUP_NBD_DIR = str(make_dir(backup_root / ("n" * 100)))
+    dom = domains.create([DiskSpec("vda", "qcow2", 32, [(0, 8, 0xA1)])], start=True)
+    vm = synced(dom)
+    refs = paused_references(domains, dom, "ref")
+    full = push(vm, zstd)
+    assert [s["mode"] for s in steps(full, "backup-begin")[:1]] == ["pull"]
+    assert steps(full, "pull-refused")[0]["error"]
+    assert [s["target"] for s in steps(full, "compress")] == ["vda"]
+    assert_holds(Path(full.backup.path), refs)
+    assert list(Path(settings.VMBACKUP_NBD_DIR).iterdir()) == []
+    assert domains.lookup(dom).jobStats().get("type", 0) == 0
+    assert [c.getName() for c in domains.lookup(dom).listAllCheckpoints()] == [
+        full.backup.checkpoint
+    ]
+
+
 def test_it_makes_a_full_when_a_header_of_the_chain_is_wrong(domains, backup_root, synced, zstd):
     """convert -B would open the parent's chain: a header naming anything else stops it."""
     dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 1, 0xA1)])], start=True)

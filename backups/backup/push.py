@@ -23,10 +23,18 @@ def push(ctx: Context) -> Result:
     less wall time than QEMU's own push job here (bench/README.md, "push or pull").
     Incrementals are pushed: QEMU writes only what its bitmap marks, and the image is
     then re-written compressed when the policy asks (as are fulls pushed for want of a
-    socket directory)."""
+    socket directory, or whose pull job QEMU refused to start)."""
     if ctx.pull_dir and not ctx.incremental:
-        return _pull(ctx)
+        try:
+            return _pull(ctx)
+        except PullRefused as exc:
+            ctx.journal("pull-refused", error=str(exc))
     return _push(ctx)
+
+
+class PullRefused(Exception):
+    """The pull job did not start (e.g. AppArmor or SELinux keeps QEMU from binding the NBD
+    socket): nothing was copied, nothing is left, so the full is pushed instead."""
 
 
 DEFAULT_PULL_DIR = "/run/vmbackup"
@@ -55,7 +63,10 @@ def _pull(ctx: Context) -> Result:
         # QEMU opens the scratch files libvirt creates in staging: lent for the job only
         with private.lent_to(ctx.staging, ctx.qemu_user):
             try:
-                consistency = _begin_job(ctx, scratch, pull_socket=socket)
+                try:
+                    consistency = _begin_job(ctx, scratch, pull_socket=socket)
+                except hypervisor.HypervisorError as exc:
+                    raise PullRefused(str(exc)) from exc
 
                 def copy(disk, out: Path, report) -> None:
                     qemu_img.convert_from_nbd(
