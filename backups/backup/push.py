@@ -20,7 +20,8 @@ def push(ctx: Context) -> Result:
     """libvirt backup API. A full backup is pulled when there is a socket directory
     (``pull_directory``): QEMU exports a point-in-time view over NBD and qemu-img copies
     it, compressed if the policy says so, each disk hashed while the next is copied —
-    less wall time than QEMU's own push job here (bench/README.md, "push or pull").
+    less wall time than QEMU's own push job when a core is free, and the copy leaves the
+    process that runs the guest (bench/README.md, "push or pull").
     Incrementals are pushed: QEMU writes only what its bitmap marks, and the image is
     then re-written compressed when the policy asks (as are fulls pushed for want of a
     socket directory, or whose pull job QEMU refused to start)."""
