@@ -363,6 +363,7 @@ def _repair_run(run: BackupRun, report: Report) -> None:
                     report.thawed.append(run.vm.name)
     except (hypervisor.HypervisorError, methods.MethodError) as exc:
         report.errors.append(f"run {run.pk}: {exc}")
+    _remove_socket_dirs(run, steps)
     if run.staging_path and os.path.isdir(run.staging_path):
         try:
             archive.discard(Path(run.staging_path), _root_of(run))
@@ -373,6 +374,17 @@ def _repair_run(run: BackupRun, report: Report) -> None:
     if run.mark_interrupted("worker stopped during the run (repaired by reconcile)"):
         notify.run_finished(run)
     report.interrupted.append(run.pk)
+
+
+def _remove_socket_dirs(run: BackupRun, steps: list[dict]) -> None:
+    """A pull backup's socket directory (``<pull dir>/<site>-<run>``), left when the worker
+    died mid-copy; only a directory of that name, which this run made, is removed."""
+    for step in steps:
+        socket_path = step.get("socket") if step.get("step") == "backup-begin" else None
+        if isinstance(socket_path, str) and os.path.isabs(socket_path):
+            directory = os.path.dirname(socket_path)
+            if os.path.basename(directory) == f"{site.site_id()}-{run.pk}":
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _root_of(run: BackupRun) -> str:

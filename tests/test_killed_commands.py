@@ -204,6 +204,35 @@ def test_a_killed_vmbackup_run_leaves_no_qemu_img_and_an_interrupted_run(
     assert not list(Path(backup.path).parent.glob(".*.partial"))
 
 
+@BOTH
+def test_a_vmbackup_run_killed_mid_pull_ends_the_job_and_its_socket_directory(
+    transactional_db, domains, backup_root, synced, env, tmp_path, signum
+):
+    dom = domains.create([DiskSpec("vda", "qcow2", 16, [(0, 2, 0xA1)])], start=True)
+    vm = synced(dom)
+    cmd = Command(tmp_path, ["vmbackup_run", vm.name, "--method", "push", "--wait"],
+                  stall="convert *--image-opts*", env=env)  # fmt: skip
+    children = cmd.wait_for_stall()
+    run = BackupRun.objects.get(vm=vm)
+    begin = next(e for e in run.journal if e["step"] == "backup-begin")
+    sockets = Path(begin["socket"]).parent
+    assert begin["mode"] == "pull" and sockets.is_dir()
+
+    assert cmd.kill(signum) == exit_code(signum), cmd.output()
+
+    assert_all_gone(children)
+    if signum == signal.SIGKILL:  # the export is still up: reconcile ends it
+        assert sockets.is_dir()
+        assert run.pk in reconcile.reconcile().interrupted
+    run.refresh_from_db()
+    assert run.status == RunStatus.INTERRUPTED
+    assert not sockets.exists()
+    assert domains.lookup(dom).jobStats().get("type", 0) == 0
+    if signum == signal.SIGTERM:  # after a KILL the next backup drops the checkpoint
+        assert domains.lookup(dom).listAllCheckpoints() == []
+    assert not list(backup_root.rglob(".*.partial"))
+
+
 def test_a_vmbackup_run_stopped_mid_snapshot_commits_its_overlay_at_once(
     transactional_db, domains, backup_root, synced, env, tmp_path
 ):

@@ -18,12 +18,14 @@ pytestmark = [pytest.mark.django_db, pytest.mark.libvirt]
 
 
 @pytest.fixture
-def chain(domains, backup_root, synced):
-    """Five backups (a full and four incrementals), one day apart, with a reference copy each."""
+def chain(domains, backup_root, synced, request):
+    """Five backups (a full and four incrementals), one day apart, with a reference copy each;
+    compressed when the test asks (``indirect`` parameter: the policy's compression)."""
     dom = domains.create([DiskSpec("vda", "qcow2", 32, [(0, 4, 0xA1)])], start=True)
     vm = synced(dom)
     policy = BackupPolicy.objects.create(name="p", schedule="", full_every=10, keep_last=0,
-                                         keep_daily=0, keep_weekly=0, keep_monthly=0)  # fmt: skip
+                                         keep_daily=0, keep_weekly=0, keep_monthly=0,
+                                         compression=getattr(request, "param", "none"))  # fmt: skip
     policy.vms.add(vm)
     points = []
     for i in range(5):
@@ -89,6 +91,21 @@ def test_it_keeps_every_remaining_point_restorable(chain, rules, protect, expect
     assert newest.pruned_at is None
     if newest.parent_id is None:
         assert archive.read_manifest(newest.path).kind == "full"
+
+
+@pytest.mark.parametrize("chain", ["zstd"], indirect=True)
+def test_it_folds_a_compressed_chain(chain):
+    vm, policy, points = chain
+    incrementals = [b for b, _ref in points if b.parent_id]  # the full was pulled compressed
+    assert all("compress" in [e["step"] for e in b.run.journal] for b in incrementals)
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=2)
+
+    prune(policy)
+
+    assert assert_kept_restorable(points) == 2
+    newest, _ref = points[-1]
+    newest.refresh_from_db()
+    assert newest.parent.parent_id is None  # the older points were folded into the chain
 
 
 def test_it_prunes_only_the_policys_own_backups(domains, backup_root, synced, allow_root):

@@ -160,8 +160,8 @@ def test_it_builds_create_argv_with_backing(fake_run):
     ("compression", "extra"),
     [
         ("none", []),
-        ("zlib", ["-c", "-o", "compression_type=zlib"]),
-        ("zstd", ["-c", "-o", "compression_type=zstd"]),
+        ("zlib", ["-c", "-o", "compression_type=zlib", "-W"]),
+        ("zstd", ["-c", "-o", "compression_type=zstd", "-W"]),
     ],
 )
 def test_it_builds_convert_argv(fake_run, compression, extra):
@@ -200,6 +200,61 @@ def test_it_builds_convert_argv_for_existing_zero_target(fake_run):
         "/d.raw",
     ]
     assert fake_run.calls[0]["timeout"] == 9
+
+
+def test_it_builds_convert_argv_for_a_compressed_overlay(fake_run):
+    qemu_img.convert(
+        "/s/.vda.push.qcow2",
+        "qcow2",
+        "/s/vda.qcow2",
+        "qcow2",
+        compression="zstd",
+        backing="../p/vda.qcow2",
+        backing_fmt="qcow2",
+        force_share=False,
+    )
+    assert fake_run.argv == [
+        "qemu-img",
+        "convert",
+        "-p",
+        "-f",
+        "qcow2",
+        "-O",
+        "qcow2",
+        "-c",
+        "-o",
+        "compression_type=zstd",
+        "-W",
+        "-B",
+        "../p/vda.qcow2",
+        "-F",
+        "qcow2",
+        "/s/.vda.push.qcow2",
+        "/s/vda.qcow2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("compression", "extra"),
+    [("none", []), ("zstd", ["-c", "-o", "compression_type=zstd", "-W"])],
+)
+def test_it_builds_convert_from_nbd_argv(fake_run, compression, extra):
+    qemu_img.convert_from_nbd("/run/v/s,1/nbd.sock", "vda", "/d.qcow2", compression=compression)
+    source = (
+        "driver=raw,file.driver=nbd,file.server.type=unix,"
+        "file.server.path=/run/v/s,,1/nbd.sock,file.export=vda"
+    )
+    assert fake_run.argv == [
+        "qemu-img",
+        "convert",
+        "-p",
+        "--image-opts",
+        "-O",
+        "qcow2",
+        *extra,
+        source,
+        "/d.qcow2",
+    ]
 
 
 def test_it_builds_check_argv_and_parses_result(fake_run):
@@ -371,6 +426,11 @@ def test_it_rejects_formats_outside_the_allow_list(fake_run, fmt):
         {"dst_fmt": "qcow2", "compression": "lz4"},
         {"dst_fmt": "qcow2", "compression": "zstd", "target_is_zero": True},
         {"dst_fmt": "qcow2", "timeout": 0},
+        {"dst_fmt": "raw", "backing": "b.qcow2", "backing_fmt": "qcow2"},
+        {"dst_fmt": "qcow2", "backing": "b.qcow2"},
+        {"dst_fmt": "qcow2", "backing_fmt": "qcow2"},
+        {"dst_fmt": "qcow2", "backing": "nbd:h:1", "backing_fmt": "qcow2"},
+        {"dst_fmt": "qcow2", "backing": "b.qcow2", "backing_fmt": "qcow2", "target_is_zero": True},
     ],
 )
 def test_it_rejects_bad_convert_options(fake_run, kwargs):
@@ -558,6 +618,43 @@ def test_it_converts_with_zstd_and_compares(tmp_path):
         f.write(b"\x00")
     assert qemu_img.compare(str(copy), "raw", str(out), "qcow2") is False
     assert qemu_img.compare(str(copy), "raw", str(copy), "raw", strict=True) is True
+
+
+@needs_qemu
+def test_it_converts_only_the_top_layer_onto_a_backing_file(tmp_path):
+    """-B: data and explicit zeros of the overlay, nothing of its backing, compressed."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "s").mkdir()
+    base = tmp_path / "p" / "vda.qcow2"
+    qemu_img.create(str(base), "qcow2", 8 * MIB)
+    qemu_io(base, "qcow2", "write -P 0x11 0 4M")
+    top = tmp_path / "s" / ".vda.push.qcow2"
+    qemu_img.create(str(top), "qcow2", 8 * MIB, backing="../p/vda.qcow2", backing_fmt="qcow2")
+    for command in ("write -P 0x22 1M 512k", "write -z 2M 256k", "write -P 0x33 6M 64k"):
+        qemu_io(top, "qcow2", command)
+    out = tmp_path / "s" / "vda.qcow2"
+    qemu_img.convert(
+        str(top),
+        "qcow2",
+        str(out),
+        "qcow2",
+        compression="zstd",
+        backing="../p/vda.qcow2",
+        backing_fmt="qcow2",
+        force_share=False,
+    )
+    info = qemu_img.info(str(out), "qcow2")
+    assert (info.backing_filename, info.backing_format) == ("../p/vda.qcow2", "qcow2")
+    assert qemu_img.compare(str(top), "qcow2", str(out), "qcow2") is True
+    assert out.stat().st_size < MIB  # the base's 4 MiB were not copied
+    mapped = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    own = [(e["start"], e["length"], e["zero"]) for e in json.loads(mapped) if e["depth"] == 0]
+    assert own == [(MIB, MIB // 2, False), (2 * MIB, MIB // 4, True), (6 * MIB, 65536, False)]
 
 
 @needs_qemu

@@ -84,8 +84,9 @@ VMBACKUP_INSTANT_MOVE_MIB_S = envint("VMBACKUP_INSTANT_MOVE_MIB_S", 0)
 VMBACKUP_RESTORE_ROOTS = envlist("VMBACKUP_RESTORE_ROOTS", ["/var/lib/libvirt/images"])
 # Where external snapshot overlays are written (None: next to each disk).
 VMBACKUP_OVERLAY_DIR = env("VMBACKUP_OVERLAY_DIR", "") or None
-# Set to pull full push-method backups over NBD (qemu-img copies them, so the policy's
-# compression applies); the unix sockets live here. Empty (default): QEMU pushes them.
+# Where full push-method backups put the NBD sockets they are pulled through (unix socket
+# paths are short). Empty (default): /run/vmbackup when /run is writable, else fulls are
+# pushed by QEMU like incrementals (and compressed afterwards when the policy asks).
 VMBACKUP_NBD_DIR = env("VMBACKUP_NBD_DIR", "")
 # The user libvirt runs QEMU as (qemu.conf "user"), who must reach the NBD socket directory.
 VMBACKUP_QEMU_USER = env("VMBACKUP_QEMU_USER", "libvirt-qemu")

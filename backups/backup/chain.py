@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hypervisor
-from ..models import Backup, Kind, Method, VerifyStatus
+from ..archive import ArchiveError
+from ..archive import check as archive_check
+from ..models import Backup, Compression, Kind, Method, VerifyStatus
 
 CHECKPOINT_PREFIX = "vmbackup-"
 
@@ -93,6 +95,10 @@ def plan(
     reason = _checkpoint_problem(vm, parent, hv, disks)
     if reason:
         return _full(reason)
+    if policy and policy.compression != Compression.NONE:
+        reason = _chain_problem(parent)
+        if reason:
+            return _full(reason)
     return Plan(Kind.INCREMENTAL, f"changes since {parent.checkpoint}", parent)
 
 
@@ -142,6 +148,22 @@ def _checkpoint_problem(vm, parent: Backup, hv, disks) -> str | None:
         hv.checkpoint_changed_bytes(uuid, parent.checkpoint)
     except hypervisor.HypervisorError as exc:
         return f"checkpoint {parent.checkpoint} unusable: {exc}"
+    return None
+
+
+def _chain_problem(parent: Backup) -> str | None:
+    """A compressed incremental is re-written by ``qemu-img convert -B``, which opens the
+    parent's whole chain: every backup of it must be plain, listed and covered, and every
+    image header must name only what its manifest says (``archive`` structure check, no
+    data read), before qemu-img may open it."""
+    try:
+        dirs = archive_check.chain_dirs(parent.path)
+    except (ArchiveError, OSError) as exc:
+        return f"the last backup's chain cannot be read: {exc}"
+    for directory in dirs:
+        errors = archive_check.structure(directory).errors
+        if errors:
+            return f"backup {directory.name} of the chain failed its header check: {errors[0]}"
     return None
 
 

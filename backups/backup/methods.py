@@ -1,4 +1,4 @@
-"""How disk images are produced: offline, push, snapshot and memory.
+"""How disk images are produced: offline, snapshot and memory here, push in ``push``.
 
 Each method writes one qcow2 image per selected disk into the staging directory and returns
 what it did as data. Whatever it changes on the VM (a snapshot overlay, a block job, a frozen
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,7 +145,7 @@ class _Progress:
         self.ctx.progress(self.base, self.ctx.total)
 
 
-def _copy_disks(ctx: Context, copy: Callable[[hypervisor.DiskInfo, Path, Callable], None]):
+def copy_disks(ctx: Context, copy: Callable[[hypervisor.DiskInfo, Path, Callable], None]):
     """Copy each disk into ``<target>.qcow2`` in staging with ``copy(disk, out, progress)``;
     each finished image is handed to the hasher while the next one is copied."""
     images, progress = [], _Progress(ctx)
@@ -179,7 +178,7 @@ def _convert_all(ctx: Context, sources: dict[str, str]) -> list[Image]:
             timeout=ctx.timeout,
         )
 
-    return _copy_disks(ctx, copy)
+    return copy_disks(ctx, copy)
 
 
 def offline(ctx: Context) -> Result:
@@ -194,7 +193,7 @@ def offline(ctx: Context) -> Result:
 
 
 @contextlib.contextmanager
-def _frozen(ctx: Context):
+def frozen(ctx: Context):
     """Freeze guest filesystems when the agent answers; always thaw. Yields the label.
 
     A freeze that times out may still have frozen the guest, so a failed freeze is followed
@@ -226,154 +225,6 @@ def _thaw(ctx: Context, attempts: int = 3) -> None:
                 ctx.journal("thaw-failed", error=str(exc))
                 raise
             time.sleep(1)
-
-
-def push(ctx: Context) -> Result:
-    """libvirt backup API. QEMU pushes a point-in-time view into our files; with a pull
-    directory configured, a full backup is pulled instead (QEMU exports the view over NBD
-    and qemu-img copies it, compressed if the policy says so, each disk hashed while the
-    next is copied). Incrementals are always pushed: QEMU writes only what its bitmap
-    marks. bench/full_backup.py measured no speed gain from pulling on QEMU 7.2."""
-    if ctx.pull_dir and not ctx.incremental:
-        return _pull(ctx)
-    return _push(ctx)
-
-
-def _pull(ctx: Context) -> Result:
-    scratch = {d.target: str(ctx.staging / f".{d.target}.scratch.qcow2") for d in ctx.disks}
-    sock_dir = _socket_dir(ctx)
-    socket = str(sock_dir / "nbd.sock")
-    ctx.journal("backup-begin", mode="pull", socket=socket, checkpoint=ctx.checkpoint)
-    finished = False
-    try:
-        # QEMU opens the scratch files libvirt creates in staging: lent for the job only
-        with private.lent_to(ctx.staging, ctx.qemu_user):
-            try:
-                consistency = _begin_job(ctx, scratch, pull_socket=socket)
-
-                def copy(disk, out: Path, report) -> None:
-                    qemu_img.convert_from_nbd(
-                        socket,
-                        disk.target,
-                        str(out),
-                        compression=ctx.compression,
-                        progress=report,
-                        timeout=ctx.timeout,
-                    )
-
-                images = _copy_disks(ctx, copy)
-                finished = True
-            finally:
-                ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
-    finally:
-        if not finished:
-            drop_checkpoint(ctx)
-        for path in scratch.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        shutil.rmtree(sock_dir, ignore_errors=True)
-    return Result(consistency, images)
-
-
-def _begin_job(ctx: Context, files: dict[str, str], pull_socket: str | None = None) -> str:
-    """Start the backup job, the guest frozen around it when the agent answers; returns
-    the consistency label. qcow2 disks get a bitmap for the next incremental."""
-    bitmap_disks = tuple(d.target for d in ctx.disks if d.format == "qcow2")
-    with _frozen(ctx) as consistency:
-        ctx.hv.backup_begin(
-            ctx.uuid,
-            files,
-            all_targets=tuple(d.target for d in ctx.domain.disks if d.device == "disk"),
-            checkpoint=ctx.checkpoint,
-            incremental=ctx.incremental,
-            bitmap_disks=bitmap_disks if (ctx.checkpoint or ctx.incremental) else (),
-            pull_socket=pull_socket,
-        )
-    return consistency
-
-
-def _socket_dir(ctx: Context) -> Path:
-    """A short private directory for the NBD socket (unix socket paths are limited to
-    108 bytes, so not inside the backup root), owned by the user QEMU runs as. The pull
-    directory itself is search-only (0711): QEMU passes through it, nobody lists it."""
-    path = Path(ctx.pull_dir) / f"{ctx.site}-{ctx.run_id}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(private.DIR)
-    Path(ctx.pull_dir).chmod(private.TRAVERSE)
-    owner = private.owner_of(ctx.qemu_user)
-    if owner is not None:  # else QEMU runs as root here
-        os.chown(path, *owner)
-    return path
-
-
-def _push(ctx: Context) -> Result:
-    """libvirt backup API, push mode: QEMU copies a point-in-time view into our files.
-
-    With a checkpoint, qcow2 disks get a dirty bitmap so the next backup can be incremental;
-    an incremental image is re-pointed (``rebase -u``) from the live disk, which libvirt
-    writes as its backing file, to the parent backup's image.
-    """
-    targets = {d.target: str(ctx.staging / f"{d.target}.qcow2") for d in ctx.disks}
-    ctx.journal(
-        "backup-begin", targets=targets, checkpoint=ctx.checkpoint, incremental=ctx.incremental
-    )
-    # QEMU opens the targets libvirt creates in staging: lent for the job only, and taken
-    # back (with each file) before anything is hashed
-    with private.lent_to(ctx.staging, ctx.qemu_user):
-        try:
-            consistency = _begin_job(ctx, targets)
-        except hypervisor.HypervisorError:
-            _end_push(ctx)  # e.g. the thaw failed after the job had started
-            raise
-        _wait_push(ctx)
-    images = []
-    for disk in ctx.disks:
-        out = Path(targets[disk.target])
-        private.take_back(out)
-        backing = ctx.backing.get(disk.target) if ctx.incremental else None
-        if backing:
-            qemu_img.rebase(str(out), "qcow2", backing, "qcow2", unsafe=True)
-        ctx.image_done(out)
-        images.append(
-            Image(disk.target, disk.source, disk.format, out.name, disk.capacity or 0, backing)
-        )
-    ctx.progress(ctx.total, ctx.total)
-    return Result(consistency, images)
-
-
-def _wait_push(ctx: Context) -> None:
-    """Wait for the job; on any failure end it and drop the checkpoint it created."""
-    finished = False
-    try:
-        ctx.hv.wait_backup(
-            ctx.uuid,
-            on_progress=lambda done, total: ctx.progress(done, total or ctx.total),
-            should_stop=ctx.should_stop,
-        )
-        finished = True
-    except hypervisor.HypervisorError as exc:
-        if "cancelled" in str(exc):
-            raise Cancelled("cancelled by user") from exc
-        raise
-    finally:
-        if not finished:
-            _end_push(ctx)
-
-
-def _end_push(ctx: Context) -> None:
-    """A push that will not be published: end its job, drop the checkpoint it created."""
-    with contextlib.suppress(hypervisor.HypervisorError):
-        if ctx.hv.backup_job_targets(ctx.uuid):
-            ctx.hv.abort_job(ctx.uuid)
-    drop_checkpoint(ctx)
-
-
-def drop_checkpoint(ctx: Context) -> None:
-    if ctx.checkpoint:
-        with contextlib.suppress(hypervisor.HypervisorError):
-            if ctx.checkpoint in ctx.hv.checkpoints(ctx.uuid):
-                ctx.hv.delete_checkpoint(ctx.uuid, ctx.checkpoint)
-                ctx.journal("checkpoint-dropped", checkpoint=ctx.checkpoint)
 
 
 def overlay_path(ctx: Context, disk: hypervisor.DiskInfo) -> str:
@@ -491,10 +342,9 @@ def _remove_unused_overlays(ctx: Context, overlays: dict[str, str]) -> None:
 
 
 def produce(method: str, ctx: Context) -> Result:
+    """offline, snapshot and memory; push is ``push.push`` (it builds on this module)."""
     if method == Method.OFFLINE:
         return offline(ctx)
-    if method == Method.PUSH:
-        return push(ctx)
     if method == Method.SNAPSHOT:
         return snapshot(ctx)
     if method == Method.MEMORY:

@@ -34,7 +34,7 @@ from ..models import (
 )
 from ..retention import prune
 from ..roots import refusal as root_refusal
-from . import chain, methods
+from . import chain, methods, push
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 2.0  # seconds between progress writes to the run row
@@ -305,7 +305,7 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
         rc.journal("publish")
         final = archive.publish(staging)
     except BaseException:
-        methods.drop_checkpoint(ctx)  # nothing was published: nothing may build on it
+        push.drop_checkpoint(ctx)  # nothing was published: nothing may build on it
         raise
     _record(run, rc, prepared, manifest, extras, final)
     if manifest.checkpoint:
@@ -330,7 +330,7 @@ def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.
         site=prepared["site"],
         compression=run.policy.compression if run.policy else "none",
         overlay_dir=settings.VMBACKUP_OVERLAY_DIR,
-        pull_dir=settings.VMBACKUP_NBD_DIR or None,
+        pull_dir=push.pull_directory(settings.VMBACKUP_NBD_DIR),
         qemu_user=settings.VMBACKUP_QEMU_USER,
         timeout=settings.Q_TIMEOUT,
         journal=rc.journal,
@@ -346,7 +346,8 @@ def _produce_and_check(run, rc: RunContext, ctx: methods.Context, prepared: dict
     ctx.image_done = hasher.add
     try:
         rc.progress(0, ctx.total)
-        result = methods.produce(prepared["method"], ctx)
+        method = prepared["method"]
+        result = push.push(ctx) if method == Method.PUSH else methods.produce(method, ctx)
         run.consistency = result.consistency
         run.save(update_fields=["consistency"])
         extras = _copy_extras(ctx.hv, ctx.domain, ctx.staging, hasher, ctx.checkpoint)
