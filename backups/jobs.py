@@ -4,54 +4,27 @@ outcome on our own rows. The dotted paths (``backups.jobs.run_backup``…) are s
 django-q2's queue and schedules: keep them. What enqueues these is ``requests``.
 """
 
-import logging
 import time
 
 from django.db.models import F
 from django.utils import timezone
 
-from . import alerts, dump, interrupt, inventory, verify, waiting, worker
+from . import alerts, dump, inventory, verify, waiting
 from . import reconcile as reconcile_mod
 from .backup import runner
-from .models import Backup, BackupPolicy, BackupRun, Host, Restore, RunStatus, Trigger
+from .models import Backup, BackupPolicy, BackupRun, Host, RunStatus, Trigger
 from .requests import RunActive, request_backup
 from .restore import run as restore_run
 
-log = logging.getLogger(__name__)
-
-
-STOPPING = "not started: the worker is stopping (it stays queued; reconcile enqueues it again)"
-
 
 def run_backup(run_id: int) -> str:
-    """Worker entry point for one backup run; a second delivery finds nothing to claim.
-
-    A worker being stopped leaves the run queued, and a stop interrupts the run (see
-    ``cluster``): either way the worker is free to take its STOP at once."""
-    if worker.stopping():
-        return STOPPING
-    if not BackupRun.claim(run_id, worker.worker_id()):
-        status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
-        log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
-        return f"not claimed ({status})"
-    run = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
-    try:
-        return runner.execute(run)
-    except interrupt.WorkerStopped as exc:
-        return f"interrupted: {exc}"
+    """Worker entry point for one backup run (``runner.run``: claim, run, record)."""
+    return runner.run(run_id)
 
 
 def run_restore(restore_id: int) -> str:
-    """Worker entry point for one restore; a second delivery finds nothing to claim."""
-    if worker.stopping():
-        return STOPPING
-    if not Restore.claim(restore_id, worker.worker_id()):
-        return "not claimed"
-    restore = Restore.objects.select_related("backup__vm__host").get(pk=restore_id)
-    try:
-        return restore_run.execute(restore)
-    except interrupt.WorkerStopped as exc:
-        return f"interrupted: {exc}"
+    """Worker entry point for one restore (``restore.run.run``: claim, run, record)."""
+    return restore_run.run(restore_id)
 
 
 def verify_backup(backup_id: int) -> str:

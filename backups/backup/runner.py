@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from .. import archive, hypervisor, notify, private, qemu_img, site, worker
 from ..archive import check as archive_check
-from ..interrupt import Stopped
+from ..interrupt import Stopped, WorkerStopped
 from ..models import (
     ACTIVE_STATUSES,
     Backup,
@@ -95,6 +95,28 @@ class RunContext:
 
     def should_stop(self) -> bool:
         return BackupRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
+
+
+STOPPING = "not started: the worker is stopping (it stays queued; reconcile enqueues it again)"
+
+
+def run(run_id: int) -> str:
+    """Claim a queued run and run it to its end: the worker's task (``jobs.run_backup``) and
+    ``vmbackup_run --wait``, which imports this and not ``jobs`` (what it does not run, it
+    does not load). A second delivery finds nothing to claim; a worker being stopped
+    leaves the run queued, and a stop interrupts the run (see ``cluster``): either way the
+    worker is free to take its STOP at once."""
+    if worker.stopping():
+        return STOPPING
+    if not BackupRun.claim(run_id, worker.worker_id()):
+        status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
+        return f"not claimed ({status})"
+    claimed = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
+    try:
+        return execute(claimed)
+    except WorkerStopped as exc:
+        return f"interrupted: {exc}"
 
 
 def execute(run: BackupRun) -> str:

@@ -1,10 +1,11 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
-from backups import interrupt, jobs, requests
+from backups import interrupt, requests
+from backups.management.base import JobCommand
 from backups.models import Method, RunStatus, Trigger, VirtualMachine
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
         "Back up one VM (for cron). With --wait the backup runs in this process: exit 0 and "
         "the published directory as the last line, or non-zero and the reason. Stopped by "
@@ -42,7 +43,9 @@ class Command(BaseCommand):
             self.stdout.write(f"queued run {run.pk}")
             return
         guard.queued(run)
-        jobs.run_backup(run.pk)
+        from backups.backup import runner  # the engine, loaded only to run it here
+
+        runner.run(run.pk)
         run.refresh_from_db()
         if run.status != RunStatus.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.status}: {run.error}")
