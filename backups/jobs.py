@@ -22,6 +22,12 @@ def run_backup(run_id: int) -> str:
     return runner.run(run_id)
 
 
+def tidy_after_backup(run_id: int) -> str:
+    """Old checkpoints and retention after a run its command handed over (``runner.tidy``)."""
+    run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
+    return runner.tidy(run)
+
+
 def run_restore(restore_id: int) -> str:
     """Worker entry point for one restore (``restore.run.run``: claim, run, record)."""
     return restore_run.run(restore_id)

@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
+from . import worker
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -73,6 +74,17 @@ def enqueue_backup(run: BackupRun) -> None:
     """Enqueue a queued run's task (again, for ``waiting``: the claim makes a second
     delivery a no-op)."""
     _enqueue("backups.jobs.run_backup", run.pk, vm=run.vm, name=f"backup-{run.pk}")
+
+
+def hand_over_tidy(run: BackupRun) -> bool:
+    """``vmbackup_run --wait`` ends at the record: its tidy-up (old checkpoints, retention)
+    goes to the VM's cluster as a task when a worker cluster runs on this machine to take
+    it (False otherwise: the command tidies itself, after its last line). A task lost
+    meanwhile loses nothing: the VM's next run or prune does the same."""
+    if not worker.cluster_here():
+        return False
+    _enqueue("backups.jobs.tidy_after_backup", run.pk, vm=run.vm, name=f"tidy-{run.pk}")
+    return True
 
 
 def request_cancel(run: BackupRun) -> None:

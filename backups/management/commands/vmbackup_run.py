@@ -8,7 +8,9 @@ from backups.models import Method, RunStatus, Trigger, VirtualMachine
 class Command(JobCommand):
     help = (
         "Back up one VM (for cron). With --wait the backup runs in this process: exit 0 and "
-        "the published directory as the last line, or non-zero and the reason. Stopped by "
+        "the published directory as the last line, or non-zero and the reason; old "
+        "checkpoints and retention then go to this machine's worker cluster, or without one "
+        "are done here after the last line. Stopped by "
         "TERM, INT or HUP, it undoes what it made, marks the run interrupted and exits 128 + "
         "the signal's number (a KILL: reconcile does that)."
     )
@@ -45,12 +47,16 @@ class Command(JobCommand):
         guard.queued(run)
         from backups.backup import runner  # the engine, loaded only to run it here
 
-        runner.run(run.pk)
+        runner.run(run.pk, tidy=False)  # ends at the record
         run.refresh_from_db()
         if run.status != RunStatus.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.status}: {run.error}")
+        handed_over = requests.hand_over_tidy(run)
         self.stdout.write(f"run {run.pk} succeeded ({run.method}, {run.consistency})")
         self.stdout.write(run.backup.path)
+        self.stdout.flush()
+        if not handed_over:  # no worker here to do it: the user has the result already
+            runner.tidy(run)
 
 
 def _find_vm(name_or_uuid: str) -> VirtualMachine:
