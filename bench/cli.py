@@ -120,8 +120,7 @@ class Commands:
     """``manage.py`` as a user runs it, with bytecode kept as an installed copy keeps it."""
 
     def __init__(self, scratch: Path, profile: Path | None):
-        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.env["PYTHONPYCACHEPREFIX"] = str(scratch / "pyc")
+        self.env = c.installed_env(scratch)
         self.profile, self.count = profile, 0
 
     def run(self, *args: str, tag: str = "") -> Sample:
