@@ -21,7 +21,6 @@ from .models import (
     Host,
     OffsiteCopy,
     OffsiteRepository,
-    Restore,
     RunStatus,
     Trigger,
 )
@@ -33,6 +32,7 @@ from .requests import (
     CopyRefused,
     RunActive,
     request_backup,
+    request_copy_after_backup,
     request_offsite_copy,
     retry_offsite_copy,
 )
@@ -41,59 +41,23 @@ from .restore import run as restore_run
 log = logging.getLogger(__name__)
 
 
-STOPPING = "not started: the worker is stopping (it stays queued; reconcile enqueues it again)"
-
-
 def run_backup(run_id: int) -> str:
-    """Worker entry point for one backup run; a second delivery finds nothing to claim.
-
-    A worker being stopped leaves the run queued, and a stop interrupts the run (see
-    ``cluster``): either way the worker is free to take its STOP at once."""
-    if worker.stopping():
-        return STOPPING
-    if not BackupRun.claim(run_id, worker.worker_id()):
-        status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
-        log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
-        return f"not claimed ({status})"
-    run = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
-    try:
-        outcome = runner.execute(run)
-    except interrupt.WorkerStopped as exc:
-        return f"interrupted: {exc}"
-    copy_after_backup(run)
+    """Worker entry point for one backup run (``runner.run``: claim, run, record), then its
+    offsite copy when its policy names a repository."""
+    outcome = runner.run(run_id)
+    request_copy_after_backup(run_id)
     return outcome
 
 
-def copy_after_backup(run: BackupRun) -> None:
-    """A published backup of a policy that names an offsite repository is copied there
-    (it was verified before it was published when the policy verifies; the copy verifies it
-    again before sending). While the VM's previous copy is still running it waits: that
-    copy requests the newest backup left uncopied when it ends (``copy_offsite``)."""
-    run.refresh_from_db(fields=["status"])
-    policy = run.policy
-    if run.status != RunStatus.SUCCEEDED or policy is None or policy.offsite_id is None:
-        return
-    backup = Backup.objects.filter(run=run).select_related("vm__host").first()
-    if backup is None:
-        return
-    try:
-        copy = request_offsite_copy(backup, policy.offsite, trigger=CopyTrigger.AFTER_BACKUP)
-        run.log("offsite-requested", copy=copy.pk, repository=policy.offsite.name)
-    except (CopyActive, CopyRefused) as exc:
-        run.log("offsite-deferred", reason=str(exc))
+def tidy_after_backup(run_id: int) -> str:
+    """Old checkpoints and retention after a run its command handed over (``runner.tidy``)."""
+    run = BackupRun.objects.select_related("vm__host", "policy").get(pk=run_id)
+    return runner.tidy(run)
 
 
 def run_restore(restore_id: int) -> str:
-    """Worker entry point for one restore; a second delivery finds nothing to claim."""
-    if worker.stopping():
-        return STOPPING
-    if not Restore.claim(restore_id, worker.worker_id()):
-        return "not claimed"
-    restore = Restore.objects.select_related("backup__vm__host").get(pk=restore_id)
-    try:
-        return restore_run.execute(restore)
-    except interrupt.WorkerStopped as exc:
-        return f"interrupted: {exc}"
+    """Worker entry point for one restore (``restore.run.run``: claim, run, record)."""
+    return restore_run.run(restore_id)
 
 
 def copy_offsite(copy_id: int) -> str:
@@ -101,7 +65,7 @@ def copy_offsite(copy_id: int) -> str:
     A copy stopped with its worker is requested again (it resumes nothing: restic wrote no
     snapshot, and deduplication makes sending again cheap)."""
     if worker.stopping():
-        return STOPPING
+        return worker.STOPPING
     if not OffsiteCopy.claim(copy_id, worker.worker_id()):
         return "not claimed"
     copy = OffsiteCopy.objects.select_related("backup__vm__host", "repository").get(pk=copy_id)

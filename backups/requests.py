@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
+from . import worker
 from .models import (
     ACTIVE_STATUSES,
     Backup,
@@ -23,6 +24,7 @@ from .models import (
     OffsiteRepository,
     Restore,
     RestoreMode,
+    RunStatus,
     Trigger,
     VirtualMachine,
 )
@@ -78,6 +80,17 @@ def enqueue_backup(run: BackupRun) -> None:
     """Enqueue a queued run's task (again, for ``waiting``: the claim makes a second
     delivery a no-op)."""
     _enqueue("backups.jobs.run_backup", run.pk, vm=run.vm, name=f"backup-{run.pk}")
+
+
+def hand_over_tidy(run: BackupRun) -> bool:
+    """``vmbackup_run --wait`` ends at the record: its tidy-up (old checkpoints, retention)
+    goes to the VM's cluster as a task when a worker cluster runs on this machine to take
+    it (False otherwise: the command tidies itself, after its last line). A task lost
+    meanwhile loses nothing: the VM's next run or prune does the same."""
+    if not worker.cluster_here():
+        return False
+    _enqueue("backups.jobs.tidy_after_backup", run.pk, vm=run.vm, name=f"tidy-{run.pk}")
+    return True
 
 
 def request_cancel(run: BackupRun) -> None:
@@ -224,6 +237,28 @@ def request_offsite_copy(
         ) from exc
     if enqueue:
         _enqueue("backups.jobs.copy_offsite", copy.pk, vm=backup.vm, name=f"offsite-{copy.pk}")
+    return copy
+
+
+def request_copy_after_backup(run_id: int) -> OffsiteCopy | None:
+    """A published backup of a policy that names an offsite repository is copied there
+    (it was verified before it was published when the policy verifies; the copy verifies it
+    again before sending). While the VM's previous copy is still running it waits: that
+    copy requests the newest backup left uncopied when it ends (``jobs.copy_offsite``).
+    Called by the worker after its run and by ``vmbackup_run --wait``."""
+    run = BackupRun.objects.select_related("policy__offsite").get(pk=run_id)
+    policy = run.policy
+    if run.status != RunStatus.SUCCEEDED or policy is None or policy.offsite_id is None:
+        return None
+    backup = Backup.objects.filter(run=run).select_related("vm__host").first()
+    if backup is None:
+        return None
+    try:
+        copy = request_offsite_copy(backup, policy.offsite, trigger=CopyTrigger.AFTER_BACKUP)
+    except (CopyActive, CopyRefused) as exc:
+        run.log("offsite-deferred", reason=str(exc))
+        return None
+    run.log("offsite-requested", copy=copy.pk, repository=policy.offsite.name)
     return copy
 
 

@@ -17,6 +17,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
+from django_q.conf import Conf
+from django_q.status import Stat
 
 log = logging.getLogger(__name__)
 _stopping = [False]  # a plain flag: set from a signal handler
@@ -29,6 +31,10 @@ def request_stop() -> None:
 
 def stopping() -> bool:
     return _stopping[0]
+
+
+# what a job's entry point returns when its worker is stopping: the row stays queued
+STOPPING = "not started: the worker is stopping (it stays queued; reconcile enqueues it again)"
 
 
 def worker_id() -> str:
@@ -58,6 +64,21 @@ def is_dead(job, stale_after: int) -> bool:
         return not alive
     beat = job.heartbeat_at or job.started_at
     return beat is None or beat < timezone.now() - timedelta(seconds=stale_after)
+
+
+def cluster_here() -> bool:
+    """Whether a worker cluster of this site runs on this machine: its stats are fresh
+    (they expire within seconds). A command hands work to it only then; any failure to
+    tell says no, and the command does the work itself."""
+    try:
+        stats = Stat.get_all()
+    except Exception:
+        return False
+    here = socket.gethostname()
+    return any(
+        getattr(s, "host", None) == here and getattr(s, "status", None) != Conf.STOPPED
+        for s in stats
+    )
 
 
 def heartbeat_every() -> float:

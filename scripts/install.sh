@@ -171,6 +171,13 @@ if [ "$stamp" != "$venv_stamp" ]; then
   echo "$stamp" >"$PREFIX/.venv/.vmbackup-stamp"
 fi
 
+# --- Bytecode, written once here: the web user cannot write into the root-owned tree, and
+# without it every process start (each command, each gunicorn worker) compiles the project.
+if [ -n "$tree_changes" ] || [ "$stamp" != "$venv_stamp" ]; then
+  "$PREFIX/.venv/bin/python" -m compileall -q "$PREFIX/manage.py" "$PREFIX/vmbackup_site" \
+    "$PREFIX/backups" >/dev/null
+fi
+
 # --- The data dir: the web user's, 0700. The root worker reaches it anyway (root is not
 # subject to file modes), and SQLite gives files it creates as root the database's owner.
 # Files someone made here as root (manage.py run by hand) are handed back to the user.

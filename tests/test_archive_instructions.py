@@ -241,23 +241,110 @@ def test_it_removes_a_half_written_disk_when_qemu_img_fails(full, dest, tmp_path
 
 
 def overlapping_tools(tmp_path: Path) -> dict:
-    """qemu-img and sha256sum shims: qemu-img leaves a mark and runs the real one;
-    sha256sum runs the real one only once the mark is there (a script checking first and
-    converting after would wait here in vain and say so)."""
+    """qemu-img and hasher shims (openssl and sha256sum, whichever the script uses):
+    qemu-img leaves a mark and runs the real one; a hasher runs the real one only once the
+    mark is there (a script checking first and converting after would wait here in vain
+    and say so)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     mark = shlex.quote(str(tmp_path / "converting"))
-    real_img, real_sum = shutil.which("qemu-img"), shutil.which("sha256sum")
+    real_img = shutil.which("qemu-img")
     (bin_dir / "qemu-img").write_text(f'#!/bin/sh\ntouch {mark}\nexec {real_img} "$@"\n')
-    (bin_dir / "sha256sum").write_text(
-        "#!/bin/sh\n"
-        f"i=0; while [ ! -e {mark} ]; do i=$((i + 1)); "
-        "[ $i -lt 100 ] || { echo NO OVERLAP >&2; exit 1; }; sleep 0.1; done\n"
-        f'exec {real_sum} "$@"\n'
-    )
+    for hasher in ("openssl", "sha256sum"):
+        (bin_dir / hasher).write_text(
+            "#!/bin/sh\n"
+            f"i=0; while [ ! -e {mark} ]; do i=$((i + 1)); "
+            "[ $i -lt 100 ] || { echo NO OVERLAP >&2; exit 1; }; sleep 0.1; done\n"
+            f'exec {shutil.which(hasher)} "$@"\n'
+        )
     for shim in bin_dir.iterdir():
         shim.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def path_without_openssl(tmp_path: Path) -> dict:
+    """An environment whose PATH offers every tool restore.sh uses but openssl."""
+    bin_dir = tmp_path / "no-openssl"
+    bin_dir.mkdir()
+    tools = "sh dirname find head sed mkdir mv rm cp sleep sha256sum qemu-img".split()
+    for tool in tools:
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    return {**os.environ, "PATH": str(bin_dir)}
+
+
+def logging_openssl(tmp_path: Path) -> tuple[dict, Path]:
+    """An openssl shim that logs its arguments and runs the real one."""
+    bin_dir = tmp_path / "log-openssl"
+    bin_dir.mkdir()
+    log = tmp_path / "openssl.log"
+    shim = bin_dir / "openssl"
+    real = shlex.quote(shutil.which("openssl"))
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(log))}\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is required")
+
+
+@needs_tools
+@needs_openssl
+def test_it_checks_with_openssl_when_it_is_installed(incremental, full, dest, tmp_path):
+    env, log = logging_openssl(tmp_path)
+
+    argv = ["sh", str(incremental / "restore.sh"), str(dest)]
+    result = subprocess.run(argv, cwd=dest, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    hashed = log.read_text().splitlines()
+    assert "dgst -sha256 -r ./vda.qcow2" in hashed and "dgst -sha256 -r ./backup.json" in hashed
+    assert len(hashed) == sum(len((d / "SHA256SUMS").read_text().splitlines())
+                              for d in (incremental, full))  # fmt: skip
+    assert sorted(p.name for p in dest.iterdir()) == ["vda.raw"]
+
+
+@needs_tools
+@pytest.mark.parametrize("hasher", ["openssl", "sha256sum"])
+def test_either_hasher_refuses_a_corrupt_chain(incremental, full, dest, tmp_path, hasher):
+    flip_byte(full / "vda.qcow2")
+    env = path_without_openssl(tmp_path) if hasher == "sha256sum" else dict(os.environ)
+
+    result = run_restore_env(incremental, "--check", env=env, cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "vda.qcow2: FAILED" in result.stdout
+    assert "checksum mismatch" in result.stderr and "failed its check" in result.stderr
+
+
+@needs_tools
+def test_it_falls_back_to_sha256sum_without_openssl(incremental, dest, tmp_path):
+    env = path_without_openssl(tmp_path)
+
+    result = run_restore_env(incremental, str(dest), env=env, cwd=dest)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["vda.raw"]
+
+
+@needs_tools
+@pytest.mark.parametrize(
+    "line",
+    ["{digest}  ../../etc/passwd", "{digest}  /etc/passwd", "not-a-digest  vda.qcow2", ""],
+)
+def test_it_refuses_a_tampered_sums_file(full, dest, tmp_path, line):
+    digest = "0" * 64
+    (full / "SHA256SUMS").write_text(line.format(digest=digest) + ("\n" if line else ""))
+
+    result = run_restore(full, str(dest), cwd=dest)
+
+    assert result.returncode != 0
+    assert "SHA256SUMS" in result.stderr or "checksum mismatch" in result.stderr
+    assert list(dest.iterdir()) == []
+
+
+def run_restore_env(backup: Path, *args: str, env: dict, cwd: Path):
+    argv = ["sh", str(backup / "restore.sh"), *args]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
 @needs_tools

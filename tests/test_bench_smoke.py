@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 # The last line of each known script; a new script only needs the key=value form.
 LAST_KEYS = {
+    "cli.py": ["import_ms", "run_overhead_ms", "restore_overhead_ms"],
     "dashboard.py": ["overview_p50_ms", "vm_p50_ms", "runs_p50_ms"],
     "full_backup.py": ["ratio_offline", "ratio_push_vs_qemu", "ratio_total_vs_floor"],
     "incremental.py": ["ratio_time", "ratio_size_to_changed"],

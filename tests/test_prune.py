@@ -193,3 +193,75 @@ def test_reconcile_releases_the_lock_of_a_dead_prune(db):
     report = reconcile.reconcile()
     assert not PruneLock.objects.exists() and report.locks_released
     assert report.errors == []
+
+
+def steps(run) -> list[str]:
+    return [entry["step"] for entry in run.journal]
+
+
+def run_command(vm) -> list[str]:
+    out = StringIO()
+    call_command("vmbackup_run", vm.name, "--method", "push", "--wait", stdout=out)
+    return out.getvalue().splitlines()
+
+
+def test_vmbackup_run_prints_its_backup_then_tidies_itself_without_a_cluster(chain):
+    """No worker cluster here: the run ends at its record (succeeded, last line printed),
+    then the command applies the retention itself, holding the VM as vmbackup_prune does."""
+    from backups.models import BackupRun, PruneLock, RunStatus
+
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=2)
+
+    lines = run_command(vm)
+
+    run = BackupRun.objects.filter(vm=vm).latest("pk")
+    assert run.status == RunStatus.SUCCEEDED and lines[-1] == run.backup.path
+    journal = steps(run)
+    assert journal.index("published") < journal.index("tidy") < journal.index("pruned")
+    tidy = next(e for e in run.journal if e["step"] == "tidy")
+    assert tidy["held"] is True and run.finished_at.isoformat() <= tidy["at"]
+    assert Backup.objects.filter(pruned_at__isnull=False).count() == 4
+    assert not PruneLock.objects.exists()
+    assert assert_kept_restorable(points) == 1
+
+
+def test_vmbackup_run_hands_its_tidy_to_a_cluster_here(
+    chain, monkeypatch, async_calls, django_capture_on_commit_callbacks
+):
+    from backups import jobs
+    from backups.models import BackupRun
+
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=2)
+    monkeypatch.setattr("backups.worker.cluster_here", lambda: True)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        lines = run_command(vm)
+
+    run = BackupRun.objects.filter(vm=vm).latest("pk")
+    assert lines[-1] == run.backup.path and "tidy" not in steps(run)
+    assert async_calls == [
+        (("backups.jobs.tidy_after_backup", run.pk), {"q_options": {"task_name": f"tidy-{run.pk}"}})
+    ]
+    assert not Backup.objects.filter(pruned_at__isnull=False).exists()
+
+    assert jobs.tidy_after_backup(run.pk) == "tidied"
+    assert Backup.objects.filter(pruned_at__isnull=False).count() == 4
+    assert assert_kept_restorable(points) == 1
+
+
+def test_a_tidy_stands_back_while_another_backup_of_the_vm_runs(chain):
+    """That run tidies when it ends: its own checkpoint is not recorded yet."""
+    from backups.backup import runner
+    from backups.models import BackupRun, PruneLock, RunStatus
+
+    vm, policy, points = chain
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_last=2)
+    done = points[-1][0].run
+    BackupRun.objects.create(vm=vm, status=RunStatus.RUNNING)
+
+    assert runner.tidy(done).startswith("tidy skipped")
+    assert "tidy-skipped" in steps(done)
+    assert not Backup.objects.filter(pruned_at__isnull=False).exists()
+    assert not PruneLock.objects.exists()

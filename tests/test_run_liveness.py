@@ -55,3 +55,30 @@ def test_it_beats_while_the_run_works_on(vm):
         wait_until(lambda: BackupRun.objects.get(pk=run.pk).heartbeat_at > run.heartbeat_at, 10)
     run.refresh_from_db()
     assert run.heartbeat_at > timezone.now() - timedelta(seconds=5)
+
+
+class FakeStat:
+    def __init__(self, host: str, status: str):
+        self.host, self.status = host, status
+
+
+@pytest.mark.parametrize(
+    "stats,expected",
+    [
+        ([], False),
+        ([FakeStat("elsewhere", "Idle")], False),
+        ([FakeStat(socket.gethostname(), "Stopped")], False),
+        ([FakeStat("elsewhere", "Idle"), FakeStat(socket.gethostname(), "Working")], True),
+    ],
+)
+def test_it_sees_a_worker_cluster_only_on_this_machine(monkeypatch, stats, expected):
+    monkeypatch.setattr(worker.Stat, "get_all", staticmethod(lambda: stats))
+    assert worker.cluster_here() is expected
+
+
+def test_it_says_no_cluster_when_it_cannot_tell(monkeypatch):
+    def broken():
+        raise RuntimeError("cache down")
+
+    monkeypatch.setattr(worker.Stat, "get_all", staticmethod(broken))
+    assert worker.cluster_here() is False

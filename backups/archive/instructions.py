@@ -2,9 +2,10 @@
 a shell.
 
 Both must work years later on a machine without vmbackup, so they only assume POSIX sh,
-``sha256sum``, ``qemu-img`` and ``virsh``.  Every value taken from the manifest is passed
-through ``shlex.quote`` before it reaches shell code: VM names may contain spaces, quotes
-and ``$(...)``, and a manifest can be edited by anyone who can write to the backup store.
+``sha256sum`` (restore.sh prefers ``openssl``, much faster where both are), ``qemu-img``
+and ``virsh``.  Every value taken from the manifest is passed through ``shlex.quote``
+before it reaches shell code: VM names may contain spaces, quotes and ``$(...)``, and a
+manifest can be edited by anyone who can write to the backup store.
 Manifest values never appear in shell comments either, where a newline would end the
 comment and start a command.
 """
@@ -239,7 +240,7 @@ _SH_HEAD = """\
 #                          checked; the disks appear there only if the check passed
 #   restore.sh --check     only check this backup and the ones it builds on
 #   restore.sh --headers   only check that every image names only its parent
-# Nothing existing is overwritten. Needs: sh, sha256sum, qemu-img.
+# Nothing existing is overwritten. Needs: sh, qemu-img, openssl or sha256sum.
 set -eu
 """
 
@@ -256,7 +257,7 @@ cd_here() {
 }
 
 # Stored backups are untrusted input: a symlink or a FIFO named like a file would send
-# sha256sum or qemu-img elsewhere or make them wait forever.
+# the hash or qemu-img elsewhere or make them wait forever.
 refuse_special() {
     odd=$(find . \( -type l -o -type p -o -type s -o -type b -o -type c \) -print | head -n 1)
     [ -z "$odd" ] || die "not a regular file in $HERE: $odd; not restoring"
@@ -267,11 +268,46 @@ check_chain() {
     [ "$depth" -lt 1000 ] || die "backup chain too long or circular"
     printf 'Checking %s\n' "$HERE"
     refuse_special
-    sha256sum -c SHA256SUMS || die "checksum mismatch in $HERE: not restoring"
+    check_sums || die "checksum mismatch in $HERE: not restoring"
     [ -n "$PARENT" ] || return 0
     [ -f "../$PARENT/restore.sh" ] || die "the backup this one builds on is missing: ../$PARENT"
     VMBACKUP_CHECK_DEPTH=$((depth + 1)) sh "../$PARENT/restore.sh" --check ||
         die "the backup this one builds on failed its check: ../$PARENT"
+}
+
+# Every file SHA256SUMS lists, as `sha256sum -c SHA256SUMS` checks it, with OpenSSL when
+# it is installed: coreutils' sha256sum may not use the CPU's SHA instructions (6 s of CPU
+# per GiB on the machine this was measured on, against 0.9 s for openssl dgst).
+check_sums() {
+    if ! command -v openssl >/dev/null 2>&1; then
+        sha256sum -c SHA256SUMS
+        return
+    fi
+    [ -f SHA256SUMS ] || die "SHA256SUMS is missing in $HERE: not restoring"
+    bad=0 seen=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        want=${line%% *}
+        name=${line#"$want" }
+        name=${name#[ *]}
+        seen=$((seen + 1))
+        case "$want" in *[!0-9a-f]*) want= ;; esac
+        case "$name" in
+            ''|/*|..|../*|*/..|*/../*) die "SHA256SUMS in $HERE names '$name': not restoring" ;;
+        esac
+        if [ "${#want}" -ne 64 ]; then
+            die "SHA256SUMS in $HERE: not a checksum line: $line"
+        elif [ ! -f "./$name" ] || [ -L "./$name" ]; then
+            printf '%s: FAILED open or read\n' "$name"
+            bad=1
+        elif got=$(openssl dgst -sha256 -r "./$name") && [ "${got%% *}" = "$want" ]; then
+            printf '%s: OK\n' "$name"
+        else
+            printf '%s: FAILED\n' "$name"
+            bad=1
+        fi
+    done < SHA256SUMS
+    [ "$seen" -gt 0 ] || die "SHA256SUMS in $HERE lists no file"
+    [ "$bad" -eq 0 ]
 }
 
 # Before qemu-img opens a chain: every image's header names only what its manifest says
@@ -352,7 +388,7 @@ extra() {
     esac
 }
 
-# On the way out: a check still running is stopped (a sha256sum it started may finish
+# On the way out: a check still running is stopped (a hash it started may finish
 # reading on its own; it writes nothing), and every disk not published is removed.
 cleanup() {
     if [ -n "$CHECK_PID" ]; then kill "$CHECK_PID" 2>/dev/null || :; fi

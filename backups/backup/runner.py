@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from .. import archive, hypervisor, notify, private, qemu_img, site, worker
 from ..archive import check as archive_check
-from ..interrupt import Stopped
+from ..interrupt import Stopped, WorkerStopped
 from ..models import (
     ACTIVE_STATUSES,
     Backup,
@@ -97,13 +97,54 @@ class RunContext:
         return BackupRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
 
 
-def execute(run: BackupRun) -> str:
+def run(run_id: int, *, tidy: bool = True) -> str:
+    """Claim a queued run and run it to its end: the worker's task (``jobs.run_backup``) and
+    ``vmbackup_run --wait``, which imports this and not ``jobs`` (what it does not run, it
+    does not load). A second delivery finds nothing to claim; a worker being stopped
+    leaves the run queued, and a stop interrupts the run (see ``cluster``): either way the
+    worker is free to take its STOP at once. ``tidy=False`` ends the run as soon as its
+    backup is recorded and leaves ``tidy`` to the caller."""
+    if worker.stopping():
+        return worker.STOPPING
+    if not BackupRun.claim(run_id, worker.worker_id()):
+        status = BackupRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        log.info("run %s not claimed (status %s): duplicate delivery", run_id, status)
+        return f"not claimed ({status})"
+    claimed = BackupRun.objects.select_related("vm", "vm__host", "policy").get(pk=run_id)
+    try:
+        return execute(claimed, tidy=tidy)
+    except WorkerStopped as exc:
+        return f"interrupted: {exc}"
+
+
+def execute(run: BackupRun, *, tidy: bool = True) -> str:
     """Run a claimed backup to its end; returns a one-line outcome for django-q2."""
     with worker.Heartbeat(run.pk, worker.heartbeat_every(), BackupRun):
-        return _execute(run)
+        return _execute(run, tidy)
 
 
-def _execute(run: BackupRun) -> str:
+def tidy(run: BackupRun) -> str:
+    """What follows a recorded backup when its command handed it over (``vmbackup_run
+    --wait`` ends at the record; a prune that folds a chain can take longer than the run):
+    the VM's old checkpoints dropped and its retention applied, holding the VM the way
+    ``vmbackup_prune`` does, since the run no longer holds it. Idempotent: with a backup
+    or prune of the VM running meanwhile it does nothing, and that run (or the next one)
+    does the same when it ends."""
+    with prune.holding(run.vm, worker.worker_id()) as held:
+        run.log("tidy", held=held)
+        if not held:
+            run.log("tidy-skipped", reason="another backup or prune of the VM is running")
+            return "tidy skipped: another backup or prune of the VM is running"
+        try:
+            with hypervisor.session(run.vm.host.uri) as hv:
+                _drop_checkpoints(run, hv, str(run.vm.uuid), site.site_id())
+        except hypervisor.HypervisorError as exc:  # the next run tidies
+            run.log("checkpoints-not-dropped", error=str(exc))
+        _prune_after(run)
+    return "tidied"
+
+
+def _execute(run: BackupRun, tidy: bool) -> str:
     rc = RunContext(run)
     staging: Path | None = None
     try:
@@ -121,12 +162,15 @@ def _execute(run: BackupRun) -> str:
                 run.save(update_fields=["staging_path"])
                 rc.journal("staging", path=str(staging))
                 final = _produce_and_publish(run, rc, hv, prepared, staging)
+                if tidy:
+                    _drop_checkpoints(run, hv, prepared["domain"].uuid, prepared["site"])
             finally:
                 if prepared.get("restart"):
                     hv.start(prepared["domain"].uuid)  # if this fails, reconcile retries
                     rc.journal("restart")
         staging = None
-        _prune_after(run)
+        if tidy:
+            _prune_after(run)
         run.mark_succeeded()
         return f"published {final}"
     except methods.Cancelled as exc:
@@ -195,7 +239,7 @@ def _preflight(run: BackupRun, hv: hypervisor.Session) -> dict:
     if in_place.exists():
         raise Refused(f"{run.vm.name} is being restored in place; back it up when that has ended")
     if PruneLock.objects.filter(vm=run.vm).exists():
-        raise Refused(f"{run.vm.name}'s backups are being pruned (vmbackup_prune); try again")
+        raise Refused(f"{run.vm.name}'s backups are being pruned; try again")
     try:
         domain = hv.domain(str(run.vm.uuid))
     except hypervisor.HypervisorError as exc:
@@ -308,16 +352,23 @@ def _produce_and_publish(run, rc: RunContext, hv, prepared: dict, staging: Path)
         push.drop_checkpoint(ctx)  # nothing was published: nothing may build on it
         raise
     _record(run, rc, prepared, manifest, extras, final)
-    if manifest.checkpoint:
-        try:
-            keep = chain.needed_checkpoints(run.vm) | {manifest.checkpoint}
-            recorded = chain.recorded_checkpoints(run.vm)
-            dropped = chain.drop_old_checkpoints(hv, ctx.uuid, keep, ctx.site, recorded)
-            if dropped:
-                rc.journal("checkpoints-dropped", names=dropped)
-        except hypervisor.HypervisorError as exc:  # the backup stands; the next run tidies
-            rc.journal("checkpoints-not-dropped", error=str(exc))
     return final
+
+
+def _drop_checkpoints(run: BackupRun, hv, uuid: str, site_id: str) -> None:
+    """Only the newest checkpoint of each chain is kept (each bitmap costs every guest
+    write). Called with the VM held (by the run, or by ``tidy``): a run in progress has a
+    checkpoint no backup records yet."""
+    if run.method != Method.PUSH:
+        return
+    try:
+        keep = chain.needed_checkpoints(run.vm)
+        recorded = chain.recorded_checkpoints(run.vm)
+        dropped = chain.drop_old_checkpoints(hv, uuid, keep, site_id, recorded)
+        if dropped:
+            run.log("checkpoints-dropped", names=dropped)
+    except hypervisor.HypervisorError as exc:  # the backup stands; the next run tidies
+        run.log("checkpoints-not-dropped", error=str(exc))
 
 
 def _context(run, rc: RunContext, hv, prepared: dict, staging: Path) -> methods.Context:

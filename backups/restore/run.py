@@ -10,12 +10,27 @@ import shutil
 from pathlib import Path
 
 from .. import hypervisor, worker
-from ..interrupt import Stopped
+from ..interrupt import Stopped, WorkerStopped
 from ..models import Restore, RestoreMode, RunStatus
 from . import in_place, instant, new_domain
 from .common import Progress, RestoreCancelled
 
 log = logging.getLogger(__name__)
+
+
+def run(restore_id: int) -> str:
+    """Claim a queued restore and run it to its end: the worker's task
+    (``jobs.run_restore``) and ``vmbackup_restore --wait``. A second delivery finds
+    nothing to claim."""
+    if worker.stopping():
+        return worker.STOPPING
+    if not Restore.claim(restore_id, worker.worker_id()):
+        return "not claimed"
+    claimed = Restore.objects.select_related("backup__vm__host").get(pk=restore_id)
+    try:
+        return execute(claimed)
+    except WorkerStopped as exc:
+        return f"interrupted: {exc}"
 
 
 def execute(restore: Restore) -> str:

@@ -1,6 +1,7 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups import interrupt
+from backups.management.base import JobCommand
 from backups.models import BackupPolicy, VirtualMachine
 from backups.retention import prune
 from backups.worker import worker_id
@@ -9,7 +10,7 @@ EXIT_REFUSED = 1  # a fold or deletion refused: a chain failed verification
 EXIT_SKIPPED = 3  # a VM skipped (a backup, restore or other prune of it was running)
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
         "Apply each policy's retention, and VMBACKUP_KEEP_MANUAL to backups without a policy; "
         "--dry-run prints keep/prune with the deciding rule. Exit codes: 1 when a fold or "

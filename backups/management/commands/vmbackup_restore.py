@@ -1,13 +1,14 @@
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
-from backups import interrupt, jobs, requests
+from backups import interrupt, requests
+from backups.management.base import JobCommand
 from backups.models import Backup, RunStatus
 from backups.restore import rules as restore_rules
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
         "Restore a backup as a new domain (the dashboard's restore, for scripts). With --wait "
         "it runs in this process: exit 0 and the new domain's directory as the last line, or "
@@ -71,7 +72,9 @@ class Command(BaseCommand):
             self.stdout.write(f"queued restore {restore.pk}")
             return
         guard.queued(restore)
-        jobs.run_restore(restore.pk)
+        from backups.restore import run as restore_run  # the engine, loaded only to run it
+
+        restore_run.run(restore.pk)
         restore.refresh_from_db()
         if restore.status != RunStatus.SUCCEEDED:
             raise CommandError(f"restore {restore.pk} {restore.status}: {restore.error}")

@@ -1,13 +1,16 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
-from backups import interrupt, jobs, requests
+from backups import interrupt, requests
+from backups.management.base import JobCommand
 from backups.models import Method, RunStatus, Trigger, VirtualMachine
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
         "Back up one VM (for cron). With --wait the backup runs in this process: exit 0 and "
-        "the published directory as the last line, or non-zero and the reason. Stopped by "
+        "the published directory as the last line, or non-zero and the reason; old "
+        "checkpoints and retention then go to this machine's worker cluster, or without one "
+        "are done here after the last line. Stopped by "
         "TERM, INT or HUP, it undoes what it made, marks the run interrupted and exits 128 + "
         "the signal's number (a KILL: reconcile does that)."
     )
@@ -42,12 +45,19 @@ class Command(BaseCommand):
             self.stdout.write(f"queued run {run.pk}")
             return
         guard.queued(run)
-        jobs.run_backup(run.pk)
+        from backups.backup import runner  # the engine, loaded only to run it here
+
+        runner.run(run.pk, tidy=False)  # ends at the record
         run.refresh_from_db()
         if run.status != RunStatus.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.status}: {run.error}")
+        handed_over = requests.hand_over_tidy(run)
+        requests.request_copy_after_backup(run.pk)  # to the worker cluster, on commit
         self.stdout.write(f"run {run.pk} succeeded ({run.method}, {run.consistency})")
         self.stdout.write(run.backup.path)
+        self.stdout.flush()
+        if not handed_over:  # no worker here to do it: the user has the result already
+            runner.tidy(run)
 
 
 def _find_vm(name_or_uuid: str) -> VirtualMachine:

@@ -1,10 +1,11 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups import interrupt, verify
+from backups.management.base import JobCommand
 from backups.models import Backup
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
         "Re-hash and check stored backups; mark each verified or corrupt. Exits 1 when one "
         "failed; stopped by TERM, INT or HUP, 128 + the signal's number (the backup being "
