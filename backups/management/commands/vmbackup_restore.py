@@ -3,7 +3,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from backups import interrupt, jobs, requests
-from backups.models import Backup, RunStatus
+from backups.models import Backup, OffsiteRepository, RunStatus
 from backups.restore import rules as restore_rules
 
 
@@ -29,6 +29,15 @@ class Command(BaseCommand):
             "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
         )
         parser.add_argument("--start", action="store_true", help="start the new domain")
+        parser.add_argument(
+            "--from-offsite",
+            action="store_true",
+            help="read the backup from its offsite copy even though its directory is here "
+            "(a backup whose directory is gone is always read from offsite)",
+        )
+        parser.add_argument(
+            "--repository", help="the offsite repository to read it from (name or id)"
+        )
         parser.add_argument("--wait", action="store_true", help="run here and wait for the end")
 
     def handle(self, *args, **options):
@@ -37,6 +46,7 @@ class Command(BaseCommand):
 
     def _handle(self, guard, *, backup, name, root, start, wait, in_place, **options):
         target = _find_backup(backup)
+        repository = _repository(options["repository"]) if options["repository"] else None
         roots = restore_rules.allowed_roots()
         if in_place and (name or root):
             raise CommandError("--in-place restores over the VM itself: no --name or --root")
@@ -52,6 +62,8 @@ class Command(BaseCommand):
                 start=start,
                 in_place=in_place,
                 enqueue=not wait,
+                repository=repository,
+                from_offsite=options["from_offsite"],
             )
         except requests.RestoreRefused as exc:
             raise CommandError(str(exc)) from exc
@@ -66,6 +78,8 @@ class Command(BaseCommand):
         for note in restore.notes:
             self.stdout.write(f"note: {note}")
         how = "in place" if in_place else "as"
+        if restore.repository_id:
+            how = f"from {restore.repository.name} {how}"
         self.stdout.write(f"restored {how} {restore.name} ({restore.domain_uuid})")
         self.stdout.write(restore.path)
 
@@ -77,6 +91,13 @@ def _find_backup(key: str) -> Backup:
         found = backups.filter(path=str(Path(key).absolute()).rstrip("/")).first()
     if found is None:
         raise CommandError(f"no backup {key!r} (an id, or the path of a published backup)")
-    if found.pruned_at:
-        raise CommandError(f"backup {found.pk} was pruned; its files are gone")
+    return found  # pruned: restored from an offsite copy, or refused by request_restore
+
+
+def _repository(key: str) -> OffsiteRepository:
+    found = OffsiteRepository.objects.filter(name=key).first()
+    if found is None and key.isdigit():
+        found = OffsiteRepository.objects.filter(pk=int(key)).first()
+    if found is None:
+        raise CommandError(f"no offsite repository {key!r}")
     return found
