@@ -31,7 +31,16 @@ from django.utils import timezone
 from django_q.models import Schedule
 
 from . import alerts
-from .models import Backup, BackupPolicy, BackupRun, Kind, RunStatus, VirtualMachine
+from .models import (
+    Backup,
+    BackupPolicy,
+    BackupRun,
+    Kind,
+    OffsiteRepository,
+    RunStatus,
+    VerifyStatus,
+    VirtualMachine,
+)
 from .retention import rules as retention
 
 # Protection states, worst first: the overview sorts by this order, then by name.
@@ -373,6 +382,18 @@ def progress(run: BackupRun, now: datetime | None = None) -> Progress:
 
 
 # --- backups ---------------------------------------------------------------------------------
+
+
+def holding(backup: Backup) -> list[OffsiteRepository]:
+    """The offsite repositories holding a copy of ``backup``, by name."""
+    succeeded = {"copies__backup": backup, "copies__status": RunStatus.SUCCEEDED}
+    return list(OffsiteRepository.objects.filter(**succeeded).distinct().order_by("name"))
+
+
+def reads_offsite(backup: Backup) -> bool:
+    """A restore reads the offsite copy when the directory here is gone or found bad."""
+    bad = backup.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING)
+    return not backup.is_local or bad
 
 
 def chain_rows(backups) -> list[tuple[Backup, int]]:

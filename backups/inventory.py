@@ -132,6 +132,7 @@ def update_vm(vm: VirtualMachine, info: hypervisor.DomainInfo, now=None) -> Virt
     vm.domain_xml = info.xml
     vm.last_seen_at = now
     vm.gone_at = None
+    vm.offsite_only = False  # a domain of this UUID is on the host again
     vm.save()
     vm.disks.all().delete()
     Disk.objects.bulk_create(

@@ -36,7 +36,7 @@ from .models import (
     RunStatus,
 )
 from .offsite import copy as offsite_copy
-from .restore import in_place, instant, new_domain, rules
+from .restore import from_offsite, in_place, instant, new_domain, rules
 from .retention import fold
 from .roots import refusal as root_refusal
 
@@ -174,6 +174,8 @@ def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
                 error = _repair_instant(restore, report)
             else:
                 error = _repair_new_domain(restore, report)
+            if restore.repository_id and from_offsite.discard(restore):
+                report.partials.append(str(from_offsite.staging_path(restore)))
         except Exception as exc:  # one bad restore must not stop the rest of reconcile
             report.errors.append(f"restore {restore.pk}: {exc}")
             continue

@@ -141,6 +141,32 @@ def _check_restore_cap(host) -> None:
         )
 
 
+def restore_source(
+    backup: Backup, repository: OffsiteRepository | None = None, from_offsite: bool = False
+) -> OffsiteRepository | None:
+    """Where a restore of ``backup`` reads it: its directory here (None) while it has one,
+    else — or when asked (``from_offsite``, ``repository``) — an offsite repository holding
+    a copy of it (the one named, else the first by name). Raises ``RestoreRefused``."""
+    local = backup.pruned_at is None
+    if local and not (from_offsite or repository):
+        return None
+    holding = OffsiteRepository.objects.filter(
+        copies__backup=backup, copies__status=RunStatus.SUCCEEDED
+    ).distinct()
+    if repository is not None:
+        if not holding.filter(pk=repository.pk).exists():
+            raise RestoreRefused(f"backup {backup.pk} has no copy in {repository.name}")
+        return repository
+    found = holding.order_by("name").first()
+    if found is None:
+        raise RestoreRefused(
+            f"backup {backup.pk} has no offsite copy"
+            if local
+            else f"backup {backup.pk} was pruned and has no offsite copy; nothing to restore"
+        )
+    return found
+
+
 def request_restore(
     backup: Backup,
     *,
@@ -151,13 +177,23 @@ def request_restore(
     in_place: bool = False,
     instant: bool = False,
     enqueue: bool = True,
+    repository: OffsiteRepository | None = None,
+    from_offsite: bool = False,
 ):
     """Create a queued restore of ``backup`` and enqueue it (``enqueue=False``: the caller
     runs it itself, as ``vmbackup_restore --wait`` does). As a new domain called ``name``
     under ``root`` (``instant``: started at once from the backup, its data moved in while
-    it runs), or ``in_place`` over the backup's own VM (name and root unused)."""
+    it runs), or ``in_place`` over the backup's own VM (name and root unused). Read from
+    its directory here, or from offsite (``restore_source``; never instantly: an instant
+    restore's domain reads the backup's own files for as long as its data moves)."""
     if in_place and instant:
         raise RestoreRefused("an instant restore makes a new domain; it cannot be in place")
+    source = restore_source(backup, repository, from_offsite)
+    if instant and source is not None:
+        raise RestoreRefused(
+            f"backup {backup.pk} would be read from offsite repository {source.name}: an "
+            "instant restore runs from the backup's files here; restore it as a new domain"
+        )
     if in_place:
         name, root = backup.vm.name, ""
     else:
@@ -179,6 +215,7 @@ def request_restore(
                 root=root,
                 start=start,
                 requested_by=user,
+                repository=source,
             )
     except IntegrityError as exc:
         what = f"of {backup.vm.name} in place" if in_place else f"as {name}"

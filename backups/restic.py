@@ -51,6 +51,7 @@ from .restic_parse import (
     mask,
     progress_of,
     result_of,
+    sftp_command,
     snapshots_of,
     url_problem,
 )
@@ -199,17 +200,20 @@ def restore(
     target: str,
     *,
     include: Iterable[str] = (),
+    tick: Callable[[], None] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
     """Restore ``snapshot`` (or the paths matching ``include``) below ``target``, every
     file's content verified after writing (``--verify``). A damaged pack fails the call;
     restic may still have written the other files (and a damaged one): callers restore
-    into a staging directory and check SHA256SUMS before using anything."""
+    into a staging directory and check SHA256SUMS before using anything. restic 0.14's
+    restore reports no progress: ``tick`` is called about once a second while it runs (to
+    measure what it wrote, to check for a cancel); an exception it raises stops restic."""
     if not os.path.isabs(target):
         raise ResticError(f"restore target must be absolute: {target!r}", reason=Reason.INVALID)
     args = ["restore", _snapshot(snapshot), "--target", target, "--verify"]
     args += [arg for pattern in include for arg in ("--include", _relative_pattern(pattern))]
-    _run(repo, args, timeout=timeout)
+    _run(repo, args, timeout=timeout, tick=tick)
 
 
 def dump(
@@ -340,7 +344,7 @@ def _env(repo: Repository) -> dict[str, str]:
 
 
 def _argv(repo: Repository, args: list[str]) -> list[str]:
-    return [RESTIC, *args] + ([] if repo.cache_dir else ["--no-cache"])
+    return [RESTIC, *args, *repo.options] + ([] if repo.cache_dir else ["--no-cache"])
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -366,9 +370,11 @@ def _run(
     cwd: str | None = None,
     on_line: Callable[[str], bool] | None = None,
     binary: bool = False,
+    tick: Callable[[], None] | None = None,
 ) -> _Done:
     """Run restic to its end and return its output, or raise ``ResticError``. ``on_line``
-    sees each stdout line as it comes and returns True for lines it consumed (not kept)."""
+    sees each stdout line as it comes and returns True for lines it consumed (not kept);
+    ``tick`` is called about once a second."""
     if not (isinstance(timeout, int | float) and timeout > 0):
         raise ResticError(f"timeout must be positive, got {timeout!r}", reason=Reason.INVALID)
     argv = _argv(repo, args)
@@ -385,7 +391,7 @@ def _run(
         preexec_fn=_die_with_parent(os.getpid()),
     )
     try:
-        out, err = _collect(proc, time.monotonic() + timeout, on_line)
+        out, err = _collect(proc, time.monotonic() + timeout, on_line, tick)
     except subprocess.TimeoutExpired:
         _stop(proc)
         raise ResticError(
@@ -402,7 +408,7 @@ def _run(
     return _Done(out if binary else out.decode(errors="replace"), stderr)
 
 
-def _collect(proc, deadline: float, on_line) -> tuple[bytes, bytes]:
+def _collect(proc, deadline: float, on_line, tick=None) -> tuple[bytes, bytes]:
     """Both pipes drained together within the deadline; stdout split into lines for
     ``on_line`` (a long backup prints a status line twice a second: consumed, not kept)."""
     kept: list[bytes] = []
@@ -415,6 +421,8 @@ def _collect(proc, deadline: float, on_line) -> tuple[bytes, bytes]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise subprocess.TimeoutExpired(proc.args, 0)
+            if tick is not None:
+                tick()
             for key, _ in sel.select(min(remaining, 1.0)):
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -470,6 +478,7 @@ __all__ = [
     "probe",
     "restore",
     "snapshots",
+    "sftp_command",
     "subset",
     "unlock",
     "url_problem",

@@ -17,7 +17,14 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 SCHEMES = ("local", "sftp", "rest", "s3", "b2", "azure", "gs", "swift")
+SSH = "/usr/bin/ssh"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# sftp://[user@]host[:port]/path and sftp:[user@]host:path, as restic reads them
+_SFTP_URL_RE = re.compile(r"^sftp://(?:([^@/]*)@)?(\[[^\]/]*\]|[^:/@\[\]]*)(?::([^/]*))?/")
+_SFTP_SHORT_RE = re.compile(r"^sftp:(?:([^@/:]*)@)?(\[[^\]/]*\]|[^:/@\[\]]*):")
+_SSH_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+_SSH_HOST_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$")
+_SSH_CONFIG_RE = re.compile(r"^/[A-Za-z0-9._/+-]+$")
 
 
 class Reason(enum.StrEnum):
@@ -85,6 +92,32 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def sftp_command(url: str, ssh_config: str) -> str:
+    """restic's ``sftp.command`` for an sftp URL: ssh with the admin's configuration file
+    (``VMBACKUP_SSH_CONFIG``: keys, known hosts, options — never from the database, since
+    the command runs a program) and the user, host and port of the URL, nothing else.
+    restic splits the value like a shell, so every piece is plain: no space, no quote."""
+    match = _SFTP_URL_RE.match(url) or _SFTP_SHORT_RE.match(url)
+    if match is None:
+        raise ResticError(f"not an sftp repository URL: {mask(url)!r}", reason=Reason.INVALID)
+    user, host = match.group(1), match.group(2)
+    port = match.group(3) if match.re.groups == 3 else None
+    if user is not None and not _SSH_USER_RE.match(user):
+        raise ResticError(f"sftp: bad user in {mask(url)!r}", reason=Reason.INVALID)
+    if not _SSH_HOST_RE.match(host or ""):
+        raise ResticError(f"sftp: bad host in {mask(url)!r}", reason=Reason.INVALID)
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ResticError(f"sftp: bad port in {mask(url)!r}", reason=Reason.INVALID)
+    if not _SSH_CONFIG_RE.match(ssh_config) or "/../" in ssh_config + "/":
+        raise ResticError(
+            f"the ssh configuration must be an absolute path of letters, digits and ._/+-: "
+            f"{ssh_config!r}",
+            reason=Reason.INVALID,
+        )
+    target = f"{user}@{host.strip('[]')}" if user else host.strip("[]")
+    return " ".join([SSH, "-F", ssh_config, *(["-p", port] if port else []), target, "-s", "sftp"])
+
+
 def mask(text: str, url: str | None = None) -> str:
     """``text`` with the password of any ``scheme://user:password@`` (and of ``url``) hidden."""
     secret = _url_secret(url) if url else ""
@@ -105,19 +138,30 @@ class Repository:
 
     ``password_file`` is a path on the machine that runs restic (the worker host): the
     password never passes through vmbackup. ``cache_dir`` is restic's local cache (a
-    private directory of ours; None: ``--no-cache``)."""
+    private directory of ours; None: ``--no-cache``). ``ssh_config``: the ssh client
+    configuration an sftp repository is reached with (None: restic's own ssh call)."""
 
     url: str
     password_file: str
     cache_dir: str | None = None
+    ssh_config: str | None = None
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
         if problem:
             raise ResticError(problem, reason=Reason.INVALID)
-        for path in (self.password_file, self.cache_dir):
+        for path in (self.password_file, self.cache_dir, self.ssh_config):
             if path is not None and not (isinstance(path, str) and os.path.isabs(path)):
                 raise ResticError(f"not an absolute path: {path!r}", reason=Reason.INVALID)
+        if self.ssh_config and self.url.startswith("sftp:"):
+            sftp_command(self.url, self.ssh_config)  # refused here, before anything runs
+
+    @property
+    def options(self) -> list[str]:
+        """Extended options (``-o``) restic gets for this repository."""
+        if self.ssh_config and self.url.startswith("sftp:"):
+            return ["-o", f"sftp.command={sftp_command(self.url, self.ssh_config)}"]
+        return []
 
     @property
     def display(self) -> str:

@@ -96,14 +96,14 @@ def _chart(vm: VirtualMachine) -> str:
 @require_GET
 def vm_detail(request, vm_id: int):
     vm = access.fetch(request, VirtualMachine.objects.select_related("host"), vm_id)
-    backups = list(vm.backups.published().select_related("run"))
+    backups = list(vm.backups.restorable().select_related("run"))
     context = {
         "vm": vm,
         "disks": vm.disks.all(),
         "policies": vm.policies.all(),
         "chain": dashboard.chain_rows(backups),
         "backup_count": len(backups),
-        "storage_bytes": sum(b.size_bytes for b in backups),
+        "storage_bytes": sum(b.size_bytes for b in backups if b.is_local),
         "runs": vm.runs.all()[:20],
         "active_run": vm.runs.active().first(),
         "chart": _chart(vm),
@@ -213,8 +213,11 @@ def _backup(request, backup_id: int, perm: str = access.VIEW) -> Backup:
 def backup_detail(request, backup_id: int):
     backup = _backup(request, backup_id)
     manifest = backup.manifest or {}
+    offsite = dashboard.holding(backup)
     context = {
         "backup": backup,
+        "offsite": offsite,
+        "from_offsite": bool(offsite) and dashboard.reads_offsite(backup),
         "manifest": manifest,
         "disks": manifest.get("disks") or [],
         "skipped": manifest.get("skipped") or [],
@@ -328,9 +331,12 @@ def backup_restore_sh(request, backup_id: int):
 
 def _restore_refusal(backup: Backup, in_place: bool = False) -> str:
     """Why the dashboard will not restore this backup; empty when it will. The worker checks
-    the whole chain again; this only stops what is known to be lost already."""
+    the whole chain again; this only stops what is known to be lost already (here and
+    offsite)."""
     if in_place and backup.vm.gone_at:
         return f"{backup.vm.name} is no longer defined on its host; restore it as a new domain."
+    if dashboard.reads_offsite(backup) and dashboard.holding(backup):
+        return ""
     if backup.pruned_at:
         return "This backup was pruned; there is nothing left to restore."
     if backup.verify_status in (VerifyStatus.CORRUPT, VerifyStatus.MISSING):
@@ -370,7 +376,11 @@ def _restore_page(request, backup: Backup, form, template: str, how: str, in_pla
         fields = {k: v for k, v in form.cleaned_data.items() if k != "confirm"}
         try:
             restore = requests.request_restore(
-                backup, **fields, in_place=in_place, user=request.user
+                backup,
+                **fields,
+                in_place=in_place,
+                user=request.user,
+                from_offsite=dashboard.reads_offsite(backup),
             )
         except requests.RestoreRefused as exc:
             form.add_error(None, str(exc))
@@ -378,7 +388,8 @@ def _restore_page(request, backup: Backup, form, template: str, how: str, in_pla
             what = how.format(name=restore.name)
             messages.success(request, f"Restore of {backup} {what} queued.")
             return redirect("restore_detail", restore.pk)
-    return render(request, template, {"backup": backup, "form": form})
+    offsite = dashboard.holding(backup)[:1] if dashboard.reads_offsite(backup) else []
+    return render(request, template, {"backup": backup, "form": form, "offsite": offsite})
 
 
 @require_GET
@@ -390,7 +401,7 @@ def restore_list(request):
 
 
 def _restore(request, restore_id: int) -> Restore:
-    queryset = Restore.objects.select_related("backup__vm__host", "requested_by")
+    queryset = Restore.objects.select_related("backup__vm__host", "requested_by", "repository")
     return access.fetch(request, queryset, restore_id)
 
 

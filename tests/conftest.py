@@ -17,6 +17,7 @@ from backups import inventory, restic
 from backups.models import BackupPolicy, Disk, Host, OffsiteRepository, Restore, VirtualMachine
 from backups.offsite import restic_repository
 from tests import domains as domains_mod
+from tests import sshd
 from tests.helpers import logged_in, make_user
 
 
@@ -213,3 +214,15 @@ def offsite(db, tmp_path, settings) -> OffsiteRepository:
     )
     restic.init(restic_repository(model))
     return model
+
+
+@pytest.fixture
+def sftp_server():
+    """OpenSSH on 127.0.0.1 with keys made here (``tests.sshd``); stopped and removed."""
+    if not Path(sshd.SSHD).exists():
+        pytest.skip("openssh-server is required (scripts/setup-host.sh --test)")
+    server = sshd.SftpServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()

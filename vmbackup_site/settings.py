@@ -111,6 +111,10 @@ VMBACKUP_DUMP_KEEP = envint("VMBACKUP_DUMP_KEEP", 14)
 # often reconcile requeues a copy whose worker died before it gives up on it.
 VMBACKUP_RESTIC_CACHE_DIR = env("VMBACKUP_RESTIC_CACHE_DIR", str(DATA_DIR / "restic-cache"))
 VMBACKUP_OFFSITE_ATTEMPTS = envint("VMBACKUP_OFFSITE_ATTEMPTS", 3)
+# The ssh client configuration sftp: repositories are reached with (keys, known hosts): a
+# file the admin controls on the worker hosts, never options from the database (restic's
+# sftp.command runs a program). Blank: restic runs ssh with root's own configuration.
+VMBACKUP_SSH_CONFIG = env("VMBACKUP_SSH_CONFIG", "")
 
 # Failure mail (a policy's notify_to); any SMTP server, or set EMAIL_BACKEND.
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")

@@ -424,6 +424,12 @@ def read_sums(backup_dir: str | os.PathLike) -> dict[str, str]:
         text = read_member(backup_dir, SUMS).decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"cannot read {SUMS} in {backup_dir}: {exc}") from exc
+    return parse_sums(text)
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """SHA256SUMS's lines as {name: digest}; a malformed line, a name listed twice or one
+    that would leave the directory is refused (the text is untrusted: a disk, a snapshot)."""
     sums: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         match = SUMS_LINE_RE.match(line)

@@ -2,13 +2,13 @@
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.urls import reverse
 from django.utils import timezone
 
 from .inventory import VirtualMachine
 from .job import ACTIVE_STATUSES, BackupRun, Consistency, Job, Kind, RunStatus
-from .policy import BackupPolicy
+from .policy import BackupPolicy, OffsiteRepository
 
 
 class VerifyStatus(models.TextChoices):
@@ -20,7 +20,19 @@ class VerifyStatus(models.TextChoices):
 
 class BackupQuerySet(models.QuerySet):
     def published(self):
+        """Backups whose directory is here (not pruned, not imported from offsite)."""
         return self.filter(pruned_at__isnull=True)
+
+    def with_offsite(self):
+        """Annotated ``offsite``: a succeeded copy in an offsite repository holds it."""
+        copies = self.model.offsite_copies.rel.related_model.objects.filter(
+            backup=OuterRef("pk"), status="succeeded"
+        )
+        return self.annotate(offsite=Exists(copies))
+
+    def restorable(self):
+        """Published here, or held offsite: what the backup lists show (with ``offsite``)."""
+        return self.with_offsite().filter(Q(pruned_at__isnull=True) | Q(offsite=True))
 
     def retained_by(self, policy):
         """The backups whose retention ``policy`` decides; None: those without a policy
@@ -67,7 +79,16 @@ class Backup(models.Model):
     verify_queued_at = models.DateTimeField(
         null=True, blank=True, help_text="a verification is queued or running since then"
     )
-    pruned_at = models.DateTimeField(null=True, blank=True)
+    pruned_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="its directory is gone from here since (pruned, or imported)",
+    )
+    offsite_only = models.BooleanField(
+        default=False,
+        help_text="imported from an offsite repository: never had a directory here (``path`` "
+        "is where it would be); restored from its offsite copy",
+    )
 
     objects = BackupQuerySet.as_manager()
 
@@ -85,6 +106,11 @@ class Backup(models.Model):
 
     def get_absolute_url(self):
         return reverse("backup_detail", args=[self.pk])
+
+    @property
+    def is_local(self) -> bool:
+        """Its directory is here (the offsite side needs a query: ``with_offsite``)."""
+        return self.pruned_at is None
 
     def mark_verified(self, ok: bool, error: str = "") -> None:
         self.verify_status = VerifyStatus.OK if ok else VerifyStatus.CORRUPT
@@ -147,6 +173,15 @@ class Restore(Job):
     path = models.CharField(max_length=1024, blank=True, help_text="directory of the disks")
     domain_uuid = models.CharField(max_length=36, blank=True)
     notes = models.JSONField(default=list, blank=True, help_text="what was not restored, why")
+    repository = models.ForeignKey(
+        OffsiteRepository,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="restores",
+        help_text="restored from its copy in this offsite repository (blank: from the "
+        "backup's directory here)",
+    )
 
     objects = RestoreQuerySet.as_manager()
 

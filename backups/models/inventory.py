@@ -70,6 +70,11 @@ class VirtualMachine(models.Model):
     first_seen_at = models.DateTimeField(default=timezone.now)
     last_seen_at = models.DateTimeField(default=timezone.now)
     gone_at = models.DateTimeField(null=True, blank=True)
+    offsite_only = models.BooleanField(
+        default=False,
+        help_text="known only from an offsite repository (imported after a disaster): no "
+        "domain of this UUID was seen on its host since; its backups restore as new domains",
+    )
 
     objects = VirtualMachineQuerySet.as_manager()
 

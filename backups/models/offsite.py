@@ -16,6 +16,7 @@ class CopyTrigger(models.TextChoices):
     COMMAND = "command"
     RETRY = "retry"  # reconcile, after the worker died mid-copy
     CHAIN = "chain"  # copied first, as the parent a requested incremental needs
+    IMPORT = "import"  # found in the repository by ``vmbackup_offsite import``
 
 
 class OffsiteCopyQuerySet(models.QuerySet):

@@ -43,7 +43,12 @@ class OffsiteError(Exception):
 
 def restic_repository(model) -> restic.Repository:
     """The restic door's view of an ``OffsiteRepository`` row on this worker."""
-    return restic.Repository(model.url, model.password_file, settings.VMBACKUP_RESTIC_CACHE_DIR)
+    return restic.Repository(
+        model.url,
+        model.password_file,
+        settings.VMBACKUP_RESTIC_CACHE_DIR,
+        settings.VMBACKUP_SSH_CONFIG or None,
+    )
 
 
 def encode(value: str) -> str:

@@ -45,15 +45,29 @@ def partial_name(path: str, restore_id: int) -> str:
     return str(p.with_name(f".{p.name}.restore-{restore_id}.partial"))
 
 
-def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, str]]) -> str:
+def refusals(restore, hv):
+    """What is refused before anything is read or fetched; returns the shut-off domain."""
+    vm = restore.backup.vm
+    refuse_while_backing_up(vm)
+    return _shut_off_domain(hv, str(vm.uuid), vm.name)
+
+
+def restore(
+    restore,
+    hv,
+    progress,
+    created: list[Path],
+    swaps: list[tuple[str, str]],
+    backup_dir: Path | None = None,
+) -> str:
     """Check, write every replacement beside its original, switch them all, then record.
     ``created`` (hidden files) and ``swaps`` (switched paths) tell the caller what to undo
-    when this raises before the point of no return."""
+    when this raises before the point of no return. ``backup_dir``: where the backup is
+    read when not in its own directory (fetched from offsite)."""
     vm = restore.backup.vm
     uuid = str(vm.uuid)
-    refuse_while_backing_up(vm)
-    domain = _shut_off_domain(hv, uuid, vm.name)
-    backup_dir = Path(restore.backup.path)
+    domain = refusals(restore, hv)
+    backup_dir = backup_dir or Path(restore.backup.path)
     before = fingerprint(backup_dir)
     manifest, check = verify_chain(backup_dir, progress)
     current = {d.target: d for d in domain.disks if d.device == "disk"}
@@ -64,7 +78,9 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
             by_dir.setdefault(Path(path).parent, []).append(disk)
         for directory, disks in by_dir.items():
             require_space(directory, needed_bytes(backup_dir, disks))
-        files = _write_replacements(restore, domain, manifest, plan, notes, progress, created)
+        files = _write_replacements(
+            restore, backup_dir, domain, manifest, plan, notes, progress, created
+        )
     require_unchanged(backup_dir, before)
     progress.step("switch", files=[path for _partial, path in files])
     _shut_off_domain(hv, uuid, vm.name)  # still: a guest started meanwhile would keep old files
@@ -84,9 +100,10 @@ def restore(restore, hv, progress, created: list[Path], swaps: list[tuple[str, s
     return f"restored {vm.name} in place ({len(plan)} disks)"
 
 
-def _write_replacements(restore, domain, manifest, plan, notes, progress, created) -> list:
+def _write_replacements(
+    restore, backup_dir: Path, domain, manifest, plan, notes, progress, created
+) -> list:
     """Every replacement written, flushed, beside what it replaces: [(hidden file, path)]."""
-    backup_dir = Path(restore.backup.path)
     total = sum(disk.virtual_size for disk, _path, _fmt in plan)
     progress.bytes(0, total)
     done = 0

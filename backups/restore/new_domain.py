@@ -36,19 +36,35 @@ from .common import (
 from .rules import RestoreError, check_request
 
 
-def restore(restore, hv, progress: Progress, created: list[Path], defined: list[str]) -> str:
+def refusals(restore, hv) -> Path:
+    """What is refused before anything is read or fetched; returns the final directory."""
     check_request(restore.name, restore.root)
     root = Path(os.path.abspath(restore.root))
     if not root.is_dir():
         raise RestoreError(f"restore root {root} does not exist")
     final = root / restore.name
-    staging = staging_paths(restore)[0]
     refuse_while_backing_up(restore.backup.vm)
     if hv.uuid_by_name(restore.name):
         raise RestoreError(f"a domain named {restore.name} already exists")
     if os.path.lexists(final):
         raise RestoreError(f"{final} already exists; nothing is overwritten")
-    backup_dir = Path(restore.backup.path)
+    return final
+
+
+def restore(
+    restore,
+    hv,
+    progress: Progress,
+    created: list[Path],
+    defined: list[str],
+    backup_dir: Path | None = None,
+) -> str:
+    """``backup_dir``: where the backup is read (its chain beside it) when not in its own
+    directory — fetched from offsite."""
+    final = refusals(restore, hv)
+    root = final.parent
+    staging = staging_paths(restore)[0]
+    backup_dir = backup_dir or Path(restore.backup.path)
     before = fingerprint(backup_dir)
     manifest, check = verify_chain(backup_dir, progress)
     with check:  # the data hashed beside the copy; the block ends when both have succeeded

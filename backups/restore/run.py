@@ -12,8 +12,9 @@ from pathlib import Path
 from .. import hypervisor, worker
 from ..interrupt import Stopped, WorkerStopped
 from ..models import Restore, RestoreMode, RunStatus
-from . import in_place, instant, new_domain
+from . import from_offsite, in_place, instant, new_domain
 from .common import Progress, RestoreCancelled
+from .rules import RestoreError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,27 @@ def _execute(restore: Restore) -> str:
     created: list[Path] = []  # removed again unless the restore succeeds
     defined: list[str] = []  # new domains, undefined again on failure
     swaps: list[tuple[str, str]] = []  # in place: (disk path, kept original), put back
+    fetched: list[Path] = []  # from offsite: the staging directory, removed in any case
+    try:
+        return _attempt(restore, progress, created, defined, swaps, fetched)
+    finally:
+        _undo(restore, fetched, [])
+
+
+def _attempt(restore, progress, created, defined, swaps, fetched) -> str:
     try:
         with hypervisor.session(restore.backup.vm.host.uri) as hv:
-            if restore.mode == RestoreMode.IN_PLACE:
-                result = in_place.restore(restore, hv, progress, created, swaps)
+            in_place_mode = restore.mode == RestoreMode.IN_PLACE
+            backup_dir = None
+            if restore.repository_id:  # refuse what can be refused before fetching GBs
+                (in_place if in_place_mode else new_domain).refusals(restore, hv)
+                backup_dir = from_offsite.fetch(restore, progress, fetched)
+            if in_place_mode:
+                result = in_place.restore(restore, hv, progress, created, swaps, backup_dir)
             elif restore.mode == RestoreMode.INSTANT:
                 result = instant.restore(restore, hv, progress, created, defined)
             else:
-                result = new_domain.restore(restore, hv, progress, created, defined)
+                result = new_domain.restore(restore, hv, progress, created, defined, backup_dir)
         created.clear()
         _finish(restore, RunStatus.SUCCEEDED)
         return result
@@ -71,6 +85,8 @@ def _execute(restore: Restore) -> str:
         else:
             log.exception("restore %s failed", restore.pk)
         reason = str(exc) or exc.__class__.__name__
+        if isinstance(exc, RestoreError) and restore.repository_id and "offsite" not in reason:
+            reason += f" (fetched from offsite repository {restore.repository.name})"
         if isinstance(exc, OSError) and exc.errno == 28:
             reason = f"destination full (no space left on device): {reason}"
         steps = {entry.get("step") for entry in restore.journal if isinstance(entry, dict)}

@@ -1,8 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import interrupt, jobs, requests
-from backups.models import Backup, CopyTrigger, OffsiteRepository, RunStatus
-from backups.offsite import OffsiteError
+from backups import interrupt, inventory, jobs, requests
+from backups.models import Backup, CopyTrigger, Host, OffsiteRepository, RunStatus
+from backups.offsite import OffsiteError, importing
 from backups.offsite import repository as offsite_repository
 
 
@@ -12,7 +12,10 @@ class Command(BaseCommand):
         "where one exists); `copy BACKUP [--repository R] [--wait]` copies a backup (and "
         "the parents it needs there first), with --wait here: the last line is the snapshot "
         "id; `check [--repository R] [--read-data-subset P]` runs restic check (exit 1 when "
-        "it finds damage). Stopped by TERM, INT or HUP: 128 + the signal's number, the copy "
+        "it finds damage); `import --repo URL --password-file F [--name N] [--host H]` "
+        "lists a repository's backups into this database, new ones only (disaster recovery; "
+        "exit 1 when a snapshot could not be imported, each named with the reason). Stopped "
+        "by TERM, INT or HUP: 128 + the signal's number, the copy "
         "interrupted and no snapshot written."
     )
 
@@ -27,6 +30,19 @@ class Command(BaseCommand):
         check = commands.add_parser("check", help="restic check")
         check.add_argument("--repository", help="default: every enabled repository")
         check.add_argument("--read-data-subset", help="also read this share: 10%%, 1/5, 2G")
+        found = commands.add_parser(
+            "import", help="list a repository's backups into this database (disaster recovery)"
+        )
+        found.add_argument(
+            "--repo", required=True, help="the repository URL, as restic -r takes it"
+        )
+        found.add_argument(
+            "--password-file", required=True, help="absolute path of its password file (0600)"
+        )
+        found.add_argument("--name", default="", help="name of its row here (default: offsite)")
+        found.add_argument(
+            "--host", help="host whose VMs unknown here belong to (default: the local one)"
+        )
 
     def handle(self, *args, action, **options):
         with interrupt.Guard("vmbackup_offsite") as guard:
@@ -63,6 +79,25 @@ class Command(BaseCommand):
         )
         self.stdout.write(copy.snapshot_id)
 
+    def _import(self, guard, *, repo, password_file, name, host, **options):
+        chosen = _host(host) if host else inventory.local_host()
+        try:
+            result = importing.import_repository(repo, password_file, host=chosen, name=name)
+        except OffsiteError as exc:
+            raise CommandError(str(exc)) from exc
+        for vm in result.vms:
+            self.stdout.write(f"VM {vm}: known only from the offsite copy")
+        for backup in result.backups:
+            self.stdout.write(
+                f"backup {backup.pk}: {backup.vm.name} {backup.path.rsplit('/', 1)[-1]} "
+                f"({backup.kind})"
+            )
+        for reason in result.skipped:
+            self.stdout.write(f"skipped: {reason}")
+        self.stdout.write(result.summary())
+        if result.skipped:
+            raise CommandError(f"{len(result.skipped)} snapshot(s) could not be imported")
+
     def _check(self, guard, *, repository, read_data_subset, **options):
         chosen = (
             [_repository(repository)]
@@ -93,6 +128,13 @@ def _repository(key: str) -> OffsiteRepository:
         found = OffsiteRepository.objects.filter(pk=int(key)).first()
     if found is None:
         raise CommandError(f"no offsite repository {key!r}")
+    return found
+
+
+def _host(key: str) -> Host:
+    found = Host.objects.filter(name=key).first()
+    if found is None:
+        raise CommandError(f"no host {key!r}")
     return found
 
 

@@ -4,7 +4,7 @@ from django.core.management.base import CommandError
 
 from backups import interrupt, requests
 from backups.management.base import JobCommand
-from backups.models import Backup, RunStatus
+from backups.models import Backup, OffsiteRepository, RunStatus
 from backups.restore import rules as restore_rules
 
 
@@ -39,6 +39,15 @@ class Command(JobCommand):
             "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
         )
         parser.add_argument("--start", action="store_true", help="start the new domain")
+        parser.add_argument(
+            "--from-offsite",
+            action="store_true",
+            help="read the backup from its offsite copy even though its directory is here "
+            "(a backup whose directory is gone is always read from offsite)",
+        )
+        parser.add_argument(
+            "--repository", help="the offsite repository to read it from (name or id)"
+        )
         parser.add_argument("--wait", action="store_true", help="run here and wait for the end")
 
     def handle(self, *args, **options):
@@ -47,6 +56,7 @@ class Command(JobCommand):
 
     def _handle(self, guard, *, backup, name, root, start, wait, in_place, instant, **options):
         target = _find_backup(backup)
+        repository = _repository(options["repository"]) if options["repository"] else None
         roots = restore_rules.allowed_roots()
         if in_place and instant:
             raise CommandError("--instant makes a new domain: not with --in-place")
@@ -65,6 +75,8 @@ class Command(JobCommand):
                 in_place=in_place,
                 instant=instant,
                 enqueue=not wait,
+                repository=repository,
+                from_offsite=options["from_offsite"],
             )
         except requests.RestoreRefused as exc:
             raise CommandError(str(exc)) from exc
@@ -81,6 +93,8 @@ class Command(JobCommand):
         for note in restore.notes:
             self.stdout.write(f"note: {note}")
         how = "in place" if in_place else ("instantly as" if instant else "as")
+        if restore.repository_id:
+            how = f"from {restore.repository.name} {how}"
         self.stdout.write(f"restored {how} {restore.name} ({restore.domain_uuid})")
         self.stdout.write(restore.path)
 
@@ -92,6 +106,13 @@ def _find_backup(key: str) -> Backup:
         found = backups.filter(path=str(Path(key).absolute()).rstrip("/")).first()
     if found is None:
         raise CommandError(f"no backup {key!r} (an id, or the path of a published backup)")
-    if found.pruned_at:
-        raise CommandError(f"backup {found.pk} was pruned; its files are gone")
+    return found  # pruned: restored from an offsite copy, or refused by request_restore
+
+
+def _repository(key: str) -> OffsiteRepository:
+    found = OffsiteRepository.objects.filter(name=key).first()
+    if found is None and key.isdigit():
+        found = OffsiteRepository.objects.filter(pk=int(key)).first()
+    if found is None:
+        raise CommandError(f"no offsite repository {key!r}")
     return found
