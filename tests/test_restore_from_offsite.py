@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from backups import reconcile
+from backups import reconcile, requests
 from backups.models import (
     Backup,
     Kind,
@@ -86,3 +86,16 @@ def test_reconcile_removes_a_dead_offsite_restores_staging(host, repository, set
     restore.refresh_from_db()
     assert restore.status == RunStatus.INTERRUPTED
     assert not staging.exists() and str(staging) in report.partials
+
+
+def test_an_instant_restore_is_never_read_from_offsite(host, repository, settings, tmp_path):
+    settings.VMBACKUP_RESTORE_ROOTS = [str(tmp_path)]
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web")
+    gone = backup(vm, "20261130T010000Z-1")
+    copy(gone, repository, "a" * 64)
+
+    with pytest.raises(requests.RestoreRefused, match="instant restore runs from the backup"):
+        requests.request_restore(
+            gone, name="web-now", root=str(tmp_path), instant=True, enqueue=False
+        )
+    assert not Restore.objects.exists()
