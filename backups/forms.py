@@ -1,5 +1,6 @@
 """Dashboard forms; validation errors are written for the operator who reads them."""
 
+import os
 import posixpath
 import re
 
@@ -181,6 +182,44 @@ class RestoreForm(forms.Form):
         if VirtualMachine.objects.present().filter(host=host, name=name).exists():
             raise ValidationError(f"A domain named {name} already exists on {host.name}.")
         return name
+
+
+class RestoreDiskForm(forms.Form):
+    """One disk of ``backup`` alone, as a new file in a restore root (for attaching by
+    hand). The worker checks the file's place again, then the chain."""
+
+    disk = forms.ChoiceField(label="Disk")
+    root = forms.ChoiceField(label="Into")
+    file = forms.CharField(
+        max_length=128, label="File name", help_text=restore_rules.FILE_HELP + "; a new file"
+    )
+
+    def __init__(self, *args, backup, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backup = backup
+        targets = [d.get("target", "") for d in (backup.manifest or {}).get("disks", [])]
+        self.fields["disk"].choices = [(t, t) for t in targets if t]
+        self.fields["root"].choices = [(r, r) for r in restore_rules.allowed_roots()]
+
+    def clean_file(self) -> str:
+        name = self.cleaned_data["file"]
+        if not restore_rules.FILE_RE.match(name):
+            raise ValidationError(f"Not a valid file name; use {restore_rules.FILE_HELP}.")
+        return name
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            restore_rules.check_disk_file(os.path.join(data["root"], data["file"]))
+        except restore_rules.RestoreError as exc:
+            raise ValidationError(str(exc)) from exc
+        return data
+
+    @property
+    def to(self) -> str:
+        return os.path.join(self.cleaned_data["root"], self.cleaned_data["file"])
 
 
 class RestoreInPlaceForm(forms.Form):

@@ -250,6 +250,22 @@ class Session:
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         self._call(self._dom(uuid).createWithFlags, flags, doing="start domain")
 
+    # -- saved state (memory.save): read and ABI-checked by libvirt, resumed ----------------
+    def save_image_xml(self, path: str) -> str:
+        """The definition a save image carries, secure parts included."""
+        flags = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+        return self._call(self._conn.saveImageGetXMLDesc, path, flags, doing="read saved state")
+
+    def save_image_define(self, path: str, xml: str) -> None:
+        """Replace a save image's definition; libvirt refuses one the saved state (its
+        devices, its ABI) cannot run under — and any change of name, UUID or MAC."""
+        self._call(self._conn.saveImageDefineXML, path, xml, 0, doing="check saved state")
+
+    def restore_saved(self, path: str, *, paused: bool = False) -> None:
+        """Resume a save image as the (defined) domain its definition names."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._call(self._conn.restoreFlags, path, None, flags, doing="resume saved state")
+
     def shutdown(self, uuid: str) -> None:
         """Ask the guest to shut down (guest agent, else ACPI button); returns at once."""
         flags = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN

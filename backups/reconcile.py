@@ -36,6 +36,7 @@ from .models import (
     RunStatus,
 )
 from .offsite import copy as offsite_copy
+from .restore import disk as disk_restore
 from .restore import from_offsite, in_place, instant, new_domain, rules
 from .retention import fold
 from .roots import refusal as root_refusal
@@ -172,6 +173,8 @@ def _repair_restores(report: Report, stale_after: int, mine: dict) -> None:
                 error = _repair_in_place(restore)
             elif restore.mode == RestoreMode.INSTANT:
                 error = _repair_instant(restore, report)
+            elif restore.mode == RestoreMode.DISK:
+                error = disk_restore.repair_dead(restore)
             else:
                 error = _repair_new_domain(restore, report)
             if restore.repository_id and from_offsite.discard(restore):

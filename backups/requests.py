@@ -28,7 +28,7 @@ from .models import (
     Trigger,
     VirtualMachine,
 )
-from .restore.rules import RestoreError, check_request
+from .restore.rules import RestoreError, check_disk_file, check_request
 
 
 class RunActive(Exception):
@@ -220,6 +220,35 @@ def request_restore(
     except IntegrityError as exc:
         what = f"of {backup.vm.name} in place" if in_place else f"as {name}"
         raise RestoreRefused(f"a restore {what} is already queued or running") from exc
+    if enqueue:
+        enqueue_restore(restore)
+    return restore
+
+
+def request_disk_restore(backup: Backup, *, disk: str, to: str, user=None, enqueue: bool = True):
+    """Create a queued restore of one disk of ``backup`` (its chain flattened) into the new
+    file ``to``, in a restore root; the worker checks the same again, then the chain. It
+    reads the backup's files here: a backup held only offsite is restored as a new domain."""
+    if backup.pruned_at is not None:
+        raise RestoreRefused(
+            f"backup {backup.pk} has no directory here; one disk is restored from the files "
+            "here only (restore it from offsite as a new domain)"
+        )
+    targets = [d.get("target") for d in (backup.manifest or {}).get("disks", [])]
+    if targets and disk not in targets:
+        raise RestoreRefused(
+            f"backup {backup.pk} has no disk {disk!r} (it has {', '.join(targets)})"
+        )
+    try:
+        directory, name = check_disk_file(to)
+    except RestoreError as exc:
+        raise RestoreRefused(str(exc)) from exc
+    with transaction.atomic():
+        _check_restore_cap(backup.vm.host)
+        restore = Restore.objects.create(
+            backup=backup, vm=backup.vm, mode=RestoreMode.DISK, name=name, root=directory,
+            disk=disk, requested_by=user,
+        )  # fmt: skip
     if enqueue:
         enqueue_restore(restore)
     return restore

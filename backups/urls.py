@@ -19,6 +19,11 @@ urlpatterns = [
     path("backups/<int:backup_id>/restore.sh", views.backup_restore_sh, name="backup_restore_sh"),
     path("backups/<int:backup_id>/restore/", views.backup_restore, name="backup_restore"),
     path(
+        "backups/<int:backup_id>/restore-disk/",
+        views.backup_restore_disk,
+        name="backup_restore_disk",
+    ),
+    path(
         "backups/<int:backup_id>/restore-in-place/",
         views.backup_restore_in_place,
         name="backup_restore_in_place",

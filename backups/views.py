@@ -18,6 +18,7 @@ from .archive import ArchiveError, Manifest, instructions
 from .forms import (
     BackupNowForm,
     PolicyForm,
+    RestoreDiskForm,
     RestoreForm,
     RestoreInPlaceForm,
     ReturnToForm,
@@ -365,6 +366,28 @@ def backup_restore_in_place(request, backup_id: int):
     )
 
 
+@require_POST
+def backup_restore_disk(request, backup_id: int):
+    """One disk as a file: the restore page's second form."""
+    backup = _backup(request, backup_id, access.RESTORE_BACKUP)
+    refusal = _restore_refusal(backup)
+    if refusal:
+        messages.error(request, refusal)
+        return redirect("backup_detail", backup.pk)
+    form = RestoreDiskForm(request.POST, backup=backup)
+    if form.is_valid():
+        disk, to = form.cleaned_data["disk"], form.to
+        try:
+            restore = requests.request_disk_restore(backup, disk=disk, to=to, user=request.user)
+        except requests.RestoreRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Restore of disk {disk} of {backup} to {to} queued.")
+            return redirect("restore_detail", restore.pk)
+    context = {"backup": backup, "form": RestoreForm(backup=backup), "disk_form": form}
+    return render(request, "backups/backup_restore.html", context)
+
+
 def _restore_page(request, backup: Backup, form, template: str, how: str, in_place: bool):
     """Both restore forms: refused backups go back to their page; a valid form queues the
     restore (the engine's refusal shows on the form), else the form is shown again."""
@@ -389,7 +412,10 @@ def _restore_page(request, backup: Backup, form, template: str, how: str, in_pla
             messages.success(request, f"Restore of {backup} {what} queued.")
             return redirect("restore_detail", restore.pk)
     offsite = dashboard.holding(backup)[:1] if dashboard.reads_offsite(backup) else []
-    return render(request, template, {"backup": backup, "form": form, "offsite": offsite})
+    context = {"backup": backup, "form": form, "offsite": offsite}
+    if not in_place and not offsite:  # one disk reads the backup's files here
+        context["disk_form"] = RestoreDiskForm(backup=backup)
+    return render(request, template, context)
 
 
 @require_GET

@@ -99,3 +99,14 @@ def test_an_instant_restore_is_never_read_from_offsite(host, repository, setting
             gone, name="web-now", root=str(tmp_path), instant=True, enqueue=False
         )
     assert not Restore.objects.exists()
+
+
+def test_one_disk_of_a_backup_held_only_offsite_is_refused(host, repository, settings, tmp_path):
+    settings.VMBACKUP_RESTORE_ROOTS = [str(tmp_path)]
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web")
+    gone = backup(vm, "20261130T010000Z-1")
+    copy(gone, repository, "a" * 64)
+
+    with pytest.raises(requests.RestoreRefused, match="has no directory here"):
+        requests.request_disk_restore(gone, disk="vda", to=str(tmp_path / "vda.qcow2"))
+    assert not Restore.objects.exists()

@@ -42,6 +42,7 @@ ROUTES = {
     "backup_restore_sh": (PERMISSION, READ, None),
     "backup_restore": (PERMISSION, FORM, None),
     "backup_restore_in_place": (PERMISSION, FORM, None),
+    "backup_restore_disk": (PERMISSION, POST, None),
     "restore_list": (PERMISSION, READ, None),
     "restore_detail": (PERMISSION, READ, None),
     "restore_cancel": (PERMISSION, POST, None),

@@ -123,6 +123,7 @@ class RestoreMode(models.TextChoices):
     NEW = "new", "as a new domain"
     IN_PLACE = "in-place", "in place, over the VM's own disks"
     INSTANT = "instant", "instantly, as a new domain running from the backup"
+    DISK = "disk", "one disk, as a file"
 
 
 class RestoreQuerySet(models.QuerySet):
@@ -145,9 +146,10 @@ class RestoreQuerySet(models.QuerySet):
 
 
 class Restore(Job):
-    """Restoring one backup, as a new domain, in place over its (shut off) VM's disks, or
+    """Restoring one backup, as a new domain, in place over its (shut off) VM's disks,
     instantly (a new domain started on overlays over the backup, its data moved in while
-    it runs; active until the domain no longer reads the backup).
+    it runs; active until the domain no longer reads the backup), or one disk alone as a
+    file (``disk``, written to ``root``/``name``).
 
     Uses the run states (queued -> running -> succeeded | failed | interrupted). Nothing it
     writes is visible as restored until the last step (see ``restore``); a failure at any
@@ -163,8 +165,13 @@ class Restore(Job):
         help_text="the backup's VM (the one an in-place restore overwrites)",
     )
     mode = models.CharField(max_length=16, choices=RestoreMode.choices, default=RestoreMode.NEW)
-    name = models.CharField(max_length=255, help_text="the new domain's name (in place: the VM's)")
-    root = models.CharField(max_length=1024, blank=True, help_text="restore root (mode new)")
+    name = models.CharField(
+        max_length=255, help_text="the new domain's name (in place: the VM's; disk: the file's)"
+    )
+    root = models.CharField(
+        max_length=1024, blank=True, help_text="restore root (mode disk: the file's directory)"
+    )
+    disk = models.CharField(max_length=64, blank=True, help_text="the disk restored (mode disk)")
     start = models.BooleanField(default=False, help_text="start the new domain afterwards")
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

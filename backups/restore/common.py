@@ -84,10 +84,12 @@ class Progress:
             setattr(self.restore, name, value)
 
 
-def record_result(restore, hv, progress: Progress, *, path: str, uuid: str, notes: list[str]):
-    """Past the point of no return: start the domain if asked (a failure is a note, never a
-    rollback) and record where the result is."""
-    if restore.start:
+def record_result(
+    restore, hv, progress: Progress, *, path: str, uuid: str, notes: list[str], started=False
+):
+    """Past the point of no return: start the domain if asked and not ``started`` already
+    (a failure is a note, never a rollback) and record where the result is."""
+    if restore.start and not started:
         progress.step("start")
         try:
             hv.start(uuid)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .. import archive, domain_xml, private, site
+from .. import archive, domain_xml, hypervisor, private, site
 from ..models import Restore
+from . import resume as running_state
 from .common import (
     Progress,
     fingerprint,
@@ -67,8 +68,10 @@ def restore(
     backup_dir = backup_dir or Path(restore.backup.path)
     before = fingerprint(backup_dir)
     manifest, check = verify_chain(backup_dir, progress)
+    resume = bool(manifest.memory) and restore.start  # started: from its saved RAM state
     with check:  # the data hashed beside the copy; the block ends when both have succeeded
-        require_space(root, needed_bytes(backup_dir, manifest.disks))
+        ram = (backup_dir / manifest.memory).stat().st_size if resume else 0
+        require_space(root, needed_bytes(backup_dir, manifest.disks) + ram)
 
         progress.step("staging", path=str(staging))
         # 0711, not 0700: libvirt's DAC driver hands each disk file to QEMU's user when the
@@ -90,8 +93,11 @@ def restore(
         if manifest.nvram:
             private.copy_file(backup_dir / manifest.nvram, staging / "nvram.fd")
             nvram = str(final / "nvram.fd")
+        if resume:
+            progress.step("saved-state", path=str(staging / running_state.MEMORY))
+            saved_state = running_state.copy_saved_state(backup_dir, manifest, staging)
 
-    require_unchanged(backup_dir, before)
+    require_unchanged(backup_dir, before)  # the check covered memory.save too
     new_uuid = str(uuidlib.uuid4())
     xml, notes = domain_xml.restored_xml(
         (backup_dir / "domain.xml").read_text(),
@@ -100,6 +106,15 @@ def restore(
         disks=disks,
         nvram=nvram,
     )
+    if resume:
+        try:
+            xml, notes = running_state.prepare(
+                hv, saved_state, name=restore.name, uuid=new_uuid, disks=disks, nvram=nvram
+            )
+        except running_state.ERRORS as exc:
+            resume = False
+            saved_state.unlink()
+            notes.append(running_state.not_resumed(exc))
     notes = [_with_reason(note, manifest.skipped) for note in notes]
     if manifest.nvram and "<nvram" not in xml:
         notes.append("the definition has no <nvram>: the backed-up variable store is not used")
@@ -108,8 +123,8 @@ def restore(
         progress.step("tpm", path=str(tpm))
         created.append(tpm)
         _restore_tpm(backup_dir / manifest.tpm, tpm)
-    if manifest.memory:
-        notes.append("the RAM state is not resumed: the new domain boots from its disks")
+    if manifest.memory and not restore.start:
+        notes.append("the RAM state is resumed only when the restore starts the domain")
 
     progress.step("publish", path=str(final))
     archive.make_durable(staging)
@@ -122,7 +137,16 @@ def restore(
     progress.step("define", uuid=new_uuid)
     hv.define(xml)
     created.clear()  # the point of no return: the domain exists and owns these files
-    record_result(restore, hv, progress, path=str(final), uuid=new_uuid, notes=notes)
+    if resume:
+        progress.step("resume")
+        try:
+            notes.append(running_state.resume(hv, final / running_state.MEMORY))
+        except hypervisor.HypervisorError as exc:
+            resume = False
+            notes.append(running_state.not_resumed(exc))
+    record_result(
+        restore, hv, progress, path=str(final), uuid=new_uuid, notes=notes, started=resume
+    )
     return f"restored as {restore.name} in {final}"
 
 

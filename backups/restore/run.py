@@ -1,5 +1,5 @@
 """The one dispatcher of restores: run a claimed restore of any kind (``new_domain``,
-``in_place``, ``instant``; drills go beside them), with one heartbeat, one failure
+``in_place``, ``instant``, ``disk``; drills go beside them), with one heartbeat, one failure
 path (undo what was made, record the outcome as data) and one cancel rule."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import hypervisor, worker
 from ..interrupt import Stopped, WorkerStopped
 from ..models import Restore, RestoreMode, RunStatus
-from . import from_offsite, in_place, instant, new_domain
+from . import disk, from_offsite, in_place, instant, new_domain
 from .common import Progress, RestoreCancelled
 from .rules import RestoreError
 
@@ -64,6 +64,8 @@ def _attempt(restore, progress, created, defined, swaps, fetched) -> str:
                 result = in_place.restore(restore, hv, progress, created, swaps, backup_dir)
             elif restore.mode == RestoreMode.INSTANT:
                 result = instant.restore(restore, hv, progress, created, defined)
+            elif restore.mode == RestoreMode.DISK:  # a file; no domain is defined
+                result = disk.restore(restore, progress, created)
             else:
                 result = new_domain.restore(restore, hv, progress, created, defined, backup_dir)
         created.clear()

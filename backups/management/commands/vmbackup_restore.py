@@ -16,7 +16,8 @@ class Command(JobCommand):
         "Stopped by TERM, INT or HUP, it undoes what it made, marks the restore interrupted "
         "and exits 128 + the signal's number (a KILL: reconcile does that). An --instant "
         "restore whose domain already runs is left running instead: reconcile hands its "
-        "move to a worker."
+        "move to a worker. --disk TARGET --to FILE writes that disk alone (its chain "
+        "flattened) to a new file in a restore root, for attaching by hand."
     )
 
     def add_arguments(self, parser):
@@ -38,7 +39,21 @@ class Command(JobCommand):
         parser.add_argument(
             "--root", help="one of VMBACKUP_RESTORE_ROOTS (default: the first of them)"
         )
-        parser.add_argument("--start", action="store_true", help="start the new domain")
+        parser.add_argument(
+            "--disk",
+            metavar="TARGET",
+            help="restore only this disk (e.g. vda), its chain flattened, as the file --to",
+        )
+        parser.add_argument(
+            "--to",
+            metavar="FILE",
+            help="with --disk: a new file in (or below) one of VMBACKUP_RESTORE_ROOTS",
+        )
+        parser.add_argument(
+            "--start",
+            action="store_true",
+            help="start the new domain (a memory backup resumes from its saved RAM state)",
+        )
         parser.add_argument(
             "--from-offsite",
             action="store_true",
@@ -56,6 +71,8 @@ class Command(JobCommand):
 
     def _handle(self, guard, *, backup, name, root, start, wait, in_place, instant, **options):
         target = _find_backup(backup)
+        if options.get("disk") or options.get("to"):
+            return self._disk(guard, target, name, root, start, in_place, instant, wait, **options)
         repository = _repository(options["repository"]) if options["repository"] else None
         roots = restore_rules.allowed_roots()
         if in_place and instant:
@@ -96,6 +113,31 @@ class Command(JobCommand):
         if restore.repository_id:
             how = f"from {restore.repository.name} {how}"
         self.stdout.write(f"restored {how} {restore.name} ({restore.domain_uuid})")
+        self.stdout.write(restore.path)
+
+    def _disk(self, guard, target, name, root, start, in_place, instant, wait, *, disk, to, **_):
+        if not (disk and to):
+            raise CommandError("--disk TARGET and --to FILE go together")
+        if name or root or start or in_place or instant:
+            raise CommandError(
+                "--disk restores a file: no --name, --root, --start, --in-place or --instant"
+            )
+        try:
+            restore = requests.request_disk_restore(target, disk=disk, to=to, enqueue=not wait)
+        except requests.RestoreRefused as exc:
+            raise CommandError(str(exc)) from exc
+        if not wait:
+            self.stdout.write(f"queued restore {restore.pk}")
+            return
+        guard.queued(restore)
+        from backups.restore import run as restore_run  # the engine, loaded only to run it
+
+        restore_run.run(restore.pk)
+        restore.refresh_from_db()
+        if restore.status != RunStatus.SUCCEEDED:
+            raise CommandError(f"restore {restore.pk} {restore.status}: {restore.error}")
+        for note in restore.notes:
+            self.stdout.write(f"note: {note}")
         self.stdout.write(restore.path)
 
 
