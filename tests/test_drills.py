@@ -4,22 +4,26 @@ disk fails with "no sign of life", and either way nothing is left behind and the
 is exactly as it was: unchanged, private, verifying."""
 
 import hashlib
+import socket
 import stat
 import uuid
+import xml.etree.ElementTree as ET
+from datetime import timedelta
 from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.core import mail
 from django.core.management import call_command
+from django.utils import timezone
 
-from backups import jobs, private, requests, verify
+from backups import jobs, private, reconcile, requests, site, verify
 from backups.archive import check as archive_check
 from backups.models import Alert, AlertKind, BackupPolicy, Drill, DrillResult, RunStatus
 from backups.restore import common
 from tests import domains as domains_mod
 from tests.agent_guest import create_rooted_domain, wait_for_agent
-from tests.helpers import push
+from tests.helpers import make_backup, push
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.django_db]
 
@@ -65,8 +69,9 @@ def assert_nothing_left(domains, drill: Drill) -> None:
     assert steps.count("cleaned") == 1 and drill.journal[-1].get("problems") == []
 
 
-def test_a_good_backup_boots_proves_its_data_and_leaves_nothing(domains, backup_root, synced,
-                                                                  drill_dirs):  # fmt: skip
+def test_a_good_backup_boots_proves_its_data_and_leaves_nothing(
+    domains, backup_root, synced, drill_dirs
+):
     marker = f"proof-{uuid.uuid4().hex}"
     spec = create_rooted_domain(domains, marker=marker)
     wait_for_agent(domains.conn, spec.uuid, timeout=120)
@@ -125,3 +130,66 @@ def test_a_backup_of_a_wiped_disk_shows_no_sign_of_life_and_alerts(
     assert "No bootable device." in mail.outbox[0].body
     assert_nothing_left(domains, drill)
     assert state_of(backup) == before
+
+
+def test_reconcile_removes_a_dead_drills_sandbox_files_and_acls(domains, drill_dirs, vm):
+    """A worker killed mid-drill: its sandbox runs on, its scratch directory and the ACLs
+    it lent stay. Reconcile removes all three from the journal and alerts; a sandbox of
+    ours whose drill has ended is destroyed too."""
+    vm_dir = private_dir(drill_dirs / "web-1")
+    backup_dir = private_dir(vm_dir / "20261130T010000Z-1")
+    image = backup_dir / "vda.qcow2"
+    private.write_file(image, b"not read")
+    backup = make_backup(vm, path=str(backup_dir))
+    running = domains.create(start=True)
+    drill = Drill.objects.create(backup=backup, status=RunStatus.RUNNING,
+                                 worker=f"{socket.gethostname()}:999999999",
+                                 heartbeat_at=timezone.now() - timedelta(hours=1))  # fmt: skip
+    drill.name = site.drill_name(drill.pk)
+    drill.save()
+    scratch = Path(drill_dirs / "sandboxes")
+    scratch.mkdir(mode=0o711)
+    (scratch / drill.name).mkdir(mode=0o711)
+    (scratch / drill.name / "vda.overlay.qcow2").write_bytes(b"overlay")
+    lent = [str(image), str(backup_dir), str(vm_dir)]
+    drill.log("scratch", path=str(scratch / drill.name))
+    drill.log("lend", user="libvirt-qemu", paths=lent)
+    uid = private.owner_of("libvirt-qemu")[0]
+    for path, perm in ((vm_dir, 1), (backup_dir, 1), (image, 4)):
+        private.grant_acl(path, uid, perm)
+    drill.log("start", uuid=running.uuid, name=drill.name)
+    ended = Drill.objects.create(backup=backup, status=RunStatus.FAILED)
+    ended.name = site.drill_name(ended.pk)  # the fixture removes it, whatever happens
+    ended.save()
+    stray = stray_sandbox(domains, running, ended.name)
+
+    report = reconcile.reconcile()
+
+    drill.refresh_from_db()
+    assert report.drills_interrupted == [drill.pk] and report.sandboxes == [stray]
+    assert (
+        drill.status == RunStatus.INTERRUPTED and "sandbox and its files are removed" in drill.error
+    )
+    assert running.uuid not in {d.UUIDString() for d in domains.conn.listAllDomains()}
+    assert stray not in {d.name() for d in domains.conn.listAllDomains()}
+    assert not (scratch / drill.name).exists()
+    for path, mode in ((image, 0o600), (backup_dir, 0o700), (vm_dir, 0o700)):
+        assert not private.has_acl(path) and stat.S_IMODE(path.stat().st_mode) == mode
+    assert Alert.objects.get(kind=AlertKind.DRILL_FAILED, vm=vm).subject.endswith("interrupted")
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def stray_sandbox(domains, template, name: str) -> str:
+    """A transient copy of ``template``'s definition named like one of our sandboxes."""
+    root = ET.fromstring(domains.lookup(template).XMLDesc(0))
+    root.find("name").text = name
+    root.remove(root.find("uuid"))
+    for disk in root.findall("devices/disk"):  # no disk: it would share the template's
+        root.find("devices").remove(disk)
+    domains.conn.createXML(ET.tostring(root, encoding="unicode"), 0)
+    return name
