@@ -67,7 +67,7 @@ def drill_progress(request, drill_id: int):
 
 @require_GET
 def drill_screenshot(request, drill_id: int):
-    """The sandbox's screen as the drill saw it (a PNG the worker made from QEMU's PPM)."""
+    """The sandbox's screen as the drill saw it (a PNG the worker checked or made)."""
     drill = _drill(request, drill_id)
     png = Drill.objects.filter(pk=drill.pk).values_list("screenshot", flat=True).first()
     if not png:

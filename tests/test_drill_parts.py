@@ -255,3 +255,11 @@ def test_a_vm_without_a_usable_backup_is_not_drilled(owner_client, vm):
     assert "has no usable backup to drill" in response.content.decode()
     assert not Drill.objects.exists()
     assert BackupPolicy.objects.count() == 0
+
+
+def test_a_png_screenshot_is_kept_and_anything_else_refused():
+    png = evidence.png_from_ppm(b"P6 1 1 255\n" + bytes(3))
+    assert evidence.as_png("image/png", png) == png
+    assert evidence.as_png("image/x-portable-pixmap", b"P6 1 1 255\n" + bytes(3)) == png
+    with pytest.raises(evidence.EvidenceError, match="neither PNG nor PPM"):
+        evidence.as_png("text/html", b"<html>")

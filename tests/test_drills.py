@@ -6,6 +6,8 @@ is exactly as it was: unchanged, private, verifying."""
 import hashlib
 import socket
 import stat
+import struct
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from datetime import timedelta
@@ -17,10 +19,10 @@ from django.core import mail
 from django.core.management import call_command
 from django.utils import timezone
 
-from backups import jobs, private, reconcile, requests, site, verify
+from backups import hypervisor, jobs, private, reconcile, requests, site, verify
 from backups.archive import check as archive_check
 from backups.models import Alert, AlertKind, BackupPolicy, Drill, DrillResult, RunStatus
-from backups.restore import common
+from backups.restore import common, evidence
 from tests import domains as domains_mod
 from tests.agent_guest import create_rooted_domain, wait_for_agent
 from tests.helpers import make_backup, push
@@ -193,3 +195,22 @@ def stray_sandbox(domains, template, name: str) -> str:
         root.find("devices").remove(disk)
     domains.conn.createXML(ET.tostring(root, encoding="unicode"), 0)
     return name
+
+
+def test_a_screenshot_of_a_domain_with_graphics_becomes_a_png(domains):
+    """The evidence where a sandbox has a screen: libvirt's screenshot (PNG from this QEMU,
+    PPM from older ones) as PNG, through a VNC display that listens nowhere, as the
+    sandbox has it."""
+    template = domains.create()
+    root = ET.fromstring(domains.lookup(template).XMLDesc(0))
+    devices = root.find("devices")
+    screen = ET.SubElement(devices, "graphics", type="vnc")
+    ET.SubElement(screen, "listen", type="none")
+    ET.SubElement(ET.SubElement(devices, "video"), "model", type="vga")
+    domains.conn.createXML(ET.tostring(root, encoding="unicode"), 0)
+    with hypervisor.session(domains.uri) as hv:
+        time.sleep(1)  # SeaBIOS draws something
+        mime, data = hv.screenshot(template.uuid)
+    png = evidence.as_png(mime, data)
+    assert mime in ("image/png", "image/x-portable-pixmap") and png.startswith(b"\x89PNG")
+    assert struct.unpack(">II", png[16:24]) == (720, 400)  # VGA text mode: SeaBIOS

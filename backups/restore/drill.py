@@ -260,8 +260,7 @@ def keep_evidence(drill: Drill, hv, uuid: str, *, graphics: bool) -> None:
     png = None
     if graphics:
         try:
-            _mime, data = hv.screenshot(uuid)
-            png = evidence.png_from_ppm(data)
+            png = evidence.as_png(*hv.screenshot(uuid))
         except (hypervisor.HypervisorError, evidence.EvidenceError) as exc:
             text += f"\n(no screenshot: {exc})"
     path = directory / ("screenshot.png" if png else "console.txt")

@@ -1,6 +1,6 @@
-"""A drill's evidence, kept after its sandbox is gone: the screen (QEMU hands libvirt a
-PPM, browsers show PNG: converted here, pure Python, no imaging library) and the serial
-console's last lines. Pure functions and private files; no Django, no libvirt."""
+"""A drill's evidence, kept after its sandbox is gone: the screen (as PNG: recent QEMUs
+hand libvirt one, older ones a PPM, converted here in pure Python, no imaging library) and
+the serial console's last lines. Pure functions and private files; no Django, no libvirt."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def _ppm_header(data: bytes) -> tuple[int, int, int, int]:
     return width, height, maxval, pos + 1  # one whitespace byte ends the header
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def as_png(mime: str, data: bytes) -> bytes:
+    """A screenshot as PNG: libvirt gets PNG from recent QEMUs (kept as it is, once its
+    signature is checked) and PPM from older ones (converted)."""
+    if data.startswith(PNG_SIGNATURE):
+        return data
+    if data.startswith(b"P6"):
+        return png_from_ppm(data)
+    raise EvidenceError(f"a screenshot of type {mime or 'unknown'} is neither PNG nor PPM")
+
+
 def png_from_ppm(data: bytes) -> bytes:
     """The PPM screenshot as a PNG (8-bit RGB, filter 0 on every row)."""
     width, height, _maxval, offset = _ppm_header(data)
@@ -59,7 +72,7 @@ def png_from_ppm(data: bytes) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
+        PNG_SIGNATURE
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(raw, 6))
         + chunk(b"IEND", b"")
