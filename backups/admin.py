@@ -12,6 +12,7 @@ from .models import (
     BackupRun,
     CopyTrigger,
     Disk,
+    Drill,
     Host,
     OffsiteCopy,
     OffsiteRepository,
@@ -115,6 +116,24 @@ class BackupRunAdmin(admin.ModelAdmin):
     search_fields = ["vm__name", "error"]
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in BackupRun._meta.fields if f.name not in {"id"}]
+
+
+@admin.register(Drill)
+class DrillAdmin(admin.ModelAdmin):
+    """Restore drills, as the jobs recorded them (requested from the dashboard, a policy's
+    drill schedule or ``vmbackup_drill``)."""
+
+    list_display = ["id", "vm", "status", "result", "alive_after_seconds", "trigger", "created_at"]
+    list_filter = ["status", "result", "trigger"]
+    search_fields = ["vm__name", "error", "name"]
+    date_hierarchy = "created_at"
+    exclude = ["screenshot"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(Backup)

@@ -35,6 +35,7 @@ from .models import (
     Backup,
     BackupPolicy,
     BackupRun,
+    Drill,
     Kind,
     OffsiteRepository,
     RunStatus,
@@ -130,6 +131,7 @@ def vms_with_facts(queryset):
         created_at__gt=Coalesce(Subquery(last_full), Value(_EPOCH, DateTimeField())),
     )
     latest_run = _latest_runs()
+    last_drill = Drill.objects.judged().filter(vm=OuterRef("pk")).order_by("-created_at", "-id")
     return (
         queryset.select_related("host")
         .prefetch_related(
@@ -145,6 +147,10 @@ def vms_with_facts(queryset):
             last_run_id=Subquery(latest_run.values("pk")[:1]),
             last_run_status=Subquery(latest_run.values("status")[:1]),
             last_run_finished_at=Subquery(latest_run.values("finished_at")[:1]),
+            last_drill_id=Subquery(last_drill.values("pk")[:1]),
+            last_drill_result=Subquery(last_drill.values("result")[:1]),
+            last_drill_at=Subquery(last_drill.values("finished_at")[:1]),
+            last_drill_alive=Subquery(last_drill.values("alive_after_seconds")[:1]),
         )
     )
 

@@ -317,3 +317,53 @@ def _set_child_text(root: ET.Element, tag: str, text: str) -> None:
         node = ET.Element(tag)
         root.insert(0, node)
     node.text = text
+
+
+_UNITS = {"b": 1, "bytes": 1, "kb": 10**3, "k": 2**10, "kib": 2**10, "mb": 10**6, "m": 2**20,
+          "mib": 2**20, "gb": 10**9, "g": 2**30, "gib": 2**30, "tb": 10**12, "t": 2**40,
+          "tib": 2**40}  # fmt: skip
+
+
+def memory_mib(xml: str) -> int:
+    """The domain's memory (``<memory>``, libvirt's units; KiB without one), in MiB rounded up."""
+    node = ET.fromstring(xml).find("memory")
+    if node is None or not (node.text or "").strip().isdigit():
+        return 0
+    factor = _UNITS.get(node.get("unit", "KiB").lower())
+    if factor is None:
+        raise ValueError(f"unknown memory unit {node.get('unit')!r}")
+    return -(-int(node.text.strip()) * factor // 2**20)
+
+
+def sandbox_xml(xml: str, *, console_log: str, description: str) -> tuple[str, list[str]]:
+    """A restored definition (``restored_xml``) made into a drill's sandbox: no network
+    interface and no USB redirection or smartcard (nothing reaches the guest from outside
+    or leaves it), graphics with no listener at all (the screenshot comes through libvirt),
+    and the first serial port logged to ``console_log`` (written by virtlogd, as root) so
+    the drill reads the console itself. Returns the XML and one note per change."""
+    root = ET.fromstring(xml)
+    _set_child_text(root, "description", description)
+    devices = root.find("devices")
+    devices = devices if devices is not None else ET.SubElement(root, "devices")
+    notes = []
+    for tag, what in (("interface", "network interface"), ("redirdev", "USB redirection"),
+                      ("smartcard", "smartcard")):  # fmt: skip
+        for node in devices.findall(tag):
+            devices.remove(node)
+            notes.append(f"the sandbox has no {what}: a {node.get('type', '')} {tag} is left out")
+    graphics = devices.findall("graphics")
+    for node in graphics:
+        devices.remove(node)
+    if graphics:
+        screen = ET.SubElement(devices, "graphics", type="vnc")
+        ET.SubElement(screen, "listen", type="none")
+        notes.append("graphics: VNC with no listener (screenshots only)")
+    serial = devices.find("serial")
+    if serial is None:
+        serial = ET.SubElement(devices, "serial", type="pty")
+        ET.SubElement(serial, "target", port="0")
+        notes.append("a serial port is added for the console log")
+    for log in serial.findall("log"):
+        serial.remove(log)
+    ET.SubElement(serial, "log", file=console_log, append="off")
+    return _to_string(root), notes

@@ -93,6 +93,10 @@ class PolicyForm(forms.ModelForm):
             *BackupPolicy.KEEP_FIELDS,
             "notify_to",
             "stale_after_hours",
+            "drill_schedule",
+            "drill_timeout",
+            "drill_command",
+            "drill_console_pattern",
         ]
 
     def __init__(self, *args, **kwargs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -265,6 +266,39 @@ class Session:
         """Resume a save image as the (defined) domain its definition names."""
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         self._call(self._conn.restoreFlags, path, None, flags, doing="resume saved state")
+
+    def create_transient(self, xml: str) -> str:
+        """Create and start a transient domain (gone once destroyed); returns its UUID."""
+        dom = self._call(self._conn.createXML, xml, 0, doing="create domain")
+        return dom.UUIDString()
+
+    def free_memory_mib(self) -> int:
+        """Memory the host could give a new domain: free plus page cache and buffers."""
+        stats = self._call(
+            self._conn.getMemoryStats, libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0,
+            doing="read the host's memory",
+        )  # fmt: skip
+        return sum(stats.get(key, 0) for key in ("free", "cached", "buffers")) // 1024
+
+    def screenshot(self, uuid: str, limit: int = 64 << 20) -> tuple[str, bytes]:
+        """The domain's screen (``virDomainScreenshot``): (MIME type, image bytes)."""
+        stream = self._call(self._conn.newStream, 0, doing="open a stream")
+        try:
+            mime = self._call(self._dom(uuid).screenshot, stream, 0, doing="take a screenshot")
+            data = bytearray()
+            while True:
+                chunk = self._call(stream.recv, 1 << 20, doing="read the screenshot")
+                if not chunk or chunk == -2:
+                    break
+                data += chunk
+                if len(data) > limit:
+                    raise HypervisorError(f"screenshot larger than {limit >> 20} MiB")
+            self._call(stream.finish, doing="end the screenshot")
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+        return mime or "", bytes(data)
 
     def shutdown(self, uuid: str) -> None:
         """Ask the guest to shut down (guest agent, else ACPI button); returns at once."""
@@ -628,6 +662,23 @@ class Session:
         except libvirt.libvirtError:
             return False
         return True
+
+    def agent_command(self, uuid: str, execute: str, arguments: dict | None = None,
+                      timeout: int = 5):  # fmt: skip
+        """One guest agent command; its ``return`` value (JSON-decoded)."""
+        import libvirt_qemu
+
+        command: dict = {"execute": execute}
+        if arguments is not None:
+            command["arguments"] = arguments
+        reply = self._call(
+            libvirt_qemu.qemuAgentCommand, self._dom(uuid), json.dumps(command), timeout, 0,
+            doing=f"guest agent {execute}",
+        )  # fmt: skip
+        try:
+            return json.loads(reply)["return"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HypervisorError(f"guest agent {execute}: unreadable reply {reply!r}") from exc
 
     def freeze(self, uuid: str) -> int:
         return self._call(self._dom(uuid).fsFreeze, None, 0, doing="freeze guest filesystems")

@@ -2,7 +2,8 @@
 
 Domains are followed by UUID: a rename updates the name, a vanished domain is marked gone
 (its backups and runs are history we never delete silently), a domain that comes back with
-the same UUID is present again.
+the same UUID is present again. A restore drill's sandbox (``vmbackup-drill-…``) is not a
+VM: it is never listed.
 """
 
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import hypervisor
+from . import hypervisor, site
 from .models import Disk, Host, VirtualMachine
 
 
@@ -82,6 +83,8 @@ def sync_domain(host: Host, uuid: str, hv: hypervisor.Session) -> str:
 
 def _apply_one(host: Host, uuid: str, info: hypervisor.DomainInfo | None) -> str:
     now = timezone.now()
+    if info is not None and site.is_drill_name(info.name):
+        return "ignored"  # a restore drill's sandbox, not a VM
     vm = VirtualMachine.objects.select_for_update().filter(host=host, uuid=uuid).first()
     if info is None:
         if vm is None or vm.gone_at is not None:
@@ -97,6 +100,7 @@ def _apply_one(host: Host, uuid: str, info: hypervisor.DomainInfo | None) -> str
 
 
 def _apply(host: Host, domains: list[hypervisor.DomainInfo]) -> SyncResult:
+    domains = [d for d in domains if not site.is_drill_name(d.name)]  # drills' sandboxes
     result = SyncResult(seen=len(domains))
     now = timezone.now()
     known = {str(vm.uuid): vm for vm in host.vms.all()}

@@ -18,6 +18,7 @@ from .models import (
     BackupPolicy,
     BackupRun,
     CopyTrigger,
+    Drill,
     Host,
     OffsiteCopy,
     OffsiteRepository,
@@ -30,12 +31,17 @@ from .offsite import repository as offsite_repository
 from .requests import (
     CopyActive,
     CopyRefused,
+    DrillRefused,
     RunActive,
+    enqueue_drill,
+    newest_drillable,
     request_backup,
     request_copy_after_backup,
+    request_drill,
     request_offsite_copy,
     retry_offsite_copy,
 )
+from .restore import drill as drill_engine
 from .restore import run as restore_run
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,53 @@ def tidy_after_backup(run_id: int) -> str:
 def run_restore(restore_id: int) -> str:
     """Worker entry point for one restore (``restore.run.run``: claim, run, record)."""
     return restore_run.run(restore_id)
+
+
+def run_drill(drill_id: int) -> str:
+    """Worker entry point for one restore drill. Not claimed while another drill runs on
+    the host: it stays queued, and the running one starts it when it ends."""
+    if worker.stopping():
+        return worker.STOPPING
+    if not Drill.claim(drill_id, worker.worker_id()):
+        status = Drill.objects.filter(pk=drill_id).values_list("status", flat=True).first()
+        return "waiting for the host's running drill" if status == "queued" else "not claimed"
+    drill = Drill.objects.select_related("backup__vm__host", "vm__host", "host", "policy").get(
+        pk=drill_id
+    )
+    try:
+        return drill_engine.execute(drill)
+    except interrupt.WorkerStopped as exc:
+        return f"interrupted: {exc}"
+    finally:
+        drill_next(drill.host_id)
+
+
+def drill_next(host_id: int) -> None:
+    """The oldest drill queued on the host, enqueued (one sandbox per host at a time)."""
+    queued = Drill.objects.filter(host_id=host_id, status=RunStatus.QUEUED)
+    following = queued.select_related("vm__host").order_by("created_at", "id").first()
+    if following is not None:
+        enqueue_drill(following)
+
+
+def run_policy_drills(policy_id: int) -> str:
+    """A policy's drill schedule fired: one drill per VM of its newest usable backup; a VM
+    with a drill active, or no backup, is skipped. The drills of one host run in turn."""
+    policy = BackupPolicy.objects.get(pk=policy_id)
+    if not policy.enabled:
+        return "policy disabled"
+    requested, skipped = 0, []
+    for vm in policy.vms.present().select_related("host"):
+        backup = newest_drillable(vm)
+        if backup is None:
+            skipped.append(f"{vm.name}: no backup")
+            continue
+        try:
+            request_drill(backup, trigger=Trigger.SCHEDULE, policy=policy)
+            requested += 1
+        except DrillRefused as exc:
+            skipped.append(str(exc))
+    return f"{requested} drills requested" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
 
 
 def copy_offsite(copy_id: int) -> str:

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, F, OuterRef, Q, Subquery, Sum
 from django.http import HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
@@ -24,6 +24,8 @@ from .models import (
     AlertKind,
     Backup,
     BackupRun,
+    Drill,
+    DrillResult,
     Restore,
     RunStatus,
     VerifyStatus,
@@ -148,6 +150,49 @@ def _restore_families() -> list[Family]:
     return [total, active]
 
 
+def _drill_families() -> list[Family]:
+    """Each present VM's last judged restore drill (two queries, whatever the number of
+    VMs), and drills by outcome."""
+    last = Drill.objects.judged().filter(vm=OuterRef("pk")).order_by("-created_at", "-id")
+    rows = (
+        VirtualMachine.objects.present()
+        .order_by("host__name", "name", "pk")
+        .values("uuid", "name", host_name=F("host__name"))
+        .annotate(
+            result=Subquery(last.values("result")[:1]),
+            alive=Subquery(last.values("alive_after_seconds")[:1]),
+            at=Subquery(last.values("finished_at")[:1]),
+        )
+        .filter(result__isnull=False)
+    )
+    passed = Family(
+        "vmbackup_vm_last_drill_passed",
+        "gauge",
+        "1 when the VM's last restore drill proved its backup alive, 0 when it did not",
+    )
+    alive = Family(
+        "vmbackup_vm_last_drill_alive_seconds",
+        "gauge",
+        "Time to alive (RTO) of the VM's last restore drill; absent when it failed",
+    )
+    when = Family(
+        "vmbackup_vm_last_drill_timestamp_seconds", "gauge", "When the VM's last drill ended"
+    )
+    for row in rows:
+        labels = {"host": row["host_name"], "vm": row["name"], "uuid": str(row["uuid"])}
+        passed.add(int(row["result"] == DrillResult.PASSED), **labels)
+        if row["result"] == DrillResult.PASSED and row["alive"] is not None:
+            alive.add(row["alive"], **labels)
+        if row["at"] is not None:
+            when.add(row["at"].timestamp(), **labels)
+    by_status = dict(Drill.objects.order_by().values_list("status").annotate(n=Count("pk")))
+    total = Family("vmbackup_drills_total", "counter", "Finished restore drills by outcome")
+    for status in FINISHED_STATUSES:
+        if status != RunStatus.SKIPPED:
+            total.add(by_status.get(status, 0), status=status.value)
+    return [passed, alive, when, total]
+
+
 def _alert_families() -> list[Family]:
     """Every alert that fired, by kind (a counter: rows are kept), and those still open."""
     fired = Alert.objects.fired()
@@ -187,6 +232,7 @@ def collect(now: datetime | None = None) -> list[Family]:
         corrupt,
         *_run_families(),
         *_restore_families(),
+        *_drill_families(),
         workers,
         *_alert_families(),
     ]

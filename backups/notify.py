@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.mail import send_mail
 
 from . import alerts
-from .models import AlertKind, BackupRun
+from .models import Alert, AlertKind, BackupRun
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +69,33 @@ def prune_refused(vm, policy, reason: str) -> None:
         send_mail(subject, reason + "\n", settings.DEFAULT_FROM_EMAIL, to, fail_silently=False)
     except Exception as exc:  # mail trouble must not hide the refusal, which is logged
         log.warning("could not mail %s about %s: %s", to, vm.name, exc)
+
+
+def drill_finished(drill) -> None:
+    """A failed or interrupted drill alerts (once per VM while it stays open: a backup
+    that does not boot is one condition however often it is drilled); a passing drill of
+    the VM resolves it."""
+    key = f"drill:{drill.vm_id}"
+    if drill.status == "succeeded":
+        alerts.resolve(Alert.objects.filter(key=key))
+        return
+    if drill.status not in ("failed", "interrupted"):
+        return
+    vm = drill.vm
+    alerts.raise_alert(
+        AlertKind.DRILL_FAILED,
+        key,
+        vm=vm,
+        subject=f"[vmbackup] restore drill of {vm.name} {drill.status}",
+        lines=[
+            f"Restore drill {drill.pk} of {vm.name} (backup {drill.backup_id}, "
+            f"{drill.backup.created_at:%Y-%m-%d %H:%M %Z}) on {vm.host.name}: {drill.status}.",
+            f"Reason: {drill.error}" if drill.error else "",
+            "The backup did not prove it boots: restore another point, or look at the "
+            "evidence (console lines below, the drill page).",
+            f"Details: {alerts.link(drill.get_absolute_url())}" if settings.VMBACKUP_URL else "",
+            "",
+            drill.evidence_text[-2000:],
+        ],
+        to=alerts.recipients([drill.policy, *vm.policies.filter(enabled=True)]),
+    )

@@ -28,6 +28,7 @@ from . import adopt, archive, hypervisor, notify, requests, roots, site, worker
 from .backup import methods
 from .models import (
     BackupRun,
+    Drill,
     Host,
     OffsiteCopy,
     PruneLock,
@@ -37,6 +38,7 @@ from .models import (
 )
 from .offsite import copy as offsite_copy
 from .restore import disk as disk_restore
+from .restore import drill as drill_engine
 from .restore import from_offsite, in_place, instant, new_domain, rules
 from .retention import fold
 from .roots import refusal as root_refusal
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 class Report:
     interrupted: list[int] = field(default_factory=list)
     restores_interrupted: list[int] = field(default_factory=list)
+    drills_interrupted: list[int] = field(default_factory=list)
+    sandboxes: list[str] = field(default_factory=list)  # drill sandboxes left: destroyed
     copies_interrupted: list[int] = field(default_factory=list)
     copies_requeued: list[int] = field(default_factory=list)  # the new copies' ids
     locks_released: list[str] = field(default_factory=list)  # of dead vmbackup_prune runs
@@ -66,6 +70,8 @@ class Report:
         parts = [
             f"{len(self.interrupted)} runs interrupted",
             f"{len(self.restores_interrupted)} restores interrupted",
+            f"{len(self.drills_interrupted)} drills interrupted",
+            f"{len(self.sandboxes)} stray drill sandboxes removed",
             f"{len(self.copies_interrupted)} offsite copies interrupted "
             f"({len(self.copies_requeued)} requeued)",
             f"{len(self.restores_resumed)} instant restores handed to a worker",
@@ -103,6 +109,7 @@ def reconcile(stale_after: int | None = None, cluster: str | None = None) -> Rep
     _repair_finished(report, stale_after, mine)
     _repair_restores(report, stale_after, mine)
     _repair_copies(report, stale_after, mine)
+    _repair_drills(report, stale_after, mine)
     hosts = Host.objects.all() if cluster is None else Host.objects.filter(cluster=cluster)
     me = site.site_id()
     found = {host.pk: _repair_host(host, me, report) for host in hosts}
@@ -248,6 +255,44 @@ def _repair_new_domain(restore: Restore, report: Report) -> str:
     elif ours:
         shutil.rmtree(tpm, ignore_errors=True)  # named by the UUID no domain ever got
     return error
+
+
+def _repair_drills(report: Report, stale_after: int, mine: dict) -> None:
+    """A dead drill (on this machine): its sandbox destroyed, its scratch directory removed,
+    the backup private again, the drill interrupted and alerted. Drills queued for longer
+    than ``VMBACKUP_QUEUED_ALERT_AFTER`` on a host where none runs are enqueued again (a
+    lost task); a day queued, they end."""
+    for drill_id in list(
+        Drill.objects.filter(status=RunStatus.RUNNING, **mine).values_list("pk", flat=True)
+    ):
+        drill = Drill.objects.select_related("vm__host", "host", "backup").get(pk=drill_id)
+        if drill.status != RunStatus.RUNNING or not worker.is_dead(drill, stale_after):
+            continue
+        if drill.worker.rpartition(":")[0] != socket.gethostname():
+            report.errors.append(f"drill {drill.pk}: its worker {drill.worker} stopped answering")
+            continue
+        try:
+            with hypervisor.session(drill.host.uri) as hv:
+                error = drill_engine.discard(drill, hv)
+        except Exception as exc:  # one bad drill must not stop the rest of reconcile
+            report.errors.append(f"drill {drill.pk}: {exc}")
+            continue
+        if drill.mark_interrupted(error, only=(RunStatus.RUNNING,)):
+            report.drills_interrupted.append(drill.pk)
+            notify.drill_finished(drill)
+    now = timezone.now()
+    queued = Drill.objects.filter(status=RunStatus.QUEUED, **mine)
+    for drill in queued.filter(created_at__lt=now - timedelta(days=1)):
+        if drill.mark_interrupted("never picked up by a worker", only=(RunStatus.QUEUED,)):
+            report.drills_interrupted.append(drill.pk)
+    lost = timedelta(seconds=settings.VMBACKUP_QUEUED_ALERT_AFTER)
+    hosts = set(queued.filter(created_at__lt=now - lost).values_list("host_id", flat=True))
+    for host_id in hosts:
+        if not Drill.objects.filter(host_id=host_id, status=RunStatus.RUNNING).exists():
+            first = queued.filter(host_id=host_id).select_related("vm__host")
+            drill = first.order_by("created_at", "id").first()
+            if drill is not None:
+                requests.enqueue_drill(drill)
 
 
 def _repair_copies(report: Report, stale_after: int, mine: dict) -> None:
@@ -412,6 +457,7 @@ def _repair_host(host: Host, me: str, report: Report) -> list[str]:
     active = _active_run_ids()
     try:
         with hypervisor.session(host.uri) as hv:
+            report.sandboxes += drill_engine.orphans(hv, me)
             for domain in hv.domains():
                 try:
                     foreign += _repair_domain(hv, domain, active, me, report)

@@ -12,12 +12,13 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from . import worker
+from . import site, worker
 from .models import (
     ACTIVE_STATUSES,
     Backup,
     BackupRun,
     CopyTrigger,
+    Drill,
     Host,
     Method,
     OffsiteCopy,
@@ -360,3 +361,58 @@ def request_offsite_init(repository: OffsiteRepository) -> None:
         cluster=repository.cluster,
         name=f"offsite-init-{repository.pk}",
     )
+
+
+class DrillRefused(Exception):
+    """A drill that cannot be taken (one of the VM is active, nothing to drill)."""
+
+
+def drill_settings(backup: Backup, policy=None) -> dict:
+    """What the drill asks for: the given policy's drill settings, else the backup's
+    policy's, else those of the VM's first enabled policy, else the site's timeout."""
+    policy = policy or backup.policy or backup.vm.policies.filter(enabled=True).first()
+    if policy is None:
+        return {"timeout_seconds": settings.VMBACKUP_DRILL_TIMEOUT}
+    return {
+        "policy": policy,
+        "timeout_seconds": policy.drill_timeout,
+        "command": policy.drill_command,
+        "console_pattern": policy.drill_console_pattern,
+    }
+
+
+def newest_drillable(vm: VirtualMachine) -> Backup | None:
+    """The backup a drill of ``vm`` boots: its newest published one not found corrupt."""
+    usable = Backup.objects.published().filter(vm=vm).exclude(verify_status__in=UNUSABLE)
+    return usable.select_related("vm__host", "policy").order_by("-created_at", "-id").first()
+
+
+UNUSABLE = ("corrupt", "missing")
+
+
+def request_drill(
+    backup: Backup, *, trigger: str = Trigger.BUTTON, policy=None, user=None, enqueue=True
+) -> Drill:
+    """Create a queued drill of ``backup`` and enqueue it to its host's cluster; raises
+    ``DrillRefused`` while the VM has a drill queued or running (the database decides).
+    A drill waits for the one running on its host (one sandbox per host at a time)."""
+    if backup.pruned_at is not None:
+        raise DrillRefused(f"backup {backup.pk} was pruned; there is nothing to drill")
+    try:
+        with transaction.atomic():
+            drill = Drill.objects.create(
+                backup=backup, trigger=trigger, requested_by=user, **drill_settings(backup, policy)
+            )
+            drill.name = site.drill_name(drill.pk)
+            drill.save(update_fields=["name"])
+    except IntegrityError as exc:
+        raise DrillRefused(f"a drill of {backup.vm.name} is already queued or running") from exc
+    if enqueue:
+        enqueue_drill(drill)
+    return drill
+
+
+def enqueue_drill(drill: Drill) -> None:
+    """Enqueue a queued drill's task (again, when the host's running drill ends or
+    reconcile finds it lost: the claim makes a second delivery a no-op)."""
+    _enqueue("backups.jobs.run_drill", drill.pk, vm=drill.vm, name=f"drill-{drill.pk}")

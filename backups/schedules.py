@@ -1,6 +1,7 @@
 """Policies become django-q2 schedules; housekeeping jobs get schedules of their own.
 
-One ``Schedule`` per policy, named ``policy-<id>`` and kept with ``update_or_create`` so
+One ``Schedule`` per policy, named ``policy-<id>`` (and ``policy-<id>-drill`` for its restore
+drills), and kept with ``update_or_create`` so
 saving a policy twice never duplicates it. ``next_run`` is set whenever the cron changes, by
 django-q2's own ``calculate_next_run`` (croniter, django-q2's time zone): an updated row keeps
 its old ``next_run`` otherwise, and the policy page previews with the same engine (``cron``).
@@ -38,29 +39,38 @@ def _next(expr: str):
     return Schedule(schedule_type=Schedule.CRON, cron=expr).calculate_next_run()
 
 
+def drill_name_for(policy: BackupPolicy) -> str:
+    return BackupPolicy.drill_schedule_name_of(policy.pk)
+
+
 def sync_policy(policy: BackupPolicy) -> Schedule | None:
-    """Create, update or remove the schedule of one policy."""
-    name = name_for(policy)
-    if not (policy.enabled and policy.schedule.strip()):
+    """Create, update or remove the schedules of one policy (its backups', returned, and
+    its restore drills')."""
+    _sync(drill_name_for(policy), "backups.jobs.run_policy_drills", policy, policy.drill_schedule)
+    return _sync(name_for(policy), "backups.jobs.run_policy", policy, policy.schedule)
+
+
+def _sync(name: str, func: str, policy: BackupPolicy, expr: str) -> Schedule | None:
+    if not (policy.enabled and expr.strip()):
         Schedule.objects.filter(name=name).delete()
         return None
     existing = Schedule.objects.filter(name=name).first()
-    changed = existing is None or existing.cron != policy.schedule
+    changed = existing is None or existing.cron != expr
     defaults = {
-        "func": "backups.jobs.run_policy",
+        "func": func,
         "args": str(policy.pk),
         "schedule_type": Schedule.CRON,
-        "cron": policy.schedule,
+        "cron": expr,
         "repeats": -1,
     }
     if changed:
-        defaults["next_run"] = _next(policy.schedule)
+        defaults["next_run"] = _next(expr)
     schedule, _ = Schedule.objects.update_or_create(name=name, defaults=defaults)
     return schedule
 
 
 def remove_policy(policy: BackupPolicy) -> None:
-    Schedule.objects.filter(name=name_for(policy)).delete()
+    Schedule.objects.filter(name__in=[name_for(policy), drill_name_for(policy)]).delete()
 
 
 def install_housekeeping() -> list[str]:
@@ -99,4 +109,6 @@ def install_all() -> list[str]:
     for policy in BackupPolicy.objects.all():
         if sync_policy(policy):
             names.append(name_for(policy))
+        if policy.enabled and policy.drill_schedule.strip():
+            names.append(drill_name_for(policy))
     return names

@@ -32,3 +32,24 @@ def site_id() -> str:
 
 def is_site(value: str) -> bool:
     return bool(_RE.match(value or ""))
+
+
+# A drill's sandbox domain (and its scratch directory) is named for the installation and
+# the drill: ``vmbackup-drill-<site>-<id>``. The inventory never lists such a domain as a
+# VM, whoever made it; reconcile removes only its own.
+DRILL_PREFIX = "vmbackup-drill-"
+_DRILL_RE = re.compile(rf"^{DRILL_PREFIX}({PATTERN})-([0-9]+)$")
+
+
+def drill_name(drill_id: int) -> str:
+    return f"{DRILL_PREFIX}{site_id()}-{drill_id}"
+
+
+def is_drill_name(name: str) -> bool:
+    return (name or "").startswith(DRILL_PREFIX)
+
+
+def parse_drill_name(name: str) -> tuple[str, int] | None:
+    """(site, drill id) of a sandbox's name, or None for any other name."""
+    found = _DRILL_RE.match(name or "")
+    return (found.group(1), int(found.group(2))) if found else None

@@ -1,12 +1,13 @@
 from django.urls import path
 
-from . import metrics, views
+from . import drill_views, metrics, views
 
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("hosts/<int:host_id>/", views.host_detail, name="host_detail"),
     path("vms/<int:vm_id>/", views.vm_detail, name="vm_detail"),
     path("vms/<int:vm_id>/backup/", views.vm_backup, name="vm_backup"),
+    path("vms/<int:vm_id>/drill/", drill_views.vm_drill, name="vm_drill"),
     path("runs/", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/progress/", views.run_progress, name="run_progress"),
@@ -27,6 +28,14 @@ urlpatterns = [
         "backups/<int:backup_id>/restore-in-place/",
         views.backup_restore_in_place,
         name="backup_restore_in_place",
+    ),
+    path("backups/<int:backup_id>/drill/", drill_views.backup_drill, name="backup_drill"),
+    path("drills/<int:drill_id>/", drill_views.drill_detail, name="drill_detail"),
+    path("drills/<int:drill_id>/progress/", drill_views.drill_progress, name="drill_progress"),
+    path(
+        "drills/<int:drill_id>/screenshot.png",
+        drill_views.drill_screenshot,
+        name="drill_screenshot",
     ),
     path("restores/", views.restore_list, name="restore_list"),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),

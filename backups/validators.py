@@ -3,6 +3,7 @@ runs them through ``full_clean``, so no form can store what the worker would ref
 
 import os
 import re
+import shlex
 
 from django.core.exceptions import ValidationError
 
@@ -45,3 +46,28 @@ def validate_password_file(value: str) -> None:
     """A path on the worker hosts (this machine may not have it): only its shape here."""
     if not os.path.isabs(value) or re.search(r"[\x00-\x1f\x7f]", value):
         raise ValidationError("an absolute path, one line", code="password_file")
+
+
+def drill_argv(value: str) -> list[str]:
+    """A drill's guest command as argv (``guest-exec`` runs no shell): shell-like quoting,
+    an absolute program path first. Raises ValueError with the reason."""
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("one line, no control characters")
+    argv = shlex.split(value)
+    if argv and not argv[0].startswith("/"):
+        raise ValueError("the program must be an absolute path in the guest (no shell runs it)")
+    return argv
+
+
+def validate_drill_command(value: str) -> None:
+    try:
+        drill_argv(value)
+    except ValueError as exc:
+        raise ValidationError(f"Not a usable guest command: {exc}", code="drill_command") from exc
+
+
+def validate_console_pattern(value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValidationError(f"Not a valid regular expression: {exc}", code="pattern") from exc

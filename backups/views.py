@@ -39,6 +39,7 @@ from .models import (
 
 RUNS_PER_PAGE = 50
 RESTORES_SHOWN = 10  # the newest restores of a backup, on its page
+DRILLS_SHOWN = 5  # the newest drills of a VM or a backup, on its page
 CHART_RUNS = 50
 
 
@@ -106,6 +107,9 @@ def vm_detail(request, vm_id: int):
         "backup_count": len(backups),
         "storage_bytes": sum(b.size_bytes for b in backups if b.is_local),
         "runs": vm.runs.all()[:20],
+        "drills": vm.drills.select_related("backup").defer("screenshot")[:DRILLS_SHOWN],
+        "last_drill": vm.drills.judged().defer("screenshot").first(),
+        "active_drill": vm.drills.active().defer("screenshot").first(),
         "active_run": vm.runs.active().first(),
         "chart": _chart(vm),
         "backup_form": BackupNowForm(vm=vm),
@@ -226,6 +230,7 @@ def backup_detail(request, backup_id: int):
         "restore_refusal": _restore_refusal(backup),
         "restores": backup.restores.select_related("requested_by")[:RESTORES_SHOWN],
         "pinned_by": Restore.objects.pinning(backup),
+        "drills": backup.drills.select_related("backup").defer("screenshot")[:DRILLS_SHOWN],
     }
     return render(request, "backups/backup_detail.html", context)
 

@@ -76,6 +76,7 @@ def policy_data(**changes) -> dict:
         "keep_yearly": "0",
         **{name: "0" for name in BackupPolicy.OFFSITE_KEEP_FIELDS},
         "notify_to": "",
+        "drill_timeout": "300",
     }
     data.update(changes)
     return data

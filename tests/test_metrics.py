@@ -201,8 +201,9 @@ def test_it_costs_the_same_queries_for_10_and_200_vms(
 ):
     populate(host, count)
     # protection rows, uuids + last success, stored backups, runs and restores by status,
+    # last drills and drills by status,
     # alerts fired by kind and open ones
-    with django_assert_num_queries(7):
+    with django_assert_num_queries(9):
         response = scraper.get(URL)
     _, samples = parse(response.content.decode())
     assert len(series(samples, "vmbackup_vm_protected")) == count

@@ -5,7 +5,7 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun, Restore, RunStatus
+from backups.models import BackupPolicy, BackupRun, Drill, Restore, RunStatus
 from tests.helpers import make_backup, make_run
 
 MISSING = 999_999
@@ -20,6 +20,7 @@ def objects(policy, vm):
         "backup": backup.pk,
         "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,
+        "drill": Drill.objects.create(backup=backup, screenshot=b"\x89PNG\r\n\x1a\n").pk,
     }
 
 
@@ -32,6 +33,8 @@ MUTATIONS = [
     ("backup_restore", "backup", "backups.restore_backup"),
     ("backup_restore_in_place", "backup", "backups.restore_in_place"),
     ("restore_cancel", "restore", "backups.restore_backup"),
+    ("vm_drill", "vm", "backups.restore_backup"),
+    ("backup_drill", "backup", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
 ]
@@ -50,6 +53,9 @@ PAGES = [
     ("restore_list", None),
     ("restore_detail", "restore"),
     ("restore_progress", "restore"),
+    ("drill_detail", "drill"),
+    ("drill_progress", "drill"),
+    ("drill_screenshot", "drill"),
     ("policy_list", None),
     ("policy_edit", "policy"),
     ("policy_create", None),

@@ -3,6 +3,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.urls import reverse
+from django_q.models import Schedule
 
 from backups import cron
 from backups.models import BackupPolicy, Kind, VirtualMachine
@@ -33,6 +34,7 @@ def form_data(vm=None, **changes) -> dict:
         "keep_monthly": "0",
         "keep_yearly": "0",
         "notify_to": "",
+        "drill_timeout": "300",
         "vms": [vm.pk] if vm else [],
     }
     data.update(changes)
@@ -51,6 +53,27 @@ def test_it_creates_a_policy_with_vms(owner_client, vm):
     created = BackupPolicy.objects.get(name="weekly")
     assert list(created.vms.all()) == [vm]
     assert created.exclude_disks == "vdb, sdc"
+
+
+def test_it_saves_a_policys_drill_settings_and_schedules_its_drills(owner_client, vm):
+    data = form_data(vm, drill_schedule="0 5 * * sat", drill_command="/bin/true --x 'a b'",
+                     drill_console_pattern="login:", drill_timeout="90")  # fmt: skip
+    assert owner_client.post(CREATE, data).status_code == 302
+    created = BackupPolicy.objects.get(name="weekly")
+    assert (created.drill_schedule, created.drill_timeout) == ("0 5 * * sat", 90)
+    assert (created.drill_command, created.drill_console_pattern) == (
+        "/bin/true --x 'a b'",
+        "login:",
+    )
+    drills = Schedule.objects.get(name=f"policy-{created.pk}-drill")
+    assert (drills.func, drills.args, drills.cron) == (
+        "backups.jobs.run_policy_drills",
+        str(created.pk),
+        "0 5 * * sat",
+    )
+    owner_client.post(edit(created), form_data(vm, drill_schedule=""))
+    assert not Schedule.objects.filter(name=f"policy-{created.pk}-drill").exists()
+    assert Schedule.objects.filter(name=f"policy-{created.pk}").exists()
 
 
 def test_it_edits_a_policy(owner_client, policy, vm):
@@ -73,6 +96,11 @@ def test_it_edits_a_policy(owner_client, policy, vm):
         ("schedule", "0 25 * * *", "hour: 25 is outside 0-23"),
         ("exclude_disks", "vda; rm -rf /", "not valid"),
         ("notify_to", "ops@example.com, nope", "Not an email address: nope"),
+        ("drill_schedule", "0 2 * *", "expected 5 fields"),
+        ("drill_command", "systemctl is-active nginx", "must be an absolute path"),
+        ("drill_command", "/bin/sh -c 'unclosed", "No closing quotation"),
+        ("drill_console_pattern", "login(", "Not a valid regular expression"),
+        ("drill_timeout", "5", "greater than or equal to 10"),
     ],
 )
 def test_it_rejects_bad_input(owner_client, field, value, message):

@@ -80,6 +80,16 @@ VMBACKUP_MAX_RESTORES_PER_HOST = envint("VMBACKUP_MAX_RESTORES_PER_HOST", 2)
 # instant recovery: the bandwidth of each disk's move, MiB/s (0: as fast as the disks go),
 # so that the moving does not starve the restored VM of I/O
 VMBACKUP_INSTANT_MOVE_MIB_S = envint("VMBACKUP_INSTANT_MOVE_MIB_S", 0)
+# Restore drills: the scratch directory of their sandboxes (overlays over the backup, the
+# console log; QEMU must reach it, so it is made search-only, 0711), the most memory one
+# sandbox may have (a drill of a bigger VM is refused), and the timeout of a drill without
+# a policy (a policy sets its own).
+VMBACKUP_DRILL_DIR = env("VMBACKUP_DRILL_DIR", "/var/lib/libvirt/images/.vmbackup-drills")
+VMBACKUP_DRILL_MEMORY_MIB = envint("VMBACKUP_DRILL_MEMORY_MIB", 4096)
+VMBACKUP_DRILL_TIMEOUT = envint("VMBACKUP_DRILL_TIMEOUT", 300)
+# Where each drill's evidence (screenshot, console lines) is kept, root's only (0700/0600);
+# the dashboard shows the copy in the database.
+VMBACKUP_DRILL_EVIDENCE_DIR = env("VMBACKUP_DRILL_EVIDENCE_DIR", str(DATA_DIR / "drills"))
 # Directories the dashboard may restore into (comma-separated); a restore writes nowhere else.
 VMBACKUP_RESTORE_ROOTS = envlist("VMBACKUP_RESTORE_ROOTS", ["/var/lib/libvirt/images"])
 # Where external snapshot overlays are written (None: next to each disk).

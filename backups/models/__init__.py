@@ -14,6 +14,7 @@ from .backup import (
     RestoreQuerySet,
     VerifyStatus,
 )
+from .drill import Drill, DrillQuerySet, DrillResult
 from .inventory import Disk, DiskDevice, Host, VirtualMachine, VirtualMachineQuerySet, VmState
 from .job import (
     ACTIVE_STATUSES,
@@ -55,6 +56,9 @@ __all__ = [
     "RestoreQuerySet",
     "Restore",
     "PruneLock",
+    "DrillResult",
+    "DrillQuerySet",
+    "Drill",
     "CopyTrigger",
     "OffsiteCopyQuerySet",
     "OffsiteCopy",

@@ -1,13 +1,16 @@
 """What to back up, how, when, how long to keep it, and where to copy it offsite."""
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
 from ..retention import rules as retention_rules
 from ..validators import (
     validate_backup_root,
+    validate_console_pattern,
     validate_cron,
+    validate_drill_command,
     validate_password_file,
     validate_restic_url,
 )
@@ -151,6 +154,34 @@ class BackupPolicy(models.Model):
         help_text="alert when a VM's last good backup is older (blank: VMBACKUP_STALE_HOURS)",
     )
 
+    drill_schedule = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[validate_cron],
+        help_text="cron of restore drills: each VM's newest backup booted in a sandbox and "
+        "proven alive; blank: no scheduled drills",
+    )
+    drill_timeout = models.PositiveIntegerField(
+        default=300,
+        validators=[MinValueValidator(10), MaxValueValidator(3600)],
+        help_text="seconds a drill's sandbox has to show a sign of life after it starts",
+    )
+    drill_command = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[validate_drill_command],
+        help_text="a drill also runs this in the guest through the agent (guest-exec, no "
+        "shell; absolute path first) and needs exit code 0, e.g. /usr/bin/systemctl "
+        "is-active nginx",
+    )
+    drill_console_pattern = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[validate_console_pattern],
+        help_text="a drill also needs a serial console line matching this regular expression "
+        "(alone, for guests without the agent: then no guest-ping is asked), e.g. login:",
+    )
+
     class Meta:
         ordering = ["name"]
         verbose_name_plural = "backup policies"
@@ -190,6 +221,11 @@ class BackupPolicy(models.Model):
     def schedule_name_of(policy_id: int) -> str:
         """The django-q2 Schedule that runs a policy is named after it."""
         return f"policy-{policy_id}"
+
+    @staticmethod
+    def drill_schedule_name_of(policy_id: int) -> str:
+        """The django-q2 Schedule of a policy's restore drills."""
+        return f"policy-{policy_id}-drill"
 
     @property
     def excluded_targets(self) -> set[str]:

@@ -48,6 +48,8 @@ CANCELLABLE = frozenset(
 
 
 class Progress:
+    """Journal, progress and cancel of a restore or a drill (both have ``step``)."""
+
     def __init__(self, restore: Restore):
         self.restore = restore
         self.checked = 0.0
@@ -62,7 +64,7 @@ class Progress:
         if now - self.checked < every:
             return
         self.checked = now
-        if Restore.objects.filter(pk=self.restore.pk, cancel_requested=True).exists():
+        if type(self.restore).objects.filter(pk=self.restore.pk, cancel_requested=True).exists():
             raise RestoreCancelled("cancelled by user")
 
     def step(self, step: str, **data) -> None:
@@ -79,7 +81,7 @@ class Progress:
         fields = {"bytes_done": done}
         if total is not None:
             fields["bytes_total"] = total
-        Restore.objects.filter(pk=self.restore.pk).update(**fields)
+        type(self.restore).objects.filter(pk=self.restore.pk).update(**fields)
         for name, value in fields.items():  # the row in hand stays in step
             setattr(self.restore, name, value)
 

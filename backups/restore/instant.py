@@ -40,7 +40,7 @@ from django.utils import timezone
 
 from .. import archive, domain_xml, hypervisor, inventory, private, qemu_img
 from ..interrupt import Stopped
-from ..models import ACTIVE_STATUSES, Restore, RestoreMode
+from ..models import ACTIVE_STATUSES, Drill, Restore, RestoreMode
 from .common import (
     CANCEL_CHECK_EVERY,
     fingerprint,
@@ -309,14 +309,20 @@ def lend(restore, progress, chains) -> None:
 
 
 def give_back(restore) -> list[str]:
-    """Take back what this restore lent and no other active instant restore still needs:
-    the ACL removed, the private mode (0600 files, 0700 directories) exact again."""
+    """Take back what this restore (or drill) lent and no other active instant restore or
+    drill still needs: the ACL removed, the private mode (0600 files, 0700 directories)
+    exact again."""
     mine = _lent(restore)
     if not mine:
         return []
     with _locked(restore):
         others = Restore.objects.filter(mode=RestoreMode.INSTANT, status__in=ACTIVE_STATUSES)
-        still = {p for other in others.exclude(pk=restore.pk) for p in _lent(other)}
+        drills = Drill.objects.filter(status__in=ACTIVE_STATUSES)
+        if isinstance(restore, Drill):
+            drills = drills.exclude(pk=restore.pk)
+        else:
+            others = others.exclude(pk=restore.pk)
+        still = {p for other in [*others, *drills] for p in _lent(other)}
         returned = sorted(mine - still, key=len, reverse=True)
         for path in returned:
             if os.path.isdir(path) and not os.path.islink(path):

@@ -31,6 +31,7 @@ from ..models import (
     ACTIVE_STATUSES,
     Backup,
     BackupPolicy,
+    Drill,
     OffsiteCopy,
     PruneLock,
     Restore,
@@ -206,6 +207,9 @@ def _restore_active(vm, report: Report) -> bool:
         return True
     if active.exists():
         report.skipped = "a restore of this VM is running"
+        return True
+    if Drill.objects.filter(vm=vm, status=RunStatus.RUNNING).exists():
+        report.skipped = "a restore drill of this VM runs on its backups"
         return True
     if OffsiteCopy.objects.filter(vm=vm, status=RunStatus.RUNNING).exists():
         report.skipped = "an offsite copy of this VM is running"
