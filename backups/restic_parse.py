@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 SCHEMES = ("local", "sftp", "rest", "s3", "b2", "azure", "gs", "swift")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SUBSET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)%|[1-9]\d*/[1-9]\d*|[1-9]\d*[kKmMgGtT]?)$")
+_SNAPSHOT_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 class Reason(enum.StrEnum):
@@ -32,6 +34,7 @@ class Reason(enum.StrEnum):
     PASSWORD_FILE = "password-file"
     INCOMPLETE = "incomplete"  # backup: a snapshot was written without some files
     INVALID = "invalid"  # refused before anything ran
+    APPEND_ONLY = "append-only"  # forget/prune: the repository refuses deletions
     STOPPED = "stopped"  # cancelled or interrupted by us
     FAILED = "failed"
 
@@ -330,3 +333,74 @@ def _first(stderr: str, containing: str = "") -> str:
 def error_lines(stderr: str) -> list[str]:
     noise = ("using temporary cache", "create exclusive lock", "load indexes", "check ")
     return [ln for ln in _lines(stderr) if not ln.startswith(noise)][:50]
+
+
+# ---------------------------------------------------------------- arguments, checked first
+
+
+def subset(value: str) -> str:
+    """A ``--read-data-subset`` value restic accepts (``x%`` with 0 < x <= 100, ``n/t``,
+    a size): checked here so a typo fails before a long check starts."""
+    match = _SUBSET_RE.match(str(value))
+    percent = match and match.group(1)
+    if not match or (percent is not None and not 0 < float(percent) <= 100):
+        raise ResticError(
+            f"bad --read-data-subset {value!r}: use e.g. 10%, 1/5 or 2G", reason=Reason.INVALID
+        )
+    return str(value)
+
+
+def relative(name: str) -> str:
+    parts = name.split("/") if isinstance(name, str) else [""]
+    bad = not name or name.startswith("/") or "\n" in name or "\r" in name
+    if bad or any(p in ("", ".", "..") for p in parts):
+        raise ResticError(f"not a plain relative file name: {name!r}", reason=Reason.INVALID)
+    return name
+
+
+def relative_pattern(pattern: str) -> str:
+    if not pattern.startswith("/") or _CONTROL_RE.search(pattern) or "/../" in pattern + "/":
+        raise ResticError(f"include pattern must be '/…': {pattern!r}", reason=Reason.INVALID)
+    return pattern
+
+
+def tag(value: str) -> str:
+    if not isinstance(value, str) or not value or "," in value or _CONTROL_RE.search(value):
+        raise ResticError(f"a tag must be non-empty, without ',': {value!r}", reason=Reason.INVALID)
+    return value
+
+
+def snapshot_id(value: str) -> str:
+    if not isinstance(value, str) or not _SNAPSHOT_RE.match(value):
+        raise ResticError(f"not a snapshot id: {value!r}", reason=Reason.INVALID)
+    return value
+
+
+# ------------------------------------------------------------ deletions a backend refuses
+
+# restic retries a failed Remove ten times (about 45 s) per file: ``Remove(<snapshot/…>)
+# returned error, retrying after …: <cause>``. These causes will not change on a retry: the
+# backend does not allow deleting — rest-server --append-only answers 403, an S3 bucket
+# with object lock or a write-only key denies access, a local path is immutable
+# (chattr +i) or read-only.
+_REFUSED = (
+    "server response: 403",
+    "forbidden",
+    "accessdenied",
+    "access denied",
+    "operation not permitted",
+    "permission denied",
+    "read-only file system",
+)
+_REMOVE_RE = re.compile(r"^Remove\(<(\w+)/[0-9a-f]*>\) returned error, retrying after [^:]+: (.*)$")
+
+
+def refused_removal(line: str) -> str | None:
+    """The cause, when ``line`` (of restic's stderr) says a deletion was refused by the
+    backend itself (not a passing network error); None otherwise. Lock files do not count:
+    an append-only rest-server lets restic remove its own locks."""
+    match = _REMOVE_RE.match(line.strip())
+    if not match or match.group(1) == "lock":
+        return None
+    cause = match.group(2)
+    return cause if any(word in cause.lower() for word in _REFUSED) else None
