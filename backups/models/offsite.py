@@ -26,8 +26,9 @@ class OffsiteCopyQuerySet(models.QuerySet):
         return self.filter(status=RunStatus.SUCCEEDED)
 
     def in_repository(self, repository):
-        """The copies whose snapshot is in ``repository``: what a chain builds on there."""
-        return self.succeeded().filter(repository=repository)
+        """The copies whose snapshot is in ``repository``: what a chain builds on there
+        (succeeded, and not forgotten since by offsite retention or found gone)."""
+        return self.succeeded().filter(repository=repository, forgotten_at__isnull=True)
 
 
 class OffsiteCopy(Job):
@@ -64,6 +65,12 @@ class OffsiteCopy(Job):
     )
     verified_at = models.DateTimeField(
         null=True, blank=True, help_text="the snapshot's listing matched the manifest then"
+    )
+    forgotten_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="its snapshot was forgotten by offsite retention (or found gone) then; "
+        "the journal says why",
     )
 
     objects = OffsiteCopyQuerySet.as_manager()

@@ -26,6 +26,7 @@ class AlertKind(models.TextChoices):
     CORRUPT = "corrupt", "backup failed verification"
     NO_WORKER = "no-worker", "no live worker"
     RUN_WAITING = "run-waiting", "backup run waiting for a worker"
+    OFFSITE_CHECK = "offsite-check", "offsite repository check failed"
 
 
 class AlertQuerySet(models.QuerySet):

@@ -12,6 +12,11 @@ sends every ancestor that has no succeeded copy in that repository, oldest first
 recorded as a copy of its own (``via`` this one), and stops at the first that fails. One
 copy per VM is active at a time (its links do not count).
 
+A cancel is honoured within a second wherever the copy is: while the backup is verified
+(between two reads), while restic runs (``watch``: restic is interrupted, then its process
+group killed — it writes no snapshot), and between the chain's backups; a snapshot
+written just before the cancel is forgotten again (best effort, as a discarded one).
+
 A retention fold could rewrite a backup while it is read: a running copy makes prune stand
 back, and the files' (inode, size, mtime) taken before the check are compared after the
 upload; a change discards (forgets) the new snapshot and fails the copy. restic writes a
@@ -50,6 +55,7 @@ def execute(copy: OffsiteCopy) -> str:
 
 def _execute(copy: OffsiteCopy) -> str:
     links: list[OffsiteCopy] = []
+    cancel = CancelWatch(copy)
     try:
         if not copy.repository.enabled:
             raise OffsiteError(f"repository {copy.repository.name} is disabled")
@@ -57,11 +63,13 @@ def _execute(copy: OffsiteCopy) -> str:
         chain = pending_chain(copy.backup, copy.repository)
         copy.log("plan", backups=[b.pk for b in chain])
         for backup in chain[:-1]:
+            cancel.now()
             link = _link(copy, backup)
             links.append(link)
-            send(link, repo, copy)
+            send(link, repo, copy, cancel)
             link.mark_succeeded()
-        send(copy, repo, copy)
+        cancel.now()
+        send(copy, repo, copy, cancel)
         copy.mark_succeeded()
         return f"copied backup {copy.backup_id} as snapshot {copy.snapshot_id[:8]}"
     except Cancelled as exc:
@@ -99,36 +107,43 @@ def pending_chain(backup: Backup, repo_model) -> list[Backup]:
     return chain
 
 
-def send(row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy) -> None:
+def send(
+    row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy, cancel: CancelWatch | None = None
+) -> None:
     """Verify, send and check one backup; recorded on ``row`` (the copy, or one of its
     links); ``main`` is the copy whose cancel and progress count."""
+    cancel = cancel or CancelWatch(main)
     backup = row.backup
     if backup.pruned_at is not None:
         raise OffsiteError(f"backup {backup.pk} was pruned before it could be copied")
     directory = Path(backup.path)
     before = fingerprint(directory)
-    manifest, names = _verified(row, backup, directory)
+    manifest, names = _verified(row, backup, directory, cancel)
     sizes = {name: before[name][1] for name in names}
     marks = tags(manifest, directory.name, site.site_id())
     row.log("send", backup=backup.pk, files=len(names), bytes=sum(sizes.values()), tags=marks)
-    progress = _Progress(row, main)
     result = restic.backup(
         repo,
         str(directory.parent),
         [f"{directory.name}/{name}" for name in names],
         marks,
-        progress,
+        _Progress(row, main),
         host=backup.vm.host.name,
         when=backup.created_at,
         timeout=settings.Q_TIMEOUT,
+        watch=cancel,
     )
     row.snapshot_id, row.bytes_added = result.snapshot_id, result.bytes_added
     row.save(update_fields=["snapshot_id", "bytes_added"])
     row.log("sent", snapshot=result.snapshot_id, added=result.bytes_added)
-    problems = _changed(directory, before, names)
-    if not problems:
-        nodes = restic.ls(repo, result.snapshot_id, timeout=settings.Q_TIMEOUT)
-        problems = listing_problems(nodes, directory.name, sizes, manifest)
+    try:
+        problems = _changed(directory, before, names)
+        if not problems:
+            nodes = restic.ls(repo, result.snapshot_id, timeout=settings.Q_TIMEOUT, watch=cancel)
+            problems = listing_problems(nodes, directory.name, sizes, manifest)
+    except Cancelled:
+        _discard(row, repo, result.snapshot_id)
+        raise
     if problems:
         _discard(row, repo, result.snapshot_id)
         raise OffsiteError(f"snapshot {result.snapshot_id[:8]} discarded: " + "; ".join(problems))
@@ -137,11 +152,14 @@ def send(row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy) -> None:
     row.log("listed", files=len(names))
 
 
-def _verified(row: OffsiteCopy, backup: Backup, directory: Path):
+def _verified(row: OffsiteCopy, backup: Backup, directory: Path, cancel: CancelWatch):
     """The backup checked as a restore would read it, the outcome kept on its row (a
     corrupt one alerts); returns its manifest and the files to send."""
     row.log("verify", path=str(directory))
-    result = archive_check.verify(directory)
+    try:
+        result = archive_check.verify(directory, stop=cancel)
+    except archive_check.Stop:
+        raise Cancelled("cancelled by user") from None
     backup.mark_verified(result.ok, "; ".join(result.errors))
     alerts.backup_checked(backup)
     if not result.ok:
@@ -182,9 +200,35 @@ def _discard(row: OffsiteCopy, repo: restic.Repository, snapshot_id: str) -> Non
         row.log("not-forgotten", snapshot=snapshot_id, error=str(exc))
 
 
+class CancelWatch:
+    """Has the user asked ``copy`` to stop? Asked of the database at most once a second.
+    Called (restic's ``watch``), it raises ``Cancelled``, which stops restic before it
+    writes a snapshot; ``is_set()`` is what the verification's ``stop`` asks between
+    reads. ``now()`` asks at once, between two steps."""
+
+    EVERY = 1.0
+
+    def __init__(self, copy: OffsiteCopy):
+        self.copy_id, self.next, self.asked = copy.pk, 0.0, False
+
+    def is_set(self) -> bool:
+        if time.monotonic() >= self.next:
+            self.next = time.monotonic() + self.EVERY
+            filtered = OffsiteCopy.objects.filter(pk=self.copy_id, cancel_requested=True)
+            self.asked = self.asked or filtered.exists()
+        return self.asked
+
+    def __call__(self) -> None:
+        if self.is_set():
+            raise Cancelled("cancelled by user")
+
+    def now(self) -> None:
+        self.next = 0.0
+        self()
+
+
 class _Progress:
-    """restic's status lines as the rows' bytes, throttled; a cancel raises here, which
-    stops restic before it writes a snapshot."""
+    """restic's status lines as the rows' bytes, throttled."""
 
     def __init__(self, row: OffsiteCopy, main: OffsiteCopy):
         self.row, self.main, self.last = row, main, 0.0
@@ -196,8 +240,6 @@ class _Progress:
         self.last = now
         for row in {self.row.pk: self.row, self.main.pk: self.main}.values():
             row.beat(status.bytes_done, status.total_bytes)
-        if OffsiteCopy.objects.filter(pk=self.main.pk, cancel_requested=True).exists():
-            raise Cancelled("cancelled by user")
 
 
 def _link(copy: OffsiteCopy, backup: Backup) -> OffsiteCopy:
