@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import metrics, views
+from . import metrics, views, views_offsite
 
 urlpatterns = [
     path("", views.overview, name="overview"),
@@ -23,6 +23,11 @@ urlpatterns = [
         views.backup_restore_in_place,
         name="backup_restore_in_place",
     ),
+    path("backups/<int:backup_id>/copy/", views_offsite.backup_copy, name="backup_copy"),
+    path("copies/", views_offsite.copy_list, name="copy_list"),
+    path("copies/<int:copy_id>/", views_offsite.copy_detail, name="copy_detail"),
+    path("copies/<int:copy_id>/progress/", views_offsite.copy_progress, name="copy_progress"),
+    path("copies/<int:copy_id>/cancel/", views_offsite.copy_cancel, name="copy_cancel"),
     path("restores/", views.restore_list, name="restore_list"),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
     path("restores/<int:restore_id>/cancel/", views.restore_cancel, name="restore_cancel"),

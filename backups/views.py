@@ -28,6 +28,8 @@ from .models import (
     BackupPolicy,
     BackupRun,
     Host,
+    OffsiteCopy,
+    OffsiteRepository,
     Restore,
     RestoreMode,
     RunStatus,
@@ -105,11 +107,19 @@ def vm_detail(request, vm_id: int):
         "backup_count": len(backups),
         "storage_bytes": sum(b.size_bytes for b in backups),
         "runs": vm.runs.all()[:20],
+        "offsite_copy": _newest_copy(vm),
         "active_run": vm.runs.active().first(),
         "chart": _chart(vm),
         "backup_form": BackupNowForm(vm=vm),
     }
     return render(request, "backups/vm_detail.html", context)
+
+
+def _newest_copy(vm: VirtualMachine) -> OffsiteCopy | None:
+    """The copy of the VM's newest backup that is offsite now (its age is the VM's
+    offsite protection)."""
+    copies = OffsiteCopy.objects.succeeded().filter(vm=vm, forgotten_at__isnull=True)
+    return copies.select_related("backup", "repository").order_by("-backup__created_at").first()
 
 
 @require_GET
@@ -221,6 +231,8 @@ def backup_detail(request, backup_id: int):
         "children": backup.children.published(),
         "restore_refusal": _restore_refusal(backup),
         "restores": backup.restores.select_related("requested_by")[:RESTORES_SHOWN],
+        "copies": backup.offsite_copies.select_related("repository")[:RESTORES_SHOWN],
+        "repositories": OffsiteRepository.objects.filter(enabled=True),
     }
     return render(request, "backups/backup_detail.html", context)
 

@@ -5,7 +5,14 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun, Restore, RunStatus
+from backups.models import (
+    BackupPolicy,
+    BackupRun,
+    OffsiteCopy,
+    OffsiteRepository,
+    Restore,
+    RunStatus,
+)
 from tests.helpers import make_backup, make_run
 
 MISSING = 999_999
@@ -20,6 +27,12 @@ def objects(policy, vm):
         "backup": backup.pk,
         "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,
+        "copy": OffsiteCopy.objects.create(
+            backup=backup,
+            repository=OffsiteRepository.objects.create(
+                name="vault", url="/srv/vault", password_file="/etc/vault.pw"
+            ),
+        ).pk,
     }
 
 
@@ -34,6 +47,8 @@ MUTATIONS = [
     ("restore_cancel", "restore", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
+    ("backup_copy", "backup", "backups.copy_offsite"),
+    ("copy_cancel", "copy", "backups.copy_offsite"),
 ]
 PAGES = [
     ("overview", None),
@@ -53,6 +68,9 @@ PAGES = [
     ("policy_list", None),
     ("policy_edit", "policy"),
     ("policy_create", None),
+    ("copy_list", None),
+    ("copy_detail", "copy"),
+    ("copy_progress", "copy"),
 ]
 FORMS = {
     "policy_edit",

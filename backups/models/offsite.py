@@ -2,6 +2,7 @@
 
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 
 from .backup import Backup
 from .inventory import VirtualMachine
@@ -90,6 +91,9 @@ class OffsiteCopy(Job):
 
     def __str__(self):
         return f"copy {self.pk} of backup {self.backup_id} to {self.repository} ({self.status})"
+
+    def get_absolute_url(self):
+        return reverse("copy_detail", args=[self.pk])
 
     def save(self, *args, **kwargs):
         if self.vm_id is None and self.backup_id is not None:  # always the backup's VM
