@@ -52,6 +52,7 @@ from .restic_parse import (
     loads,
     mask,
     progress_of,
+    refusals,
     refused_removal,
     result_of,
     snapshots_of,
@@ -120,11 +121,14 @@ def backup(
     when: datetime | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     watch: Callable[[], None] | None = None,
+    resolve: bool = True,
 ) -> BackupResult:
     """Back up exactly ``files`` (paths relative to ``directory``, no '..', no newline),
     run from inside ``directory``: the snapshot stores them under those relative names
     (``/<name>``), whatever ``directory`` is. ``progress`` gets each status line; an
-    exception it raises stops restic (no snapshot is written) and is raised here."""
+    exception it raises stops restic (no snapshot is written) and is raised here.
+    restic 0.14 names the new snapshot by its short id: ``resolve`` asks for the full one
+    (a second call; ``listing`` gives it with the files instead)."""
     names = [_relative(name) for name in files]
     if not names:
         raise ResticError("nothing to back up", reason=Reason.INVALID)
@@ -157,7 +161,8 @@ def backup(
             raise
     if not summary.get("snapshot_id"):
         raise ResticError("restic backup ended without a summary", argv=[RESTIC, *args])
-    return result_of(summary, _full_id(repo, summary["snapshot_id"], timeout))
+    short = summary["snapshot_id"]
+    return result_of(summary, _full_id(repo, short, timeout) if resolve else short)
 
 
 def snapshots(
@@ -177,14 +182,27 @@ def ls(
     watch: Callable[[], None] | None = None,
 ) -> list[Node]:
     """Every file and directory in ``snapshot`` (the snapshot line itself left out)."""
+    return listing(repo, snapshot, timeout=timeout, watch=watch)[1]
+
+
+def listing(
+    repo: Repository,
+    snapshot: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    watch: Callable[[], None] | None = None,
+) -> tuple[str, list[Node]]:
+    """``ls``, and the snapshot's full id (its first line names it; "" if it did not)."""
     done = _run(repo, ["ls", "--json", _snapshot(snapshot)], timeout=timeout, watch=watch)
-    nodes = []
+    full, nodes = "", []
     for line in done.stdout.splitlines():
         item = line_of(line)
-        if item.get("struct_type") == "node":
+        if item.get("struct_type") == "snapshot":
+            full = str(item.get("id", ""))
+        elif item.get("struct_type") == "node":
             size, mode = item.get("size", 0), item.get("mode", 0)
             nodes.append(Node(str(item.get("path", "")), str(item.get("type", "")), size, mode))
-    return nodes
+    return full, nodes
 
 
 def check(
@@ -255,29 +273,15 @@ def forget(
     if not chosen:
         return
     args = ["forget", *(["--prune"] if prune else []), *chosen]
-    _run(repo, args, timeout=timeout, on_error=_refusal(repo, "forget"))
+    _run(repo, args, timeout=timeout, on_error=refusals(repo, "forget"))
 
 
 def prune(repo: Repository, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """``restic prune``: the data no snapshot uses any more removed (packs repacked when
     more than restic's default share is unused). Returns restic's summary lines.
     Refused deletions raise as for ``forget``."""
-    done = _run(repo, ["prune"], timeout=timeout, on_error=_refusal(repo, "prune"))
+    done = _run(repo, ["prune"], timeout=timeout, on_error=refusals(repo, "prune"))
     return "\n".join(line for line in done.stdout.splitlines() if line.strip())[-4000:]
-
-
-def _refusal(repo: Repository, command: str) -> Callable[[str], None]:
-    def on_error(line: str) -> None:
-        cause = refused_removal(line)
-        if cause is not None:
-            raise ResticError(
-                f"the repository at {repo.display} refuses deletions ({mask(cause, repo.url)}): "
-                "it is append-only (e.g. rest-server --append-only) or its files are "
-                f"immutable; restic {command} is left to its owner",
-                reason=Reason.APPEND_ONLY,
-            )
-
-    return on_error
 
 
 def unlock(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> None:
@@ -495,6 +499,7 @@ __all__ = [
     "dump",
     "forget",
     "init",
+    "listing",
     "ls",
     "mask",
     "probe",

@@ -404,3 +404,20 @@ def refused_removal(line: str) -> str | None:
         return None
     cause = match.group(2)
     return cause if any(word in cause.lower() for word in _REFUSED) else None
+
+
+def refusals(repo: Repository, command: str):
+    """An ``on_error`` for ``forget``/``prune``: the first refused deletion raises (reason
+    ``append-only``), which stops restic before its retries."""
+
+    def on_error(line: str) -> None:
+        cause = refused_removal(line)
+        if cause is not None:
+            raise ResticError(
+                f"the repository at {repo.display} refuses deletions ({mask(cause, repo.url)}): "
+                "it is append-only (e.g. rest-server --append-only) or its files are "
+                f"immutable; restic {command} is left to its owner",
+                reason=Reason.APPEND_ONLY,
+            )
+
+    return on_error
