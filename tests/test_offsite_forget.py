@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.urls import reverse
 from django.utils import timezone
 from django_q.models import Schedule
 
@@ -244,3 +245,19 @@ def test_each_copy_that_succeeds_asks_for_one_prune_of_its_repository(
     assert jobs.prune_offsite(offsite.pk) == "nothing: nothing to forget"
     offsite.refresh_from_db()
     assert offsite.prune_queued_at is None  # taken: the next copy asks again
+
+
+def test_the_admin_queues_one_pass_on_the_repository_cluster(
+    admin_client, offsite, async_calls, django_capture_on_commit_callbacks
+):
+    offsite.cluster = "vault"
+    offsite.save()
+    action = {"action": "prune_now", "_selected_action": [offsite.pk]}
+    changelist = reverse("admin:backups_offsiterepository_changelist")
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(changelist, action)
+        response = admin_client.post(changelist, action, follow=True)
+    assert b"one is queued already" in response.content
+    ((args, kwargs),) = async_calls
+    assert args == ("backups.jobs.prune_offsite", offsite.pk)
+    assert kwargs["q_options"]["cluster"] == "vault"
