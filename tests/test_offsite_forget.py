@@ -179,8 +179,10 @@ def test_one_pass_per_repository_at_a_time(chains, offsite):
     offsite.claim_prune(worker.worker_id(), timezone.now() - timedelta(hours=1))
     with pytest.raises(CommandError, match="1 of 1 repositories were not pruned"):
         call_command("vmbackup_offsite", "prune")
+    assert jobs.prune_offsite(offsite.pk).startswith("busy: offsite is being pruned by ")
     offsite.refresh_from_db()
     assert offsite.prune_holder == worker.worker_id()  # the holder's pass is not disturbed
+    assert offsite.prune_queued_at is None  # a later copy may ask for the next pass
     assert not offsite.claim_prune("other:1", timezone.now() - timedelta(hours=1))
 
 

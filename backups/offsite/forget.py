@@ -103,6 +103,8 @@ def run(model: OffsiteRepository, holder: str, *, dry_run: bool = False):
     if model.prune_holder and worker.process_alive(model.prune_holder) is False:
         stale = timezone.now()
     if not model.claim_prune(holder, stale):
+        # the request that started this pass is spent: a later copy may queue the next one
+        OffsiteRepository.objects.filter(pk=model.pk).update(prune_queued_at=None)
         model.refresh_from_db(fields=["prune_holder"])
         return None, Outcome("busy", f"{model.name} is being pruned by {model.prune_holder}")
     found, outcome = None, Outcome("failed", f"stopped before the end ({holder})")
