@@ -78,6 +78,7 @@ def _execute(copy: OffsiteCopy) -> str:
         return f"copied backup {copy.backup_id} as snapshot {copy.snapshot_id[:8]}"
     except Cancelled as exc:
         _end(copy, links, RunStatus.CANCELLED, str(exc))
+        _unlock(copy)  # restic killed after its grace (a loaded host) leaves its lock
         return "cancelled"
     except Stopped as exc:  # its command or worker was stopped: restic was stopped with it
         _end(copy, links, RunStatus.INTERRUPTED, str(exc))
@@ -368,8 +369,14 @@ def repair_dead(copy: OffsiteCopy, error: str) -> bool:
     for link in copy.links.filter(status=RunStatus.RUNNING):
         link.mark_interrupted(error, only=(RunStatus.RUNNING,))
     ended = copy.mark_interrupted(error, only=(RunStatus.RUNNING,))
+    _unlock(copy)
+    return ended
+
+
+def _unlock(copy: OffsiteCopy) -> None:
+    """Stale locks removed (``restic unlock`` leaves a live process's alone): a restic that
+    died or was killed leaves its lock, which would block ``check`` and offsite prune."""
     try:
         restic.unlock(restic_repository(copy.repository))
     except restic.ResticError as exc:
         copy.log("unlock-failed", error=str(exc))
-    return ended

@@ -109,6 +109,7 @@ def run(model: OffsiteRepository, holder: str, *, dry_run: bool = False):
         return None, Outcome("busy", f"{model.name} is being pruned by {model.prune_holder}")
     found, outcome = None, Outcome("failed", f"stopped before the end ({holder})")
     try:
+        restic.unlock(restic_repository(model))  # stale locks only: restic 0.14 obeys them
         found = plan(model)
         outcome = apply(found)
     except restic.ResticError as exc:
