@@ -19,6 +19,7 @@ RESTORE_BACKUP = "backups.restore_backup"
 RESTORE_IN_PLACE = "backups.restore_in_place"  # overwrites a VM's disks: granted apart
 CHANGE_POLICY = "backups.change_backuppolicy"
 ADD_POLICY = "backups.add_backuppolicy"
+COPY_OFFSITE = "backups.copy_offsite"  # copy a backup offsite, cancel a copy
 
 M = TypeVar("M", bound=Model)
 

@@ -197,7 +197,10 @@ class OffsiteRepositoryAdmin(admin.ModelAdmin):
     """Where copies go; init and check run on the repository's cluster (its password file
     is on the workers, not here), and what they found shows in the probe/check columns."""
 
-    list_display = ["name", "url", "enabled", "cluster", "probe_state", "checked_at", "check_ok"]
+    list_display = [
+        "name", "url", "enabled", "cluster", "probe_state", "checked_at", "check_ok",
+        "prune_state",
+    ]  # fmt: skip
     list_filter = ["enabled"]
     search_fields = ["name", "url"]
     readonly_fields = [
@@ -209,8 +212,14 @@ class OffsiteRepositoryAdmin(admin.ModelAdmin):
         "check_ok",
         "check_subset",
         "check_message",
+        "prune_queued_at",
+        "prune_holder",
+        "prune_since",
+        "pruned_at",
+        "prune_state",
+        "prune_message",
     ]
-    actions = ["initialize", "check_now"]
+    actions = ["initialize", "check_now", "prune_now"]
 
     @admin.action(
         description="Initialize (restic init, only where no repository is)", permissions=["init"]
@@ -233,6 +242,18 @@ class OffsiteRepositoryAdmin(admin.ModelAdmin):
             requests.request_offsite_check(repository)
             self.message_user(request, f"{repository}: restic check queued")
 
+    @admin.action(
+        description="Apply offsite retention now (forget, then prune)", permissions=["change"]
+    )
+    def prune_now(self, request, queryset):
+        """The pass a copy asks for after it succeeds; the outcome shows in the prune columns
+        (``vmbackup_offsite prune --dry-run`` shows the plan first)."""
+        for repository in queryset:
+            queued = requests.request_offsite_prune(repository)
+            self.message_user(
+                request, f"{repository}: " + ("queued" if queued else "one is queued already")
+            )
+
     def has_init_permission(self, request):
         return request.user.has_perm("backups.init_repository")
 
@@ -242,7 +263,10 @@ class OffsiteCopyAdmin(admin.ModelAdmin):
     """Written by the copy jobs only, and kept: a row is the record of where a snapshot
     is (deleting it would make the chain look incomplete offsite)."""
 
-    list_display = ["id", "backup", "repository", "status", "trigger", "created_at", "verified_at"]
+    list_display = [
+        "id", "backup", "repository", "status", "trigger", "created_at", "verified_at",
+        "forgotten_at",
+    ]  # fmt: skip
     list_filter = ["status", "repository", "trigger"]
     search_fields = ["vm__name", "snapshot_id", "error"]
     date_hierarchy = "created_at"

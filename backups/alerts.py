@@ -32,6 +32,7 @@ from .models import (
     BackupPolicy,
     BackupRun,
     Host,
+    OffsiteRepository,
     RunStatus,
     VerifyStatus,
     VirtualMachine,
@@ -178,6 +179,29 @@ def run_waiting(run: BackupRun, host: Host, since: datetime) -> None:
             f"Details: {link(run.get_absolute_url())}" if link("/") else "",
         ],
         to=recipients([run.policy]),
+    )
+
+
+def offsite_checked(repository: OffsiteRepository) -> None:
+    """After a ``restic check``: one that found damage, or could not run, alerts; a good
+    one resolves."""
+    key = f"offsite-check:{repository.pk}"
+    if repository.check_ok:
+        resolve(Alert.objects.filter(key=key))
+        return
+    read = f" (data read: {repository.check_subset})" if repository.check_subset else ""
+    raise_alert(
+        AlertKind.OFFSITE_CHECK,
+        key,
+        about=repository.name,
+        subject=f"[vmbackup] offsite repository {repository.name} failed its check",
+        lines=[
+            f"restic check of {repository.name}{read} did not pass:",
+            repository.check_message,
+            "Copies there may not restore. Look at the repository (restic check, "
+            "vmbackup_offsite check --read-data-subset 100%) before you rely on it.",
+        ],
+        to=recipients(repository.policies.filter(enabled=True)),
     )
 
 

@@ -37,6 +37,7 @@ from .models import (
     BackupRun,
     Drill,
     Kind,
+    OffsiteCopy,
     OffsiteRepository,
     RunStatus,
     VerifyStatus,
@@ -48,13 +49,15 @@ from .retention import rules as retention
 FAILING = "failing"
 STALE = "stale"
 NEVER = "never"
+OFFSITE_STALE = "offsite-stale"  # fresh here, but its policy's offsite copy is not
 UNPROTECTED = "unprotected"
 OK = "ok"
-STATES = [FAILING, STALE, NEVER, UNPROTECTED, OK]
+STATES = [FAILING, STALE, NEVER, OFFSITE_STALE, UNPROTECTED, OK]
 STATE_LABELS = {
     FAILING: "last run failed",
     STALE: "stale",
     NEVER: "never backed up",
+    OFFSITE_STALE: "offsite copy stale",
     UNPROTECTED: "no policy",
     OK: "ok",
 }
@@ -100,6 +103,8 @@ def protection_rows(queryset=None):
         .values("pk", "name", host_name=F("host__name"))
         .annotate(
             has_policy=Exists(enabled),
+            needs_offsite=Exists(enabled.filter(backuppolicy__offsite__isnull=False)),
+            offsite_at=newest_offsite(),
             stale_hours=alerts.stale_hours(),
             last_success_at=Subquery(
                 published.filter(vm=OuterRef("pk"))
@@ -112,6 +117,13 @@ def protection_rows(queryset=None):
             ),
         )
     )
+
+
+def newest_offsite():
+    """Per VM (as ``OuterRef("pk")``): the time of the newest backup that has a copy in an
+    offsite repository now (succeeded, not forgotten) — the age of its offsite protection."""
+    copies = OffsiteCopy.objects.succeeded().filter(vm=OuterRef("pk"), forgotten_at__isnull=True)
+    return Subquery(copies.order_by("-backup__created_at").values("backup__created_at")[:1])
 
 
 def vms_with_facts(queryset):
@@ -163,8 +175,13 @@ def protection_state(row: dict, now: datetime) -> str:
         return FAILING
     if row["last_success_at"] is None:
         return NEVER
-    if now - row["last_success_at"] > stale_after(row.get("stale_hours")):
+    window = stale_after(row.get("stale_hours"))
+    if now - row["last_success_at"] > window:
         return STALE
+    if row.get("needs_offsite") and (
+        row.get("offsite_at") is None or now - row["offsite_at"] > window
+    ):
+        return OFFSITE_STALE  # protected only when the offsite copy is fresh too
     return OK
 
 
@@ -194,7 +211,7 @@ class Total:
 
     @property
     def problems(self) -> int:
-        return self.states[FAILING] + self.states[STALE] + self.states[NEVER]
+        return sum(self.states[s] for s in (FAILING, STALE, NEVER, OFFSITE_STALE))
 
 
 def host_totals(rows) -> list[Total]:
@@ -289,6 +306,8 @@ def page_vms(rows: list[dict], now: datetime) -> list[VirtualMachine]:
         vm.protection_label = STATE_LABELS[vm.protection]
         vm.last_success_at = row["last_success_at"]
         vm.last_success_age = now - vm.last_success_at if vm.last_success_at else None
+        vm.needs_offsite, vm.offsite_at = row["needs_offsite"], row["offsite_at"]
+        vm.offsite_age = now - vm.offsite_at if vm.offsite_at else None
         finished = vm.last_run_finished_at
         vm.last_run_age = now - finished if finished else None
         vm.last_result_status = row["last_result_status"]
@@ -341,8 +360,8 @@ class Progress:
     elapsed: timedelta | None
 
 
-COPY_STARTS = ("copy", "backup-begin")
-COPY_ENDS = ("hash",)
+COPY_STARTS = ("copy", "backup-begin", "send")  # "send": an offsite copy's upload
+COPY_ENDS = ("hash", "sent")
 
 
 def _copy_window(run: BackupRun, now: datetime) -> timedelta | None:

@@ -7,10 +7,11 @@ django-q2's queue and schedules: keep them. What enqueues these is ``requests``.
 import logging
 import time
 
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from . import alerts, dump, interrupt, inventory, verify, waiting, worker
+from . import alerts, dump, interrupt, inventory, schedules, verify, waiting, worker
 from . import reconcile as reconcile_mod
 from .backup import runner
 from .models import (
@@ -27,6 +28,7 @@ from .models import (
 )
 from .offsite import OffsiteError
 from .offsite import copy as offsite_copy
+from .offsite import forget as offsite_forget
 from .offsite import repository as offsite_repository
 from .requests import (
     CopyActive,
@@ -38,7 +40,9 @@ from .requests import (
     request_backup,
     request_copy_after_backup,
     request_drill,
+    request_offsite_check,
     request_offsite_copy,
+    request_offsite_prune,
     retry_offsite_copy,
 )
 from .restore import drill as drill_engine
@@ -129,6 +133,7 @@ def copy_offsite(copy_id: int) -> str:
         return f"interrupted: {exc}"
     if copy.status == RunStatus.SUCCEEDED:
         _copy_next(copy)
+        request_offsite_prune(copy.repository)  # offsite retention follows each copy
     return outcome
 
 
@@ -151,13 +156,41 @@ def _copy_next(copy: OffsiteCopy) -> None:
 
 
 def check_offsite(repository_id: int, read_data_subset: str = "") -> str:
-    """``restic check`` of one repository (with that share of the data read)."""
+    """``restic check`` of one repository (with that share of the data read); found locked
+    (a copy or a prune holds it), tried again later."""
     model = OffsiteRepository.objects.get(pk=repository_id)
     try:
         result = offsite_repository.check(model, read_data_subset or None)
+    except offsite_repository.Busy as exc:
+        schedules.retry_later(
+            "backups.jobs.check_offsite", (model.pk, read_data_subset), model.cluster
+        )
+        return f"locked, retried later: {exc}"
     except OffsiteError as exc:
         return f"failed: {exc}"
     return "ok" if result.ok else "errors: " + "; ".join(result.errors)
+
+
+def check_offsite_all() -> str:
+    """The scheduled check (``vmbackup-offsite-check``): every enabled repository, each on
+    its own cluster, reading ``VMBACKUP_OFFSITE_CHECK_SUBSET`` of its data."""
+    chosen = list(OffsiteRepository.objects.filter(enabled=True))
+    for model in chosen:
+        request_offsite_check(model, settings.VMBACKUP_OFFSITE_CHECK_SUBSET)
+    return f"{len(chosen)} check(s) requested"
+
+
+RETRIED = ("locked", "prune-failed")
+
+
+def prune_offsite(repository_id: int) -> str:
+    """Offsite retention of one repository (``offsite.forget``), requested after each copy
+    that succeeds; found locked, tried again later (one pending retry)."""
+    model = OffsiteRepository.objects.get(pk=repository_id)
+    _plan, outcome = offsite_forget.run(model, worker.worker_id())
+    if outcome.state in RETRIED:
+        schedules.retry_later("backups.jobs.prune_offsite", (model.pk,), model.cluster)
+    return f"{outcome.state}: {outcome.message}"
 
 
 def init_offsite(repository_id: int) -> str:

@@ -26,6 +26,8 @@ from .models import (
     BackupRun,
     Drill,
     DrillResult,
+    OffsiteCopy,
+    OffsiteRepository,
     Restore,
     RunStatus,
     VerifyStatus,
@@ -107,6 +109,11 @@ def _vm_families(now: datetime, stored: dict[int, dict]) -> list[Family]:
     size = Family(
         "vmbackup_backup_bytes", "gauge", "Stored bytes of the VM's published, usable backups"
     )
+    offsite_age = Family(
+        "vmbackup_vm_offsite_age_seconds",
+        "gauge",
+        "Age of the VM's newest backup with a copy offsite now; absent when it has none",
+    )
     facts = _vm_facts()
     rows = sorted(dashboard.protection_rows(), key=lambda r: (r["host_name"], r["name"], r["pk"]))
     for row in rows:
@@ -119,12 +126,14 @@ def _vm_families(now: datetime, stored: dict[int, dict]) -> list[Family]:
         state.add(1, **labels, state=current)
         if row["last_success_at"] is not None:
             last_success.add(row["last_success_at"].timestamp(), **labels)
+        if row["offsite_at"] is not None:
+            offsite_age.add(max((now - row["offsite_at"]).total_seconds(), 0.0), **labels)
         if fact["ok_started"] and fact["ok_finished"]:
             duration.add((fact["ok_finished"] - fact["ok_started"]).total_seconds(), **labels)
         kept = stored.get(row["pk"], {})
         backups.add(kept.get("count", 0), **labels)
         size.add(kept.get("bytes") or 0, **labels)
-    return [protected, state, last_success, duration, backups, size]
+    return [protected, state, last_success, duration, backups, size, offsite_age]
 
 
 def _run_families() -> list[Family]:
@@ -193,6 +202,31 @@ def _drill_families() -> list[Family]:
     return [passed, alive, when, total]
 
 
+def _offsite_families() -> list[Family]:
+    """Copies by outcome, and each repository's last ``restic check``."""
+    rows = OffsiteCopy.objects.order_by().values("status").annotate(n=Count("pk"))
+    by_status = {row["status"]: row["n"] for row in rows}
+    total = Family("vmbackup_offsite_copies_total", "counter", "Finished offsite copies by outcome")
+    for status in FINISHED_STATUSES:
+        if status != RunStatus.SKIPPED:  # copies are never skipped
+            total.add(by_status.get(status, 0), status=status.value)
+    active = Family("vmbackup_offsite_copies_active", "gauge", "Offsite copies queued or running")
+    active.add(sum(by_status.get(status, 0) for status in ACTIVE_STATUSES))
+    ok = Family(
+        "vmbackup_offsite_check_ok",
+        "gauge",
+        "1 when the repository's last restic check passed, 0 when not; absent: never checked",
+    )
+    when = Family(
+        "vmbackup_offsite_check_timestamp_seconds", "gauge", "Time of the repository's last check"
+    )
+    checked = OffsiteRepository.objects.exclude(checked_at=None).order_by("name")
+    for name, at, passed in checked.values_list("name", "checked_at", "check_ok"):
+        ok.add(int(bool(passed)), repository=name)
+        when.add(at.timestamp(), repository=name)
+    return [total, active, ok, when]
+
+
 def _alert_families() -> list[Family]:
     """Every alert that fired, by kind (a counter: rows are kept), and those still open."""
     fired = Alert.objects.fired()
@@ -233,6 +267,7 @@ def collect(now: datetime | None = None) -> list[Family]:
         *_run_families(),
         *_restore_families(),
         *_drill_families(),
+        *_offsite_families(),
         workers,
         *_alert_families(),
     ]

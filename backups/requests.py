@@ -342,6 +342,32 @@ def retry_offsite_copy(copy: OffsiteCopy) -> OffsiteCopy | None:
         return None
 
 
+def request_copy_cancel(copy: OffsiteCopy) -> None:
+    """A queued copy ends at once; a running one stops within a second (restic interrupted,
+    no snapshot written)."""
+    copy.request_cancel()
+
+
+def request_offsite_prune(repository: OffsiteRepository) -> bool:
+    """Offsite retention of ``repository`` (forget, then prune) on its cluster, where its
+    password file is. At most one is queued at a time (each copy that succeeds asks for
+    one); False when one is queued already. A mark older than the longest a job may run
+    (``Q_TIMEOUT``) is stale."""
+    now = timezone.now()
+    free = Q(prune_queued_at__isnull=True) | Q(
+        prune_queued_at__lt=now - timedelta(seconds=settings.Q_TIMEOUT)
+    )
+    if not OffsiteRepository.objects.filter(free, pk=repository.pk).update(prune_queued_at=now):
+        return False
+    _enqueue(
+        "backups.jobs.prune_offsite",
+        repository.pk,
+        cluster=repository.cluster,
+        name=f"offsite-prune-{repository.pk}",
+    )
+    return True
+
+
 def request_offsite_check(repository: OffsiteRepository, read_data_subset: str = "") -> None:
     """``restic check`` of ``repository`` on its cluster (a share of the data read too)."""
     args = (repository.pk, read_data_subset) if read_data_subset else (repository.pk,)

@@ -12,10 +12,12 @@ repository URL (``rest:https://user:secret@host/``) is masked in every message. 
 gets a clean environment: our own settings (database URL, secret key, mail password) are
 not passed on; the variables restic's backends take their credentials from are.
 
-restic is stopped with SIGINT (it then removes its lock and exits) when a call times out,
-when the progress callback raises (a cancel), or when the process that started it dies
-(``PR_SET_PDEATHSIG``); a snapshot is written last, so a stopped backup leaves none. No
-Django here: the engines pass in what they know (``Repository``).
+restic is stopped with SIGINT (it then removes its lock and exits), then its whole process
+group killed, when a call times out, when the progress callback or ``watch`` raises (a
+cancel: ``watch`` is called about once a second whatever restic prints), or when the
+process that started it dies (``PR_SET_PDEATHSIG``); a snapshot is written last, so a
+stopped backup leaves none. No Django here: the engines pass in what they know
+(``Repository``, a ``watch`` that asks their database).
 """
 
 from __future__ import annotations
@@ -50,11 +52,18 @@ from .restic_parse import (
     loads,
     mask,
     progress_of,
+    refusals,
+    refused_removal,
     result_of,
     sftp_command,
     snapshots_of,
+    subset,
     url_problem,
 )
+from .restic_parse import relative as _relative
+from .restic_parse import relative_pattern as _relative_pattern
+from .restic_parse import snapshot_id as _snapshot
+from .restic_parse import tag as _tag
 
 RESTIC = shutil.which("restic", path="/usr/local/bin:/usr/bin:/bin") or "/usr/bin/restic"
 DEFAULT_TIMEOUT = 600.0  # seconds; a backup, check or restore is given its own
@@ -66,9 +75,6 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # what restic's backends read credentials from (S3, B2, Azure, GCS, Swift; ssh's agent)
 PASSED_ON = ("AWS_", "B2_", "AZURE_", "GOOGLE_", "OS_", "ST_", "SSH_AUTH_SOCK", "TMPDIR")
 PASSED_ON += ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-_SUBSET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)%|[1-9]\d*/[1-9]\d*|[1-9]\d*[kKmMgGtT]?)$")
-_SNAPSHOT_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _PR_SET_PDEATHSIG = 1
 try:  # resolved once: the child between fork and exec should do as little as possible
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -115,11 +121,15 @@ def backup(
     host: str | None = None,
     when: datetime | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    watch: Callable[[], None] | None = None,
+    resolve: bool = True,
 ) -> BackupResult:
     """Back up exactly ``files`` (paths relative to ``directory``, no '..', no newline),
     run from inside ``directory``: the snapshot stores them under those relative names
     (``/<name>``), whatever ``directory`` is. ``progress`` gets each status line; an
-    exception it raises stops restic (no snapshot is written) and is raised here."""
+    exception it raises stops restic (no snapshot is written) and is raised here.
+    restic 0.14 names the new snapshot by its short id: ``resolve`` asks for the full one
+    (a second call; ``listing`` gives it with the files instead)."""
     names = [_relative(name) for name in files]
     if not names:
         raise ResticError("nothing to back up", reason=Reason.INVALID)
@@ -145,14 +155,15 @@ def backup(
         listing.flush()
         args[args.index("LIST")] = listing.name
         try:
-            _run(repo, args, timeout=timeout, cwd=directory, on_line=on_line)
+            _run(repo, args, timeout=timeout, cwd=directory, on_line=on_line, watch=watch)
         except ResticError as exc:
             if exc.returncode == 3 and summary.get("snapshot_id"):
                 exc.reason, exc.snapshot_id = Reason.INCOMPLETE, summary["snapshot_id"]
             raise
     if not summary.get("snapshot_id"):
         raise ResticError("restic backup ended without a summary", argv=[RESTIC, *args])
-    return result_of(summary, _full_id(repo, summary["snapshot_id"], timeout))
+    short = summary["snapshot_id"]
+    return result_of(summary, _full_id(repo, short, timeout) if resolve else short)
 
 
 def snapshots(
@@ -164,16 +175,35 @@ def snapshots(
     return snapshots_of(loads(_run(repo, args, timeout=timeout).stdout, "snapshots") or [])
 
 
-def ls(repo: Repository, snapshot: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[Node]:
+def ls(
+    repo: Repository,
+    snapshot: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    watch: Callable[[], None] | None = None,
+) -> list[Node]:
     """Every file and directory in ``snapshot`` (the snapshot line itself left out)."""
-    done = _run(repo, ["ls", "--json", _snapshot(snapshot)], timeout=timeout)
-    nodes = []
+    return listing(repo, snapshot, timeout=timeout, watch=watch)[1]
+
+
+def listing(
+    repo: Repository,
+    snapshot: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    watch: Callable[[], None] | None = None,
+) -> tuple[str, list[Node]]:
+    """``ls``, and the snapshot's full id (its first line names it; "" if it did not)."""
+    done = _run(repo, ["ls", "--json", _snapshot(snapshot)], timeout=timeout, watch=watch)
+    full, nodes = "", []
     for line in done.stdout.splitlines():
         item = line_of(line)
-        if item.get("struct_type") == "node":
+        if item.get("struct_type") == "snapshot":
+            full = str(item.get("id", ""))
+        elif item.get("struct_type") == "node":
             size, mode = item.get("size", 0), item.get("mode", 0)
             nodes.append(Node(str(item.get("path", "")), str(item.get("type", "")), size, mode))
-    return nodes
+    return full, nodes
 
 
 def check(
@@ -200,20 +230,20 @@ def restore(
     target: str,
     *,
     include: Iterable[str] = (),
-    tick: Callable[[], None] | None = None,
+    watch: Callable[[], None] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
     """Restore ``snapshot`` (or the paths matching ``include``) below ``target``, every
     file's content verified after writing (``--verify``). A damaged pack fails the call;
     restic may still have written the other files (and a damaged one): callers restore
     into a staging directory and check SHA256SUMS before using anything. restic 0.14's
-    restore reports no progress: ``tick`` is called about once a second while it runs (to
+    restore reports no progress: ``watch`` is called about once a second while it runs (to
     measure what it wrote, to check for a cancel); an exception it raises stops restic."""
     if not os.path.isabs(target):
         raise ResticError(f"restore target must be absolute: {target!r}", reason=Reason.INVALID)
     args = ["restore", _snapshot(snapshot), "--target", target, "--verify"]
     args += [arg for pattern in include for arg in ("--include", _relative_pattern(pattern))]
-    _run(repo, args, timeout=timeout, tick=tick)
+    _run(repo, args, timeout=timeout, watch=watch)
 
 
 def dump(
@@ -240,11 +270,22 @@ def forget(
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
-    """Remove the named snapshots (``prune``: and the data only they used)."""
+    """Remove the named snapshots (``prune``: and the data only they used). A backend that
+    refuses deletions (append-only) raises ``ResticError`` with reason ``append-only`` at
+    its first refusal, rather than after restic's minute of retries per file."""
     chosen = [_snapshot(i) for i in ids]
     if not chosen:
         return
-    _run(repo, ["forget", *(["--prune"] if prune else []), *chosen], timeout=timeout)
+    args = ["forget", *(["--prune"] if prune else []), *chosen]
+    _run(repo, args, timeout=timeout, on_error=refusals(repo, "forget"))
+
+
+def prune(repo: Repository, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """``restic prune``: the data no snapshot uses any more removed (packs repacked when
+    more than restic's default share is unused). Returns restic's summary lines.
+    Refused deletions raise as for ``forget``."""
+    done = _run(repo, ["prune"], timeout=timeout, on_error=refusals(repo, "prune"))
+    return "\n".join(line for line in done.stdout.splitlines() if line.strip())[-4000:]
 
 
 def unlock(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> None:
@@ -253,45 +294,7 @@ def unlock(repo: Repository, *, timeout: float = PROBE_TIMEOUT) -> None:
     _run(repo, ["unlock"], timeout=timeout)
 
 
-def subset(value: str) -> str:
-    """A ``--read-data-subset`` value restic accepts (``x%`` with 0 < x <= 100, ``n/t``,
-    a size): checked here so a typo fails before a long check starts."""
-    match = _SUBSET_RE.match(str(value))
-    percent = match and match.group(1)
-    if not match or (percent is not None and not 0 < float(percent) <= 100):
-        raise ResticError(
-            f"bad --read-data-subset {value!r}: use e.g. 10%, 1/5 or 2G", reason=Reason.INVALID
-        )
-    return str(value)
-
-
 # ------------------------------------------------------------------------------ helpers
-
-
-def _relative(name: str) -> str:
-    parts = name.split("/") if isinstance(name, str) else [""]
-    bad = not name or name.startswith("/") or "\n" in name or "\r" in name
-    if bad or any(p in ("", ".", "..") for p in parts):
-        raise ResticError(f"not a plain relative file name: {name!r}", reason=Reason.INVALID)
-    return name
-
-
-def _relative_pattern(pattern: str) -> str:
-    if not pattern.startswith("/") or _CONTROL_RE.search(pattern) or "/../" in pattern + "/":
-        raise ResticError(f"include pattern must be '/…': {pattern!r}", reason=Reason.INVALID)
-    return pattern
-
-
-def _tag(tag: str) -> str:
-    if not isinstance(tag, str) or not tag or "," in tag or _CONTROL_RE.search(tag):
-        raise ResticError(f"a tag must be non-empty, without ',': {tag!r}", reason=Reason.INVALID)
-    return tag
-
-
-def _snapshot(snapshot: str) -> str:
-    if not isinstance(snapshot, str) or not _SNAPSHOT_RE.match(snapshot):
-        raise ResticError(f"not a snapshot id: {snapshot!r}", reason=Reason.INVALID)
-    return snapshot
 
 
 def _full_id(repo: Repository, short: str, timeout: float) -> str:
@@ -370,11 +373,13 @@ def _run(
     cwd: str | None = None,
     on_line: Callable[[str], bool] | None = None,
     binary: bool = False,
-    tick: Callable[[], None] | None = None,
+    watch: Callable[[], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> _Done:
     """Run restic to its end and return its output, or raise ``ResticError``. ``on_line``
     sees each stdout line as it comes and returns True for lines it consumed (not kept);
-    ``tick`` is called about once a second."""
+    ``on_error`` sees each stderr line; ``watch`` is called about once a second. Whatever
+    one of them raises stops restic and is raised here."""
     if not (isinstance(timeout, int | float) and timeout > 0):
         raise ResticError(f"timeout must be positive, got {timeout!r}", reason=Reason.INVALID)
     argv = _argv(repo, args)
@@ -391,7 +396,7 @@ def _run(
         preexec_fn=_die_with_parent(os.getpid()),
     )
     try:
-        out, err = _collect(proc, time.monotonic() + timeout, on_line, tick)
+        out, err = _collect(proc, time.monotonic() + timeout, _Hooks(on_line, watch, on_error))
     except subprocess.TimeoutExpired:
         _stop(proc)
         raise ResticError(
@@ -400,6 +405,9 @@ def _run(
             reason=Reason.TIMEOUT,
             argv=argv,
         ) from None
+    except ResticError as exc:  # from on_error: restic said enough to stop it
+        exc.argv = exc.argv or argv
+        raise
     finally:
         _stop(proc)
     stderr = mask(err.decode(errors="replace")[-MAX_STDERR:], repo.url)
@@ -408,9 +416,31 @@ def _run(
     return _Done(out if binary else out.decode(errors="replace"), stderr)
 
 
-def _collect(proc, deadline: float, on_line, tick=None) -> tuple[bytes, bytes]:
+class _Hooks:
+    """What ``_collect`` calls as restic runs: each stdout line, each stderr line, and the
+    caller's ``watch`` (at most once a second, whether restic prints or not)."""
+
+    def __init__(self, on_line, watch, on_error):
+        self.on_line, self.watch, self.on_error = on_line, watch, on_error
+        self.next_watch = 0.0
+        self.err_partial = b""
+
+    def tick(self) -> None:
+        if self.watch is not None and time.monotonic() >= self.next_watch:
+            self.next_watch = time.monotonic() + 1.0
+            self.watch()
+
+    def stderr(self, data: bytes) -> None:
+        if self.on_error is not None:
+            *lines, self.err_partial = (self.err_partial + data).split(b"\n")
+            for line in lines:
+                self.on_error(line.decode(errors="replace"))
+
+
+def _collect(proc, deadline: float, hooks: _Hooks) -> tuple[bytes, bytes]:
     """Both pipes drained together within the deadline; stdout split into lines for
     ``on_line`` (a long backup prints a status line twice a second: consumed, not kept)."""
+    on_line = hooks.on_line
     kept: list[bytes] = []
     err = bytearray()
     partial = b""
@@ -421,8 +451,7 @@ def _collect(proc, deadline: float, on_line, tick=None) -> tuple[bytes, bytes]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise subprocess.TimeoutExpired(proc.args, 0)
-            if tick is not None:
-                tick()
+            hooks.tick()
             for key, _ in sel.select(min(remaining, 1.0)):
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -430,6 +459,7 @@ def _collect(proc, deadline: float, on_line, tick=None) -> tuple[bytes, bytes]:
                 elif key.fileobj is proc.stderr:
                     err += data
                     del err[: max(0, len(err) - MAX_STDERR)]
+                    hooks.stderr(data)
                 elif on_line is None:
                     kept.append(data)
                 else:
@@ -473,9 +503,12 @@ __all__ = [
     "dump",
     "forget",
     "init",
+    "listing",
     "ls",
     "mask",
     "probe",
+    "prune",
+    "refused_removal",
     "restore",
     "snapshots",
     "sftp_command",

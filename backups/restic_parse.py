@@ -25,6 +25,8 @@ _SFTP_SHORT_RE = re.compile(r"^sftp:(?:([^@/:]*)@)?(\[[^\]/]*\]|[^:/@\[\]]*):")
 _SSH_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 _SSH_HOST_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$")
 _SSH_CONFIG_RE = re.compile(r"^/[A-Za-z0-9._/+-]+$")
+_SUBSET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)%|[1-9]\d*/[1-9]\d*|[1-9]\d*[kKmMgGtT]?)$")
+_SNAPSHOT_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 class Reason(enum.StrEnum):
@@ -39,6 +41,7 @@ class Reason(enum.StrEnum):
     PASSWORD_FILE = "password-file"
     INCOMPLETE = "incomplete"  # backup: a snapshot was written without some files
     INVALID = "invalid"  # refused before anything ran
+    APPEND_ONLY = "append-only"  # forget/prune: the repository refuses deletions
     STOPPED = "stopped"  # cancelled or interrupted by us
     FAILED = "failed"
 
@@ -374,3 +377,91 @@ def _first(stderr: str, containing: str = "") -> str:
 def error_lines(stderr: str) -> list[str]:
     noise = ("using temporary cache", "create exclusive lock", "load indexes", "check ")
     return [ln for ln in _lines(stderr) if not ln.startswith(noise)][:50]
+
+
+# ---------------------------------------------------------------- arguments, checked first
+
+
+def subset(value: str) -> str:
+    """A ``--read-data-subset`` value restic accepts (``x%`` with 0 < x <= 100, ``n/t``,
+    a size): checked here so a typo fails before a long check starts."""
+    match = _SUBSET_RE.match(str(value))
+    percent = match and match.group(1)
+    if not match or (percent is not None and not 0 < float(percent) <= 100):
+        raise ResticError(
+            f"bad --read-data-subset {value!r}: use e.g. 10%, 1/5 or 2G", reason=Reason.INVALID
+        )
+    return str(value)
+
+
+def relative(name: str) -> str:
+    parts = name.split("/") if isinstance(name, str) else [""]
+    bad = not name or name.startswith("/") or "\n" in name or "\r" in name
+    if bad or any(p in ("", ".", "..") for p in parts):
+        raise ResticError(f"not a plain relative file name: {name!r}", reason=Reason.INVALID)
+    return name
+
+
+def relative_pattern(pattern: str) -> str:
+    if not pattern.startswith("/") or _CONTROL_RE.search(pattern) or "/../" in pattern + "/":
+        raise ResticError(f"include pattern must be '/…': {pattern!r}", reason=Reason.INVALID)
+    return pattern
+
+
+def tag(value: str) -> str:
+    if not isinstance(value, str) or not value or "," in value or _CONTROL_RE.search(value):
+        raise ResticError(f"a tag must be non-empty, without ',': {value!r}", reason=Reason.INVALID)
+    return value
+
+
+def snapshot_id(value: str) -> str:
+    if not isinstance(value, str) or not _SNAPSHOT_RE.match(value):
+        raise ResticError(f"not a snapshot id: {value!r}", reason=Reason.INVALID)
+    return value
+
+
+# ------------------------------------------------------------ deletions a backend refuses
+
+# restic retries a failed Remove ten times (about 45 s) per file: ``Remove(<snapshot/…>)
+# returned error, retrying after …: <cause>``. These causes will not change on a retry: the
+# backend does not allow deleting — rest-server --append-only answers 403, an S3 bucket
+# with object lock or a write-only key denies access, a local path is immutable
+# (chattr +i) or read-only.
+_REFUSED = (
+    "server response: 403",
+    "forbidden",
+    "accessdenied",
+    "access denied",
+    "operation not permitted",
+    "permission denied",
+    "read-only file system",
+)
+_REMOVE_RE = re.compile(r"^Remove\(<(\w+)/[0-9a-f]*>\) returned error, retrying after [^:]+: (.*)$")
+
+
+def refused_removal(line: str) -> str | None:
+    """The cause, when ``line`` (of restic's stderr) says a deletion was refused by the
+    backend itself (not a passing network error); None otherwise. Lock files do not count:
+    an append-only rest-server lets restic remove its own locks."""
+    match = _REMOVE_RE.match(line.strip())
+    if not match or match.group(1) == "lock":
+        return None
+    cause = match.group(2)
+    return cause if any(word in cause.lower() for word in _REFUSED) else None
+
+
+def refusals(repo: Repository, command: str):
+    """An ``on_error`` for ``forget``/``prune``: the first refused deletion raises (reason
+    ``append-only``), which stops restic before its retries."""
+
+    def on_error(line: str) -> None:
+        cause = refused_removal(line)
+        if cause is not None:
+            raise ResticError(
+                f"the repository at {repo.display} refuses deletions ({mask(cause, repo.url)}): "
+                "it is append-only (e.g. rest-server --append-only) or its files are "
+                f"immutable; restic {command} is left to its owner",
+                reason=Reason.APPEND_ONLY,
+            )
+
+    return on_error

@@ -9,8 +9,17 @@ its old ``next_run`` otherwise, and the policy page previews with the same engin
 Scale-out: reconcile and the verify pass touch a host's disks and backup roots, so each
 django-q2 cluster named on a Host gets its own copy (``vmbackup-reconcile@<cluster>``,
 routed to that cluster, limited to its hosts); the plain ones serve hosts without one.
+
+Offsite: ``vmbackup-offsite-check`` (``VMBACKUP_OFFSITE_CHECK_CRON``; blank: none) requests
+a ``restic check`` of every enabled repository on its own cluster. A repository job that
+found the repository locked is tried again once, later (``retry_later``: one pending
+``ONCE`` schedule per job and repository, not a storm).
 """
 
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
 from django_q.models import Schedule
 
 from .models import BackupPolicy, Host
@@ -24,6 +33,7 @@ HOUSEKEEPING = {
     # the dashboard's own database into the backup root, after the night's runs
     "vmbackup-dump": ("backups.jobs.dump_database", "15 6 * * *", ""),
 }
+OFFSITE_CHECK = "vmbackup-offsite-check"
 PER_CLUSTER = (
     "vmbackup-reconcile",
     "vmbackup-verify",
@@ -73,13 +83,23 @@ def remove_policy(policy: BackupPolicy) -> None:
     Schedule.objects.filter(name__in=[name_for(policy), drill_name_for(policy)]).delete()
 
 
+def housekeeping() -> dict[str, tuple[str, str, str]]:
+    """``HOUSEKEEPING`` and the offsite check, whose cron is a setting (blank: none)."""
+    jobs = dict(HOUSEKEEPING)
+    if settings.VMBACKUP_OFFSITE_CHECK_CRON.strip():
+        cron = settings.VMBACKUP_OFFSITE_CHECK_CRON.strip()
+        jobs[OFFSITE_CHECK] = ("backups.jobs.check_offsite_all", cron, "")
+    return jobs
+
+
 def install_housekeeping() -> list[str]:
     """The housekeeping schedules: the plain ones (hosts without a cluster) and one copy of
     each per-host job for every cluster a Host names; copies for clusters no Host names any
     more are removed. Idempotent."""
     clusters = sorted(set(Host.objects.exclude(cluster="").values_list("cluster", flat=True)))
     names = []
-    for name, (func, expr, args) in HOUSEKEEPING.items():
+    Schedule.objects.filter(name=OFFSITE_CHECK).exclude(name__in=housekeeping()).delete()
+    for name, (func, expr, args) in housekeeping().items():
         per_cluster = name in PER_CLUSTER
         for cluster in [None, *clusters] if per_cluster else [None]:
             label = f"{name}@{cluster}" if cluster else name
@@ -112,3 +132,24 @@ def install_all() -> list[str]:
         if policy.enabled and policy.drill_schedule.strip():
             names.append(drill_name_for(policy))
     return names
+
+
+def retry_later(func: str, args: tuple, cluster: str, minutes: int | None = None) -> str:
+    """Run ``func(*args)`` once, ``minutes`` from now (default
+    ``VMBACKUP_OFFSITE_RETRY_MINUTES``), on ``cluster``: a repository restic found locked
+    (a copy or a check holds it) is tried again then. ``args[0]`` names the repository:
+    requested again meanwhile, its one pending retry is moved, never doubled."""
+    name = f"vmbackup-retry-{func.rsplit('.', 1)[-1]}-{args[0]}"
+    when = timezone.now() + timedelta(minutes=minutes or settings.VMBACKUP_OFFSITE_RETRY_MINUTES)
+    Schedule.objects.update_or_create(
+        name=name,
+        defaults={
+            "func": func,
+            "args": repr(tuple(args)),
+            "schedule_type": Schedule.ONCE,
+            "repeats": -1,  # django-q2 deletes it once it has run
+            "next_run": when,
+            "cluster": cluster or None,
+        },
+    )
+    return name

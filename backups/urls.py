@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import drill_views, metrics, views
+from . import drill_views, metrics, views, views_offsite
 
 urlpatterns = [
     path("", views.overview, name="overview"),
@@ -37,6 +37,11 @@ urlpatterns = [
         drill_views.drill_screenshot,
         name="drill_screenshot",
     ),
+    path("backups/<int:backup_id>/copy/", views_offsite.backup_copy, name="backup_copy"),
+    path("copies/", views_offsite.copy_list, name="copy_list"),
+    path("copies/<int:copy_id>/", views_offsite.copy_detail, name="copy_detail"),
+    path("copies/<int:copy_id>/progress/", views_offsite.copy_progress, name="copy_progress"),
+    path("copies/<int:copy_id>/cancel/", views_offsite.copy_cancel, name="copy_cancel"),
     path("restores/", views.restore_list, name="restore_list"),
     path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
     path("restores/<int:restore_id>/cancel/", views.restore_cancel, name="restore_cancel"),

@@ -29,6 +29,8 @@ from .models import (
     BackupPolicy,
     BackupRun,
     Host,
+    OffsiteCopy,
+    OffsiteRepository,
     Restore,
     RestoreMode,
     RunStatus,
@@ -110,11 +112,19 @@ def vm_detail(request, vm_id: int):
         "drills": vm.drills.select_related("backup").defer("screenshot")[:DRILLS_SHOWN],
         "last_drill": vm.drills.judged().defer("screenshot").first(),
         "active_drill": vm.drills.active().defer("screenshot").first(),
+        "offsite_copy": _newest_copy(vm),
         "active_run": vm.runs.active().first(),
         "chart": _chart(vm),
         "backup_form": BackupNowForm(vm=vm),
     }
     return render(request, "backups/vm_detail.html", context)
+
+
+def _newest_copy(vm: VirtualMachine) -> OffsiteCopy | None:
+    """The copy of the VM's newest backup that is offsite now (its age is the VM's
+    offsite protection)."""
+    copies = OffsiteCopy.objects.succeeded().filter(vm=vm, forgotten_at__isnull=True)
+    return copies.select_related("backup", "repository").order_by("-backup__created_at").first()
 
 
 @require_GET
@@ -231,6 +241,8 @@ def backup_detail(request, backup_id: int):
         "restores": backup.restores.select_related("requested_by")[:RESTORES_SHOWN],
         "pinned_by": Restore.objects.pinning(backup),
         "drills": backup.drills.select_related("backup").defer("screenshot")[:DRILLS_SHOWN],
+        "copies": backup.offsite_copies.select_related("repository")[:RESTORES_SHOWN],
+        "repositories": OffsiteRepository.objects.filter(enabled=True),
     }
     return render(request, "backups/backup_detail.html", context)
 

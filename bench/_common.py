@@ -151,6 +151,15 @@ def run(argv: list[str], timeout: float = 1800) -> str:
     return done.stdout
 
 
+def run_in(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> str:
+    """``run`` in ``cwd`` with exactly ``env`` (a command as a person would type it there)."""
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
 def timed(argv: list[str], timeout: float = 1800) -> float:
     """Wall-clock seconds of one command (it must succeed)."""
     start = time.perf_counter()

@@ -10,7 +10,14 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backups import dashboard, metrics
-from backups.models import BackupPolicy, RunStatus, VerifyStatus, VirtualMachine
+from backups.models import (
+    BackupPolicy,
+    OffsiteCopy,
+    OffsiteRepository,
+    RunStatus,
+    VerifyStatus,
+    VirtualMachine,
+)
 from tests.helpers import make_backup, make_run, populate
 
 URL = reverse("metrics")
@@ -201,9 +208,9 @@ def test_it_costs_the_same_queries_for_10_and_200_vms(
 ):
     populate(host, count)
     # protection rows, uuids + last success, stored backups, runs and restores by status,
-    # last drills and drills by status,
+    # last drills and drills by status, offsite copies by status and checked repositories,
     # alerts fired by kind and open ones
-    with django_assert_num_queries(9):
+    with django_assert_num_queries(11):
         response = scraper.get(URL)
     _, samples = parse(response.content.decode())
     assert len(series(samples, "vmbackup_vm_protected")) == count
@@ -238,3 +245,36 @@ def test_it_counts_restores_by_outcome_and_the_active_ones(scraper, host):
         (("status", "cancelled"),): 0,
     }
     assert series(samples, "vmbackup_restores_active") == {(): 2}
+
+
+def test_it_shows_offsite_ages_checks_and_copies_by_outcome(scraper, vm, policy):
+    repo = OffsiteRepository.objects.create(name="vault", url="/srv/vault", password_file="/p")
+    other = OffsiteRepository.objects.create(name="never", url="/srv/never", password_file="/p")
+    repo.record_check(False, "5%", "pack 1234 damaged")
+    policy.offsite = repo
+    policy.save()
+    old, new = make_backup(vm, ago=timedelta(hours=40)), make_backup(vm, ago=timedelta(hours=2))
+    OffsiteCopy.objects.create(backup=old, repository=repo, status=RunStatus.SUCCEEDED)
+    OffsiteCopy.objects.create(
+        backup=new, repository=repo, status=RunStatus.SUCCEEDED, forgotten_at=timezone.now()
+    )  # forgotten: not offsite any more
+    OffsiteCopy.objects.create(backup=new, repository=repo, status=RunStatus.FAILED)
+    OffsiteCopy.objects.create(backup=new, repository=other, status=RunStatus.RUNNING)
+
+    types, samples = parse(scraper.get(URL).content.decode())
+
+    (age,) = series(samples, "vmbackup_vm_offsite_age_seconds").items()
+    assert age[0] == vm_labels(vm)
+    assert 40 * 3600 - 60 < age[1] < 40 * 3600 + 60
+    assert series(samples, "vmbackup_offsite_copies_total")[(("status", "succeeded"),)] == 2
+    assert series(samples, "vmbackup_offsite_copies_total")[(("status", "failed"),)] == 1
+    assert series(samples, "vmbackup_offsite_copies_active") == {(): 1}
+    assert series(samples, "vmbackup_offsite_check_ok") == {(("repository", "vault"),): 0}
+    (checked,) = series(samples, "vmbackup_offsite_check_timestamp_seconds").values()
+    assert abs(checked - timezone.now().timestamp()) < 60
+    assert types["vmbackup_offsite_copies_total"] == "counter"
+    # fresh here (2 h) but its offsite copy is 40 h old (window 36 h): not protected
+    host, uuid_, name = vm_labels(vm)
+    state = series(samples, "vmbackup_vm_protection_state")
+    assert state == {(host, ("state", "offsite-stale"), uuid_, name): 1}
+    assert series(samples, "vmbackup_vm_protected") == {vm_labels(vm): 0}

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from django.utils import timezone
 
 from backups import archive, jobs, reconcile, requests, restic
 from backups.archive import check as archive_check
-from backups.models import Backup, CopyTrigger, OffsiteCopy, OffsiteRepository, RunStatus
+from backups.models import (
+    Alert,
+    Backup,
+    CopyTrigger,
+    OffsiteCopy,
+    OffsiteRepository,
+    RunStatus,
+)
 from backups.offsite import copy as offsite_copy
 from backups.offsite import restic_repository
 from backups.retention import prune
@@ -241,3 +249,47 @@ def test_prune_stands_back_while_a_copy_of_the_vm_runs(vm, backup, offsite, sett
     report = prune.prune_vm(vm, None)
     assert report.skipped == "an offsite copy of this VM is running"
     assert Backup.objects.published().count() == 2
+
+
+def flip_first_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_corrupt_backup_never_becomes_a_snapshot_and_is_marked(vm, offsite, tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    path = publish_backup(root, vm.name, 9, random_image(64 * MIB), vm_uuid=str(vm.uuid))
+    backup = make_backup(vm, path=str(path), manifest=archive.read_manifest(path).to_dict())
+    flip_first_byte(path / "vda.raw")  # bit rot the SHA-256 pass beside the upload finds
+    copy = copy_now(backup, offsite)
+    assert copy.status == RunStatus.FAILED
+    assert f"backup {backup.pk} failed verification, not sent: vda.raw" in copy.error
+    assert snapshots(offsite) == []
+    backup.refresh_from_db()
+    assert backup.verify_status == "corrupt"
+    assert Alert.objects.open().get().key == f"backup:{backup.pk}"
+
+
+def test_a_snapshot_written_before_the_check_failed_is_forgotten(backup, offsite, monkeypatch):
+    flip_first_byte(Path(backup.path) / "vda.raw")
+    uploaded = threading.Event()
+    real_backup, real_data = restic.backup, archive_check.data
+
+    def backup_then_tell(*args, **kwargs):
+        result = real_backup(*args, **kwargs)
+        uploaded.set()
+        return result
+
+    def data_after_upload(*args, **kwargs):
+        assert uploaded.wait(60)  # the snapshot is written before the pass ends
+        return real_data(*args, **kwargs)
+
+    monkeypatch.setattr(restic, "backup", backup_then_tell)
+    monkeypatch.setattr(archive_check, "data", data_after_upload)
+    copy = copy_now(backup, offsite)
+    assert copy.status == RunStatus.FAILED and "failed verification" in copy.error
+    assert "forgotten" in [e["step"] for e in copy.journal]
+    assert snapshots(offsite) == []

@@ -211,6 +211,7 @@ def test_it_uses_no_cache_when_given_none(fake, password):
         (lambda r: restic.forget(r, [FULL_ID]), ["forget", FULL_ID]),
         (lambda r: restic.forget(r, ["0123abcd"], prune=True), ["forget", "--prune", "0123abcd"]),
         (lambda r: restic.unlock(r), ["unlock"]),
+        (lambda r: restic.prune(r), ["prune"]),
     ],
 )
 def test_it_runs_each_command_with_exact_argv(fake, repo, call, argv):
@@ -249,6 +250,45 @@ def test_a_progress_callback_that_raises_stops_restic(fake, repo, tmp_path):
     with pytest.raises(RuntimeError, match="cancelled"):
         restic.backup(repo, str(tmp_path), ["a"], ["vmbackup"], cancel)
     assert fake.signal() == "2"  # SIGINT: restic removes its lock and writes no snapshot
+
+
+def test_a_watch_that_raises_stops_restic_even_while_it_prints_nothing(fake, repo, tmp_path):
+    fake.plan({"backup": {"sleep": 30}})
+    calls = []
+
+    def watch():
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("cancelled by user")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        restic.backup(repo, str(tmp_path), ["a"], ["vmbackup"], watch=watch)
+    assert fake.signal() == "2"
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        "blob not removed, server response: 403 Forbidden (403)",  # rest-server --append-only
+        "remove /r/snapshots/0123abcd: operation not permitted",  # chattr +i
+        "remove /r/snapshots/0123abcd: read-only file system",
+    ],
+)
+def test_a_refused_deletion_stops_forget_at_once_as_append_only(fake, repo, cause):
+    line = f"Remove(<snapshot/0123abcd>) returned error, retrying after 552.3ms: {cause}\n"
+    fake.plan({"forget": {"stderr": line, "sleep": 30}})
+    with pytest.raises(ResticError) as caught:
+        restic.forget(repo, [FULL_ID])
+    assert caught.value.reason == Reason.APPEND_ONLY
+    assert "refuses deletions" in str(caught.value) and "left to its owner" in str(caught.value)
+    assert fake.signal() == "2"  # not after restic's minute of retries
+
+
+def test_a_passing_error_or_a_lock_is_not_a_refusal():
+    retry = "Remove(<{}/0123abcd>) returned error, retrying after 1s: {}"
+    assert restic.refused_removal(retry.format("lock", "403 Forbidden")) is None
+    assert restic.refused_removal(retry.format("snapshot", "connection reset by peer")) is None
+    assert restic.refused_removal(retry.format("data", "permission denied")) == "permission denied"
 
 
 def test_it_stops_restic_at_the_timeout(fake, repo):

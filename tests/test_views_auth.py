@@ -5,7 +5,15 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.urls import reverse
 
-from backups.models import BackupPolicy, BackupRun, Drill, Restore, RunStatus
+from backups.models import (
+    BackupPolicy,
+    BackupRun,
+    Drill,
+    OffsiteCopy,
+    OffsiteRepository,
+    Restore,
+    RunStatus,
+)
 from tests.helpers import make_backup, make_run
 
 MISSING = 999_999
@@ -21,6 +29,12 @@ def objects(policy, vm):
         "restore": Restore.objects.create(backup=backup, name="copy", root="/srv").pk,
         "policy": policy.pk,
         "drill": Drill.objects.create(backup=backup, screenshot=b"\x89PNG\r\n\x1a\n").pk,
+        "copy": OffsiteCopy.objects.create(
+            backup=backup,
+            repository=OffsiteRepository.objects.create(
+                name="vault", url="/srv/vault", password_file="/etc/vault.pw"
+            ),
+        ).pk,
     }
 
 
@@ -37,6 +51,8 @@ MUTATIONS = [
     ("backup_drill", "backup", "backups.restore_backup"),
     ("policy_edit", "policy", "backups.change_backuppolicy"),
     ("policy_create", None, "backups.add_backuppolicy"),
+    ("backup_copy", "backup", "backups.copy_offsite"),
+    ("copy_cancel", "copy", "backups.copy_offsite"),
 ]
 PAGES = [
     ("overview", None),
@@ -59,6 +75,9 @@ PAGES = [
     ("policy_list", None),
     ("policy_edit", "policy"),
     ("policy_create", None),
+    ("copy_list", None),
+    ("copy_detail", "copy"),
+    ("copy_progress", "copy"),
 ]
 FORMS = {
     "policy_edit",

@@ -8,7 +8,14 @@ from django.utils import timezone
 from django_q.models import Schedule
 
 from backups import dashboard
-from backups.models import BackupPolicy, Kind, RunStatus, VirtualMachine
+from backups.models import (
+    BackupPolicy,
+    Kind,
+    OffsiteCopy,
+    OffsiteRepository,
+    RunStatus,
+    VirtualMachine,
+)
 from tests.helpers import make_backup, make_run, populate
 
 URL = reverse("overview")
@@ -158,6 +165,7 @@ def test_it_pages_the_table_problems_first_with_totals_over_all_vms(
         "failing": 1,
         "stale": 0,
         "never": 1,
+        "offsite-stale": 0,
         "unprotected": 1,
         "ok": 2,
     }
@@ -212,3 +220,24 @@ def test_it_prints_times_like_the_date_filter_in_the_current_time_zone():
     context = Context({"t": datetime(2026, 1, 31, 23, 30, tzinfo=UTC), "n": None})
     with timezone.override("Europe/Berlin"):
         assert template.render(context) == "2026-02-01 00:30|2026-02-01 00:30|"
+
+
+def test_a_vm_whose_policy_copies_offsite_is_protected_only_with_a_fresh_copy(
+    viewer_client, policy, vm
+):
+    repo = OffsiteRepository.objects.create(name="vault", url="/srv/vault", password_file="/p")
+    policy.offsite = repo
+    policy.save()
+    backup = make_backup(vm, ago=timedelta(hours=2))
+    response = viewer_client.get(URL)
+    assert response.context["state_counts"]["offsite-stale"] == 1  # fresh here, none offsite
+    assert b"offsite: none yet" in response.content
+
+    copy = OffsiteCopy.objects.create(backup=backup, repository=repo, status=RunStatus.SUCCEEDED)
+    response = viewer_client.get(URL)
+    assert response.context["state_counts"]["ok"] == 1
+    assert b"offsite 2 h ago" in response.content
+
+    copy.forgotten_at = timezone.now()  # forgotten by offsite retention: not offsite now
+    copy.save()
+    assert viewer_client.get(URL).context["state_counts"]["offsite-stale"] == 1

@@ -125,6 +125,12 @@ VMBACKUP_OFFSITE_ATTEMPTS = envint("VMBACKUP_OFFSITE_ATTEMPTS", 3)
 # file the admin controls on the worker hosts, never options from the database (restic's
 # sftp.command runs a program). Blank: restic runs ssh with root's own configuration.
 VMBACKUP_SSH_CONFIG = env("VMBACKUP_SSH_CONFIG", "")
+# The scheduled `restic check` of every enabled repository (cron; blank: none) and the share
+# of its data each pass reads and verifies (restic's --read-data-subset: 5%, 1/20, 2G).
+VMBACKUP_OFFSITE_CHECK_CRON = env("VMBACKUP_OFFSITE_CHECK_CRON", "30 5 * * *")
+VMBACKUP_OFFSITE_CHECK_SUBSET = env("VMBACKUP_OFFSITE_CHECK_SUBSET", "5%")
+# A check or offsite prune that found the repository locked is tried again this much later.
+VMBACKUP_OFFSITE_RETRY_MINUTES = envint("VMBACKUP_OFFSITE_RETRY_MINUTES", 20)
 
 # Failure mail (a policy's notify_to); any SMTP server, or set EMAIL_BACKEND.
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")

@@ -38,6 +38,7 @@ def verify(
     *,
     check_images: bool = True,
     hashed: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> VerifyResult:
     """Re-read a backup the way a restore would.  qcow2 has no data checksums, so the
     SHA-256 pass is what finds bit rot; the image headers must say what the manifest says
@@ -50,7 +51,8 @@ def verify(
 
     ``hashed``: digests the caller computed from these very files moments ago (the check
     right after a backup); they are compared with SHA256SUMS instead of being read again.
-    Scheduled verification passes nothing and re-reads everything.
+    Scheduled verification passes nothing and re-reads everything. ``stop`` (anything with
+    ``is_set()``) raises ``Stop`` within one read, as in ``data``.
 
     The two halves, ``structure`` and ``data``, are also used apart: a restore checks the
     structure before qemu-img opens the chain and reads the data beside the copy.
@@ -58,7 +60,7 @@ def verify(
     found = structure(backup_dir, check_images=check_images)
     if found.sums is None:
         return VerifyResult(False, found.errors, 0, 0)
-    more = data(found, hashed=hashed, check_images=check_images)
+    more = data(found, hashed=hashed, check_images=check_images, stop=stop)
     errors = found.errors + more.errors
     return VerifyResult(not errors, errors, more.checked_files, more.bytes)
 

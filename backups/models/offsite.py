@@ -2,6 +2,7 @@
 
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 
 from .backup import Backup
 from .inventory import VirtualMachine
@@ -27,8 +28,9 @@ class OffsiteCopyQuerySet(models.QuerySet):
         return self.filter(status=RunStatus.SUCCEEDED)
 
     def in_repository(self, repository):
-        """The copies whose snapshot is in ``repository``: what a chain builds on there."""
-        return self.succeeded().filter(repository=repository)
+        """The copies whose snapshot is in ``repository``: what a chain builds on there
+        (succeeded, and not forgotten since by offsite retention or found gone)."""
+        return self.succeeded().filter(repository=repository, forgotten_at__isnull=True)
 
 
 class OffsiteCopy(Job):
@@ -66,6 +68,12 @@ class OffsiteCopy(Job):
     verified_at = models.DateTimeField(
         null=True, blank=True, help_text="the snapshot's listing matched the manifest then"
     )
+    forgotten_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="its snapshot was forgotten by offsite retention (or found gone) then; "
+        "the journal says why",
+    )
 
     objects = OffsiteCopyQuerySet.as_manager()
 
@@ -84,6 +92,9 @@ class OffsiteCopy(Job):
 
     def __str__(self):
         return f"copy {self.pk} of backup {self.backup_id} to {self.repository} ({self.status})"
+
+    def get_absolute_url(self):
+        return reverse("copy_detail", args=[self.pk])
 
     def save(self, *args, **kwargs):
         if self.vm_id is None and self.backup_id is not None:  # always the backup's VM

@@ -27,6 +27,7 @@ class AlertKind(models.TextChoices):
     NO_WORKER = "no-worker", "no live worker"
     RUN_WAITING = "run-waiting", "backup run waiting for a worker"
     DRILL_FAILED = "drill-failed", "restore drill failed"
+    OFFSITE_CHECK = "offsite-check", "offsite repository check failed"
 
 
 class AlertQuerySet(models.QuerySet):

@@ -70,6 +70,18 @@ class OffsiteRepository(models.Model):
     check_ok = models.BooleanField(null=True, blank=True)
     check_subset = models.CharField(max_length=32, blank=True, help_text="data read by the check")
     check_message = models.TextField(blank=True)
+    prune_queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="an offsite prune of it is queued since then"
+    )
+    prune_holder = models.CharField(
+        max_length=100, blank=True, help_text="host:pid of the offsite prune running now"
+    )
+    prune_since = models.DateTimeField(null=True, blank=True)
+    pruned_at = models.DateTimeField(null=True, blank=True)
+    prune_state = models.CharField(
+        max_length=32, blank=True, help_text="ok, append-only, locked, failed…"
+    )
+    prune_message = models.TextField(blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -87,6 +99,29 @@ class OffsiteRepository(models.Model):
         self.checked_at, self.check_ok = timezone.now(), ok
         self.check_subset, self.check_message = subset, message
         self.save(update_fields=["checked_at", "check_ok", "check_subset", "check_message"])
+
+    def claim_prune(self, holder: str, stale_before) -> bool:
+        """One offsite prune per repository at a time: taken when nobody holds it, or when
+        its holder started before ``stale_before`` (a prune that died holding it)."""
+        free = models.Q(prune_holder="") | models.Q(prune_since__lt=stale_before)
+        now = timezone.now()
+        taken = (
+            type(self)
+            .objects.filter(free, pk=self.pk)
+            .update(prune_holder=holder, prune_since=now, prune_queued_at=None)
+        )
+        if taken:
+            self.prune_holder, self.prune_since, self.prune_queued_at = holder, now, None
+        return bool(taken)
+
+    def release_prune(self, holder: str, state: str, message: str) -> None:
+        """The prune's outcome, recorded by its holder only."""
+        now = timezone.now()
+        type(self).objects.filter(pk=self.pk, prune_holder=holder).update(
+            prune_holder="", pruned_at=now, prune_state=state, prune_message=message
+        )
+        self.prune_holder, self.pruned_at = "", now
+        self.prune_state, self.prune_message = state, message
 
 
 class BackupPolicy(models.Model):

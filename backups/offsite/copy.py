@@ -1,16 +1,24 @@
 """Copy one published backup into an offsite restic repository, in chain order.
 
-The order is the promise, as for a backup run: verify the backup here first (SHA-256 of
-every file, image headers against the manifest: a corrupt backup is never sent, and is
-marked corrupt); send exactly the files its SHA256SUMS lists and the manifest accounts for
-(``offsite.files_to_send``), from inside the VM directory (the snapshot layout in
-``offsite``); then read the new snapshot's listing back and compare names and sizes with
-what was sent and with the manifest. Only then is the copy ``succeeded``.
+The order is the promise, as for a backup run: check the backup's structure here first
+(every file listed in SHA256SUMS, image headers against the manifest); send exactly the
+files its SHA256SUMS lists and the manifest accounts for (``offsite.files_to_send``), from
+inside the VM directory (the snapshot layout in ``offsite``), while the SHA-256 pass and
+``qemu-img check`` run beside the upload; then read the new snapshot's listing back and
+compare names and sizes with what was sent and with the manifest. A corrupt backup never
+becomes a snapshot (restic is stopped at the first error found, or the snapshot forgotten
+when it was written first; data restic had uploaded is unreferenced, for the next prune)
+and is marked corrupt. Only then is the copy ``succeeded``.
 
 Chain order: an incremental is useful offsite only with its parents there, so a copy first
 sends every ancestor that has no succeeded copy in that repository, oldest first, each
 recorded as a copy of its own (``via`` this one), and stops at the first that fails. One
 copy per VM is active at a time (its links do not count).
+
+A cancel is honoured within a second wherever the copy is: while the backup is verified
+(between two reads), while restic runs (``watch``: restic is interrupted, then its process
+group killed — it writes no snapshot), and between the chain's backups; a snapshot
+written just before the cancel is forgotten again (best effort, as a discarded one).
 
 A retention fold could rewrite a backup while it is read: a running copy makes prune stand
 back, and the files' (inode, size, mtime) taken before the check are compared after the
@@ -22,6 +30,7 @@ interrupted and requeues it (``repair_dead``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +59,7 @@ def execute(copy: OffsiteCopy) -> str:
 
 def _execute(copy: OffsiteCopy) -> str:
     links: list[OffsiteCopy] = []
+    cancel = CancelWatch(copy)
     try:
         if not copy.repository.enabled:
             raise OffsiteError(f"repository {copy.repository.name} is disabled")
@@ -57,15 +67,18 @@ def _execute(copy: OffsiteCopy) -> str:
         chain = pending_chain(copy.backup, copy.repository)
         copy.log("plan", backups=[b.pk for b in chain])
         for backup in chain[:-1]:
+            cancel.now()
             link = _link(copy, backup)
             links.append(link)
-            send(link, repo, copy)
+            send(link, repo, copy, cancel)
             link.mark_succeeded()
-        send(copy, repo, copy)
+        cancel.now()
+        send(copy, repo, copy, cancel)
         copy.mark_succeeded()
         return f"copied backup {copy.backup_id} as snapshot {copy.snapshot_id[:8]}"
     except Cancelled as exc:
         _end(copy, links, RunStatus.CANCELLED, str(exc))
+        _unlock(copy)  # restic killed after its grace (a loaded host) leaves its lock
         return "cancelled"
     except Stopped as exc:  # its command or worker was stopped: restic was stopped with it
         _end(copy, links, RunStatus.INTERRUPTED, str(exc))
@@ -99,57 +112,150 @@ def pending_chain(backup: Backup, repo_model) -> list[Backup]:
     return chain
 
 
-def send(row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy) -> None:
+def send(
+    row: OffsiteCopy, repo: restic.Repository, main: OffsiteCopy, cancel: CancelWatch | None = None
+) -> None:
     """Verify, send and check one backup; recorded on ``row`` (the copy, or one of its
-    links); ``main`` is the copy whose cancel and progress count."""
+    links); ``main`` is the copy whose cancel and progress count.
+
+    The cheap half of the verification (every file listed, headers as the manifest says)
+    comes first: nothing is sent before it passes. The SHA-256 pass and ``qemu-img check``
+    run beside the upload (as a restore's chain check runs beside its copy): an error
+    they find stops restic (no snapshot), and a snapshot written before they end counts
+    only once they have passed — else it is forgotten again."""
+    cancel = cancel or CancelWatch(main)
     backup = row.backup
     if backup.pruned_at is not None:
         raise OffsiteError(f"backup {backup.pk} was pruned before it could be copied")
     directory = Path(backup.path)
     before = fingerprint(directory)
-    manifest, names = _verified(row, backup, directory)
+    manifest, names, found = _structure(row, backup, directory)
     sizes = {name: before[name][1] for name in names}
     marks = tags(manifest, directory.name, site.site_id())
     row.log("send", backup=backup.pk, files=len(names), bytes=sum(sizes.values()), tags=marks)
-    progress = _Progress(row, main)
-    result = restic.backup(
-        repo,
-        str(directory.parent),
-        [f"{directory.name}/{name}" for name in names],
-        marks,
-        progress,
-        host=backup.vm.host.name,
-        when=backup.created_at,
-        timeout=settings.Q_TIMEOUT,
-    )
+    with _Beside(found) as hashing:
+        result = _upload(row, repo, main, backup, directory, names, marks, cancel, hashing)
+        verdict = hashing.wait(cancel, on_cancel=lambda: result and _discard(row, repo, result))
+    _record(backup, found, verdict)
+    if not verdict.ok:
+        if result:
+            _discard(row, repo, result)
+        raise OffsiteError(
+            f"backup {backup.pk} failed verification, not sent: "
+            + "; ".join([*found.errors, *verdict.errors][:5])
+        )
+    try:
+        problems = _changed(directory, before, names)
+        if not problems:
+            full, nodes = restic.listing(repo, result, timeout=settings.Q_TIMEOUT, watch=cancel)
+            problems = listing_problems(nodes, directory.name, sizes, manifest)
+            problems += [] if full.startswith(result) else [f"no snapshot {result} listed"]
+    except Cancelled:
+        _discard(row, repo, result)
+        raise
+    if problems:
+        _discard(row, repo, result)
+        raise OffsiteError(f"snapshot {result[:8]} discarded: " + "; ".join(problems))
+    row.snapshot_id, row.verified_at = full, timezone.now()
+    row.save(update_fields=["snapshot_id", "verified_at"])
+    row.log("listed", files=len(names), snapshot=full)
+
+
+def _upload(row, repo, main, backup, directory, names, marks, cancel, hashing) -> str:
+    """``restic backup`` of the files; returns the snapshot's (short) id, or "" when the
+    verification beside it failed first (restic stopped: no snapshot)."""
+
+    def watch() -> None:
+        cancel()
+        if hashing.failed():
+            raise _Corrupt
+
+    try:
+        result = restic.backup(
+            repo,
+            str(directory.parent),
+            [f"{directory.name}/{name}" for name in names],
+            marks,
+            _Progress(row, main),
+            host=backup.vm.host.name,
+            when=backup.created_at,
+            timeout=settings.Q_TIMEOUT,
+            watch=watch,
+            resolve=False,  # the listing names the full id
+        )
+    except _Corrupt:
+        return ""
     row.snapshot_id, row.bytes_added = result.snapshot_id, result.bytes_added
     row.save(update_fields=["snapshot_id", "bytes_added"])
     row.log("sent", snapshot=result.snapshot_id, added=result.bytes_added)
-    problems = _changed(directory, before, names)
-    if not problems:
-        nodes = restic.ls(repo, result.snapshot_id, timeout=settings.Q_TIMEOUT)
-        problems = listing_problems(nodes, directory.name, sizes, manifest)
-    if problems:
-        _discard(row, repo, result.snapshot_id)
-        raise OffsiteError(f"snapshot {result.snapshot_id[:8]} discarded: " + "; ".join(problems))
-    row.verified_at = timezone.now()
-    row.save(update_fields=["verified_at"])
-    row.log("listed", files=len(names))
+    return result.snapshot_id
 
 
-def _verified(row: OffsiteCopy, backup: Backup, directory: Path):
-    """The backup checked as a restore would read it, the outcome kept on its row (a
-    corrupt one alerts); returns its manifest and the files to send."""
+class _Corrupt(Exception):
+    """The verification beside the upload found an error: restic is stopped."""
+
+
+class _Beside:
+    """The expensive half of the verification in a thread of its own while restic reads the
+    same files (each read once from the disk: the pages are kept for the other). Stopped
+    with the block; no database here."""
+
+    def __init__(self, found: archive_check.Structure):
+        self.found, self.stop, self.verdict = found, threading.Event(), None
+        self.thread = threading.Thread(target=self._run, name="offsite-verify", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.verdict = archive_check.data(
+                self.found, stop=self.stop, keep_cache=True, first_error=True
+            )
+        except archive_check.Stop:
+            self.verdict = None
+        except Exception as exc:  # a failed verification, recorded as such
+            self.verdict = archive_check.VerifyResult(False, (f"verification: {exc}",), 0, 0)
+
+    def __enter__(self) -> _Beside:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def failed(self) -> bool:
+        return not self.thread.is_alive() and self.verdict is not None and not self.verdict.ok
+
+    def wait(self, cancel: CancelWatch, on_cancel) -> archive_check.VerifyResult:
+        """The verdict, once the pass has ended; a cancel meanwhile is honoured."""
+        while self.thread.is_alive():
+            self.thread.join(0.5)
+            try:
+                cancel()
+            except Cancelled:
+                on_cancel()
+                raise
+        return self.verdict
+
+
+def _structure(row: OffsiteCopy, backup: Backup, directory: Path):
+    """The cheap half, before anything is sent: a backup it finds broken is marked corrupt
+    (alerted) and not sent. Returns the manifest, the files to send and what it found."""
     row.log("verify", path=str(directory))
-    result = archive_check.verify(directory)
-    backup.mark_verified(result.ok, "; ".join(result.errors))
-    alerts.backup_checked(backup)
-    if not result.ok:
+    found = archive_check.structure(directory)
+    if found.sums is None or found.errors:
+        _record(backup, found, archive_check.VerifyResult(True, (), 0, 0))
         raise OffsiteError(
-            f"backup {backup.pk} failed verification, not sent: " + "; ".join(result.errors[:5])
+            f"backup {backup.pk} failed verification, not sent: " + "; ".join(found.errors[:5])
         )
     manifest = archive.read_manifest(directory)
-    return manifest, files_to_send(manifest, archive.read_sums(directory))
+    return manifest, files_to_send(manifest, found.sums), found
+
+
+def _record(backup: Backup, found, verdict) -> None:
+    """Both halves' outcome on the backup's row, as a verification records it."""
+    errors = [*found.errors, *verdict.errors]
+    backup.mark_verified(not errors, "; ".join(errors))
+    alerts.backup_checked(backup)
 
 
 def fingerprint(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -182,9 +288,35 @@ def _discard(row: OffsiteCopy, repo: restic.Repository, snapshot_id: str) -> Non
         row.log("not-forgotten", snapshot=snapshot_id, error=str(exc))
 
 
+class CancelWatch:
+    """Has the user asked ``copy`` to stop? Asked of the database at most once a second.
+    Called (restic's ``watch``), it raises ``Cancelled``, which stops restic before it
+    writes a snapshot; ``is_set()`` is what the verification's ``stop`` asks between
+    reads. ``now()`` asks at once, between two steps."""
+
+    EVERY = 1.0
+
+    def __init__(self, copy: OffsiteCopy):
+        self.copy_id, self.next, self.asked = copy.pk, 0.0, False
+
+    def is_set(self) -> bool:
+        if time.monotonic() >= self.next:
+            self.next = time.monotonic() + self.EVERY
+            filtered = OffsiteCopy.objects.filter(pk=self.copy_id, cancel_requested=True)
+            self.asked = self.asked or filtered.exists()
+        return self.asked
+
+    def __call__(self) -> None:
+        if self.is_set():
+            raise Cancelled("cancelled by user")
+
+    def now(self) -> None:
+        self.next = 0.0
+        self()
+
+
 class _Progress:
-    """restic's status lines as the rows' bytes, throttled; a cancel raises here, which
-    stops restic before it writes a snapshot."""
+    """restic's status lines as the rows' bytes, throttled."""
 
     def __init__(self, row: OffsiteCopy, main: OffsiteCopy):
         self.row, self.main, self.last = row, main, 0.0
@@ -196,8 +328,6 @@ class _Progress:
         self.last = now
         for row in {self.row.pk: self.row, self.main.pk: self.main}.values():
             row.beat(status.bytes_done, status.total_bytes)
-        if OffsiteCopy.objects.filter(pk=self.main.pk, cancel_requested=True).exists():
-            raise Cancelled("cancelled by user")
 
 
 def _link(copy: OffsiteCopy, backup: Backup) -> OffsiteCopy:
@@ -239,8 +369,14 @@ def repair_dead(copy: OffsiteCopy, error: str) -> bool:
     for link in copy.links.filter(status=RunStatus.RUNNING):
         link.mark_interrupted(error, only=(RunStatus.RUNNING,))
     ended = copy.mark_interrupted(error, only=(RunStatus.RUNNING,))
+    _unlock(copy)
+    return ended
+
+
+def _unlock(copy: OffsiteCopy) -> None:
+    """Stale locks removed (``restic unlock`` leaves a live process's alone): a restic that
+    died or was killed leaves its lock, which would block ``check`` and offsite prune."""
     try:
         restic.unlock(restic_repository(copy.repository))
     except restic.ResticError as exc:
         copy.log("unlock-failed", error=str(exc))
-    return ended

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from .. import restic
+from .. import alerts, restic
 from ..models import OffsiteRepository
 from . import OffsiteError, restic_repository
+
+
+class Busy(OffsiteError):
+    """restic found the repository locked by a live process (a copy, a prune): not a
+    failed check, tried again later."""
 
 
 def probe(model: OffsiteRepository) -> restic.Probe:
@@ -51,8 +56,9 @@ def initialize(model: OffsiteRepository) -> str:
 
 def check(model: OffsiteRepository, read_data_subset: str | None = None) -> restic.CheckResult:
     """``restic check`` (with a share of the data read and verified), after removing the
-    stale locks a killed copy may have left. Damage found is the result (``ok`` false, and
-    recorded); a check that cannot run raises."""
+    stale locks a killed copy may have left. Damage found is the result (``ok`` false,
+    recorded, alerted; a later good check resolves it); a check that cannot run raises
+    (and alerts too), except a locked repository: ``Busy``, nothing recorded."""
     repo = restic_repository(model)
     try:
         subset = restic.subset(read_data_subset) if read_data_subset else ""
@@ -62,8 +68,12 @@ def check(model: OffsiteRepository, read_data_subset: str | None = None) -> rest
         restic.unlock(repo)
         result = restic.check(repo, read_data_subset or None, timeout=settings.Q_TIMEOUT)
     except restic.ResticError as exc:
-        model.record_check(False, subset, str(exc))
+        if exc.reason == restic.Reason.LOCKED:
+            raise Busy(str(exc)) from exc
+        model.record_check(False, subset, f"the check could not run: {exc}")
+        alerts.offsite_checked(model)
         raise OffsiteError(str(exc)) from exc
     message = "no errors found" if result.ok else "; ".join(result.errors)
     model.record_check(result.ok, subset, message)
+    alerts.offsite_checked(model)
     return result

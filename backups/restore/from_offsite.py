@@ -104,7 +104,7 @@ def fetch(restore: Restore, progress: Progress, created: list[Path]) -> Path:
                 copy.snapshot_id,
                 str(staging),
                 include=[f"/{name}"],
-                tick=meter,
+                watch=meter,
                 timeout=settings.Q_TIMEOUT,
             )
         except restic.ResticError as exc:

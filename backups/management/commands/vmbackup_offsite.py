@@ -1,8 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups import interrupt, inventory, jobs, requests
+from backups import interrupt, inventory, jobs, requests, restic, worker
 from backups.models import Backup, CopyTrigger, Host, OffsiteRepository, RunStatus
 from backups.offsite import OffsiteError, importing
+from backups.offsite import forget as offsite_forget
 from backups.offsite import repository as offsite_repository
 
 
@@ -12,7 +13,11 @@ class Command(BaseCommand):
         "where one exists); `copy BACKUP [--repository R] [--wait]` copies a backup (and "
         "the parents it needs there first), with --wait here: the last line is the snapshot "
         "id; `check [--repository R] [--read-data-subset P]` runs restic check (exit 1 when "
-        "it finds damage); `import --repo URL --password-file F [--name N] [--host H]` "
+        "it finds damage); `prune [--repository R] [--dry-run]` applies the policies' "
+        "offsite_keep_* (forget, then restic prune; a kept incremental's parents stay), "
+        "one line per snapshot (vm, time, id, backup, keep|forget, why), exit 1 when a "
+        "repository could not be pruned (an append-only one is said so, not an error); "
+        "`import --repo URL --password-file F [--name N] [--host H]` "
         "lists a repository's backups into this database, new ones only (disaster recovery; "
         "exit 1 when a snapshot could not be imported, each named with the reason). Stopped "
         "by TERM, INT or HUP: 128 + the signal's number, the copy "
@@ -30,6 +35,9 @@ class Command(BaseCommand):
         check = commands.add_parser("check", help="restic check")
         check.add_argument("--repository", help="default: every enabled repository")
         check.add_argument("--read-data-subset", help="also read this share: 10%%, 1/5, 2G")
+        prune = commands.add_parser("prune", help="offsite retention: forget, then prune")
+        prune.add_argument("--repository", help="default: every enabled repository")
+        prune.add_argument("--dry-run", action="store_true", help="show the plan only")
         found = commands.add_parser(
             "import", help="list a repository's backups into this database (disaster recovery)"
         )
@@ -99,18 +107,12 @@ class Command(BaseCommand):
             raise CommandError(f"{len(result.skipped)} snapshot(s) could not be imported")
 
     def _check(self, guard, *, repository, read_data_subset, **options):
-        chosen = (
-            [_repository(repository)]
-            if repository
-            else list(OffsiteRepository.objects.filter(enabled=True))
-        )
-        if not chosen:
-            raise CommandError("no enabled offsite repository")
+        chosen = _chosen(repository)
         bad = 0
         for repo in chosen:
             try:
                 result = offsite_repository.check(repo, read_data_subset)
-            except OffsiteError as exc:
+            except OffsiteError as exc:  # Busy (locked) too: here it is said, not retried
                 bad += 1
                 self.stdout.write(f"{repo.name}: failed: {exc}")
                 continue
@@ -120,6 +122,30 @@ class Command(BaseCommand):
             )
         if bad:
             raise CommandError(f"{bad} of {len(chosen)} repositories failed the check")
+
+    def _prune(self, guard, *, repository, dry_run, **options):
+        chosen = _chosen(repository)
+        bad = 0
+        for repo in chosen:
+            try:
+                plan, outcome = offsite_forget.run(repo, worker.worker_id(), dry_run=dry_run)
+            except restic.ResticError as exc:  # the listing of a dry run
+                bad += 1
+                self.stdout.write(f"{repo.name}: failed: {exc}")
+                continue
+            for line in plan.lines() if plan else []:
+                self.stdout.write(f"{repo.name}\t{line}")
+            bad += not (outcome.ok or dry_run)
+            self.stdout.write(f"{repo.name}: {outcome.state}: {outcome.message}")
+        if bad:
+            raise CommandError(f"{bad} of {len(chosen)} repositories were not pruned")
+
+
+def _chosen(key: str | None) -> list[OffsiteRepository]:
+    chosen = [_repository(key)] if key else list(OffsiteRepository.objects.filter(enabled=True))
+    if not chosen:
+        raise CommandError("no enabled offsite repository")
+    return chosen
 
 
 def _repository(key: str) -> OffsiteRepository:
