@@ -411,7 +411,11 @@ def progress(run: BackupRun, now: datetime | None = None) -> Progress:
 
 def holding(backup: Backup) -> list[OffsiteRepository]:
     """The offsite repositories holding a copy of ``backup``, by name."""
-    succeeded = {"copies__backup": backup, "copies__status": RunStatus.SUCCEEDED}
+    succeeded = {
+        "copies__backup": backup,
+        "copies__status": RunStatus.SUCCEEDED,
+        "copies__forgotten_at__isnull": True,  # the same copy row: one filter() call
+    }
     return list(OffsiteRepository.objects.filter(**succeeded).distinct().order_by("name"))
 
 

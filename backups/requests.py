@@ -151,8 +151,10 @@ def restore_source(
     local = backup.pruned_at is None
     if local and not (from_offsite or repository):
         return None
-    holding = OffsiteRepository.objects.filter(
-        copies__backup=backup, copies__status=RunStatus.SUCCEEDED
+    holding = OffsiteRepository.objects.filter(  # one filter(): conditions on one copy row
+        copies__backup=backup,
+        copies__status=RunStatus.SUCCEEDED,
+        copies__forgotten_at__isnull=True,  # offsite retention forgot its snapshot
     ).distinct()
     if repository is not None:
         if not holding.filter(pk=repository.pk).exists():

@@ -110,3 +110,18 @@ def test_one_disk_of_a_backup_held_only_offsite_is_refused(host, repository, set
     with pytest.raises(requests.RestoreRefused, match="has no directory here"):
         requests.request_disk_restore(gone, disk="vda", to=str(tmp_path / "vda.qcow2"))
     assert not Restore.objects.exists()
+
+
+def test_a_copy_offsite_retention_forgot_holds_nothing(host, repository, settings, tmp_path):
+    settings.VMBACKUP_RESTORE_ROOTS = [str(tmp_path)]
+    vm = VirtualMachine.objects.create(host=host, uuid=uuid.uuid4(), name="web")
+    gone = backup(vm, "20261130T010000Z-1")
+    copy(gone, repository, "a" * 64, forgotten_at=timezone.now())
+
+    assert not Backup.objects.restorable().filter(pk=gone.pk).exists()
+    with pytest.raises(requests.RestoreRefused, match="was pruned and has no offsite copy"):
+        requests.request_restore(gone, name="web-back", root=str(tmp_path), enqueue=False)
+    with pytest.raises(requests.RestoreRefused, match="has no copy in far"):
+        requests.request_restore(
+            gone, name="web-back", root=str(tmp_path), repository=repository, enqueue=False
+        )

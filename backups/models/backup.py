@@ -24,9 +24,10 @@ class BackupQuerySet(models.QuerySet):
         return self.filter(pruned_at__isnull=True)
 
     def with_offsite(self):
-        """Annotated ``offsite``: a succeeded copy in an offsite repository holds it."""
+        """Annotated ``offsite``: a succeeded copy in an offsite repository holds it (one
+        that offsite retention forgot does not)."""
         copies = self.model.offsite_copies.rel.related_model.objects.filter(
-            backup=OuterRef("pk"), status="succeeded"
+            backup=OuterRef("pk"), status="succeeded", forgotten_at__isnull=True
         )
         return self.annotate(offsite=Exists(copies))
 
