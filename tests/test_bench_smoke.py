@@ -30,6 +30,12 @@ LAST_KEYS = {
     "full_backup.py": ["ratio_offline", "ratio_push_vs_qemu", "ratio_total_vs_floor"],
     "incremental.py": ["ratio_time", "ratio_size_to_changed"],
     "offsite.py": ["ratio_copy_vs_restic", "growth_ratio"],
+    "restore.py": [
+        "restore_vs_virtnbdrestore",
+        "instant_running_s",
+        "instant_vs_virtnbdrestore",
+        "drill_alive_s",
+    ],
     "vs_virtnbdbackup.py": ["vs_full", "vs_full_compressed", "vs_inc", "vs_restore", "identical"],
 }
 NUMBER = r"-?\d+(?:\.\d+)?(?:/\d+)?"  # a figure, or a count like identical=3/3
