@@ -23,7 +23,7 @@ test:
 	./scripts/test-postgres.sh
 
 # Every bench/ script at its smallest size, one round: it must finish and print its last
-# line (tests/test_bench_smoke.py, ~15 s). `make test` runs it with the rest of pytest.
+# line (tests/test_bench_smoke.py, ~2-3 min). `make test` runs it with the rest of pytest.
 bench-smoke:
 	.venv/bin/pytest -q -p no:cacheprovider tests/test_bench_smoke.py
 
