@@ -16,19 +16,16 @@ restic is stopped with SIGINT (it then removes its lock and exits), then its who
 group killed, when a call times out, when the progress callback or ``watch`` raises (a
 cancel: ``watch`` is called about once a second whatever restic prints), or when the
 process that started it dies (``PR_SET_PDEATHSIG``); a snapshot is written last, so a
-stopped backup leaves none. No Django here: the engines pass in what they know
-(``Repository``, a ``watch`` that asks their database).
+stopped backup leaves none (``restic_process``: the pipes, the deadline, the stop). No
+Django here: the engines pass in what they know (``Repository``, a ``watch`` that asks
+their database).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
-import selectors
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -64,22 +61,16 @@ from .restic_parse import relative as _relative
 from .restic_parse import relative_pattern as _relative_pattern
 from .restic_parse import snapshot_id as _snapshot
 from .restic_parse import tag as _tag
+from .restic_process import MAX_STDERR, Hooks, collect, die_with_parent, stop
 
 RESTIC = shutil.which("restic", path="/usr/local/bin:/usr/bin:/bin") or "/usr/bin/restic"
 DEFAULT_TIMEOUT = 600.0  # seconds; a backup, check or restore is given its own
 PROBE_TIMEOUT = 120.0
-STOP_GRACE = 10.0  # seconds restic gets after SIGINT to remove its lock
-MAX_STDERR = 64 * 1024
 MAX_DUMP = 4 * 1024 * 1024
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # what restic's backends read credentials from (S3, B2, Azure, GCS, Swift; ssh's agent)
 PASSED_ON = ("AWS_", "B2_", "AZURE_", "GOOGLE_", "OS_", "ST_", "SSH_AUTH_SOCK", "TMPDIR")
 PASSED_ON += ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-_PR_SET_PDEATHSIG = 1
-try:  # resolved once: the child between fork and exec should do as little as possible
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (AttributeError, OSError):
-    _prctl = None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -350,21 +341,6 @@ def _argv(repo: Repository, args: list[str]) -> list[str]:
     return [RESTIC, *args, *repo.options] + ([] if repo.cache_dir else ["--no-cache"])
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """restic runs in its own session (a Ctrl-C at the command must not reach it before we
-    decide), so the kernel interrupts it when its parent dies: SIGINT, on which restic
-    removes its lock and exits without writing a snapshot. Run only from the job's thread
-    (the kernel's "parent" is the thread that forked)."""
-
-    def child() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return child
-
-
 def _run(
     repo: Repository,
     args: list[str],
@@ -393,12 +369,12 @@ def _run(
         cwd=cwd,
         close_fds=True,
         start_new_session=True,
-        preexec_fn=_die_with_parent(os.getpid()),
+        preexec_fn=die_with_parent(os.getpid()),
     )
     try:
-        out, err = _collect(proc, time.monotonic() + timeout, _Hooks(on_line, watch, on_error))
+        out, err = collect(proc, time.monotonic() + timeout, Hooks(on_line, watch, on_error))
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        stop(proc)
         raise ResticError(
             f"restic {args[0]} on {repo.display} did not finish within "
             f"{timeout:g} s (unreachable or too slow?)",
@@ -409,83 +385,11 @@ def _run(
         exc.argv = exc.argv or argv
         raise
     finally:
-        _stop(proc)
+        stop(proc)
     stderr = mask(err.decode(errors="replace")[-MAX_STDERR:], repo.url)
     if proc.returncode != 0:
         raise error_for(repo, args[0], argv, proc.returncode, stderr)
     return _Done(out if binary else out.decode(errors="replace"), stderr)
-
-
-class _Hooks:
-    """What ``_collect`` calls as restic runs: each stdout line, each stderr line, and the
-    caller's ``watch`` (at most once a second, whether restic prints or not)."""
-
-    def __init__(self, on_line, watch, on_error):
-        self.on_line, self.watch, self.on_error = on_line, watch, on_error
-        self.next_watch = 0.0
-        self.err_partial = b""
-
-    def tick(self) -> None:
-        if self.watch is not None and time.monotonic() >= self.next_watch:
-            self.next_watch = time.monotonic() + 1.0
-            self.watch()
-
-    def stderr(self, data: bytes) -> None:
-        if self.on_error is not None:
-            *lines, self.err_partial = (self.err_partial + data).split(b"\n")
-            for line in lines:
-                self.on_error(line.decode(errors="replace"))
-
-
-def _collect(proc, deadline: float, hooks: _Hooks) -> tuple[bytes, bytes]:
-    """Both pipes drained together within the deadline; stdout split into lines for
-    ``on_line`` (a long backup prints a status line twice a second: consumed, not kept)."""
-    on_line = hooks.on_line
-    kept: list[bytes] = []
-    err = bytearray()
-    partial = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise subprocess.TimeoutExpired(proc.args, 0)
-            hooks.tick()
-            for key, _ in sel.select(min(remaining, 1.0)):
-                data = os.read(key.fd, 65536)
-                if not data:
-                    sel.unregister(key.fileobj)
-                elif key.fileobj is proc.stderr:
-                    err += data
-                    del err[: max(0, len(err) - MAX_STDERR)]
-                    hooks.stderr(data)
-                elif on_line is None:
-                    kept.append(data)
-                else:
-                    *lines, partial = (partial + data).split(b"\n")
-                    kept += [ln + b"\n" for ln in lines if not on_line(ln.decode(errors="replace"))]
-    if partial and (on_line is None or not on_line(partial.decode(errors="replace"))):
-        kept.append(partial)
-    proc.wait(max(deadline - time.monotonic(), 0.001))
-    return b"".join(kept), bytes(err)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT first (restic removes its lock), then SIGKILL to its whole group (ssh too)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        with contextlib.suppress(OSError):
-            pipe.close()
 
 
 __all__ = [

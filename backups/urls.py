@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import drill_views, metrics, views, views_offsite
+from . import drill_views, metrics, views, views_offsite, views_restore
 
 urlpatterns = [
     path("", views.overview, name="overview"),
@@ -18,15 +18,15 @@ urlpatterns = [
     path("backups/<int:backup_id>/backup.json", views.backup_manifest, name="backup_manifest"),
     path("backups/<int:backup_id>/RESTORE.md", views.backup_restore_md, name="backup_restore_md"),
     path("backups/<int:backup_id>/restore.sh", views.backup_restore_sh, name="backup_restore_sh"),
-    path("backups/<int:backup_id>/restore/", views.backup_restore, name="backup_restore"),
+    path("backups/<int:backup_id>/restore/", views_restore.backup_restore, name="backup_restore"),
     path(
         "backups/<int:backup_id>/restore-disk/",
-        views.backup_restore_disk,
+        views_restore.backup_restore_disk,
         name="backup_restore_disk",
     ),
     path(
         "backups/<int:backup_id>/restore-in-place/",
-        views.backup_restore_in_place,
+        views_restore.backup_restore_in_place,
         name="backup_restore_in_place",
     ),
     path("backups/<int:backup_id>/drill/", drill_views.backup_drill, name="backup_drill"),
@@ -42,10 +42,14 @@ urlpatterns = [
     path("copies/<int:copy_id>/", views_offsite.copy_detail, name="copy_detail"),
     path("copies/<int:copy_id>/progress/", views_offsite.copy_progress, name="copy_progress"),
     path("copies/<int:copy_id>/cancel/", views_offsite.copy_cancel, name="copy_cancel"),
-    path("restores/", views.restore_list, name="restore_list"),
-    path("restores/<int:restore_id>/", views.restore_detail, name="restore_detail"),
-    path("restores/<int:restore_id>/cancel/", views.restore_cancel, name="restore_cancel"),
-    path("restores/<int:restore_id>/progress/", views.restore_progress, name="restore_progress"),
+    path("restores/", views_restore.restore_list, name="restore_list"),
+    path("restores/<int:restore_id>/", views_restore.restore_detail, name="restore_detail"),
+    path("restores/<int:restore_id>/cancel/", views_restore.restore_cancel, name="restore_cancel"),
+    path(
+        "restores/<int:restore_id>/progress/",
+        views_restore.restore_progress,
+        name="restore_progress",
+    ),
     path("policies/", views.policy_list, name="policy_list"),
     path("policies/new/", views.policy_create, name="policy_create"),
     path("policies/<int:policy_id>/", views.policy_edit, name="policy_edit"),

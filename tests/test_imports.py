@@ -135,3 +135,14 @@ def test_the_web_process_never_loads_libvirt():
     loaded = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
     assert [m for m in loaded if "libvirt" in m] == []
     assert "backups.views" in loaded and "backups.hypervisor" not in loaded
+
+
+def test_only_the_hypervisor_package_imports_libvirt():
+    importers = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                if any(n.split(".")[0] in ("libvirt", "libvirt_qemu") for n in names):
+                    importers.add(name)
+    assert importers and all(n.startswith("backups.hypervisor.") for n in importers), importers
