@@ -140,6 +140,8 @@ def send(
     if not verdict.ok:
         if result:
             _discard(row, repo, result)
+        else:  # restic was stopped, maybe just after it wrote the snapshot
+            _discard_strays(row, repo, backup, marks)
         raise OffsiteError(
             f"backup {backup.pk} failed verification, not sent: "
             + "; ".join([*found.errors, *verdict.errors][:5])
@@ -286,6 +288,22 @@ def _discard(row: OffsiteCopy, repo: restic.Repository, snapshot_id: str) -> Non
         row.log("forgotten", snapshot=snapshot_id)
     except restic.ResticError as exc:
         row.log("not-forgotten", snapshot=snapshot_id, error=str(exc))
+
+
+def _discard_strays(row: OffsiteCopy, repo: restic.Repository, backup: Backup, marks) -> None:
+    """restic writes its snapshot last, and a stop can come just after it did (a small
+    backup uploads in less time than its hash takes): every snapshot carrying this
+    backup's tags that no copy recorded as kept there is forgotten."""
+    kept = OffsiteCopy.objects.in_repository(row.repository).filter(backup=backup)
+    known = set(kept.values_list("snapshot_id", flat=True))
+    try:
+        found = restic.snapshots(repo, marks, timeout=settings.Q_TIMEOUT)
+    except restic.ResticError as exc:
+        row.log("not-forgotten", error=str(exc))
+        return
+    for snap in found:
+        if snap.id not in known:
+            _discard(row, repo, snap.id)
 
 
 class CancelWatch:
