@@ -190,13 +190,23 @@ def test_a_killed_copy_leaves_no_snapshot_and_reconcile_copies_it_again(
 ):
     path = publish_backup(backup_root, vm.name, 8, random_image(96 * MIB), vm_uuid=str(vm.uuid))
     backup = make_backup(vm, path=str(path), manifest=archive.read_manifest(path).to_dict())
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {
-        "DJANGO_SETTINGS_MODULE": "vmbackup_site.settings",
-        "VMBACKUP_DATA_DIR": str(tmp_path / "data"),
-        "VMBACKUP_SQLITE_PATH": str(connection.settings_dict["NAME"]),
-        "VMBACKUP_RESTIC_CACHE_DIR": str(tmp_path / "restic-cache"),
-        "VMBACKUP_ROOT": str(backup_root),
-    }
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        database = {"VMBACKUP_SQLITE_PATH": str(db["NAME"])}
+    else:  # the PostgreSQL pass: the command works on this test's database too
+        database = {
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        }
+    env = (
+        {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        | database
+        | {
+            "DJANGO_SETTINGS_MODULE": "vmbackup_site.settings",
+            "VMBACKUP_DATA_DIR": str(tmp_path / "data"),
+            "VMBACKUP_RESTIC_CACHE_DIR": str(tmp_path / "restic-cache"),
+            "VMBACKUP_ROOT": str(backup_root),
+        }
+    )
     argv = [
         sys.executable,
         str(BASE_DIR / "manage.py"),
