@@ -36,13 +36,13 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .. import domain_xml, hypervisor, notify, private, qemu_img, site, worker
+from .. import domain_xml, hypervisor, notify, private, site, worker
 from ..interrupt import Stopped
 from ..models import Drill, DrillResult, RunStatus
 from ..validators import drill_argv
 from . import evidence
 from .common import Progress, RestoreCancelled, fingerprint, refuse_while_backing_up, verify_chain
-from .instant import give_back, image_chain, lend
+from .instant import give_back, image_chain, lend, overlays
 from .rules import RestoreError
 
 log = logging.getLogger(__name__)
@@ -156,19 +156,7 @@ def _sandbox(drill, progress, backup_dir: Path, manifest, chains, original: str)
     private.mkdir(scratch, private.TRAVERSE)
     drill.scratch = str(scratch)
     drill.save(update_fields=["scratch"])
-    disks = {}
-    for disk in manifest.disks:
-        overlay = scratch / OVERLAY.format(target=disk.target)
-        private.create_file(overlay)
-        top, top_format = chains[disk.target][0]
-        qemu_img.create(
-            str(overlay), "qcow2", disk.virtual_size, backing=top, backing_fmt=top_format
-        )
-        disks[disk.target] = (str(overlay), "qcow2")
-    nvram = None
-    if manifest.nvram:
-        private.copy_file(backup_dir / manifest.nvram, scratch / "nvram.fd")
-        nvram = str(scratch / "nvram.fd")
+    disks, nvram = overlays(manifest, chains, backup_dir, scratch, OVERLAY)
     uuid = str(uuidlib.uuid4())
     xml, notes = domain_xml.restored_xml(
         original, name=drill.name, uuid=uuid, disks=disks, nvram=nvram

@@ -106,19 +106,7 @@ def _restore(restore, hv, progress, created: list[Path], defined: list[str]) -> 
     progress.step("staging", path=str(final))
     private.mkdir(final, private.TRAVERSE)  # QEMU passes through; lists nothing
     created.append(final)
-    disks = {}
-    for disk in manifest.disks:
-        overlay = final / OVERLAY.format(target=disk.target)
-        private.create_file(overlay)
-        top, top_format = chains[disk.target][0]
-        qemu_img.create(
-            str(overlay), "qcow2", disk.virtual_size, backing=top, backing_fmt=top_format
-        )
-        disks[disk.target] = (str(overlay), "qcow2")
-    nvram = None
-    if manifest.nvram:
-        private.copy_file(backup_dir / manifest.nvram, final / "nvram.fd")
-        nvram = str(final / "nvram.fd")
+    disks, nvram = overlays(manifest, chains, backup_dir, final, OVERLAY)
     new_uuid = str(uuidlib.uuid4())
     xml, notes = domain_xml.restored_xml(
         (backup_dir / "domain.xml").read_text(), name=restore.name, uuid=new_uuid,
@@ -398,3 +386,23 @@ def discard(restore, hv) -> str:
 
 def private_rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def overlays(manifest, chains: dict, backup_dir: Path, directory: Path, name: str):
+    """One new private qcow2 per disk in ``directory`` over the top of its (checked) chain,
+    and a private copy of the NVRAM: what a domain running from a backup writes to, the
+    backup itself read only. Returns ({target: (path, "qcow2")}, nvram path or None)."""
+    disks = {}
+    for disk in manifest.disks:
+        overlay = directory / name.format(target=disk.target)
+        private.create_file(overlay)
+        top, top_format = chains[disk.target][0]
+        qemu_img.create(
+            str(overlay), "qcow2", disk.virtual_size, backing=top, backing_fmt=top_format
+        )
+        disks[disk.target] = (str(overlay), "qcow2")
+    nvram = None
+    if manifest.nvram:
+        private.copy_file(backup_dir / manifest.nvram, directory / "nvram.fd")
+        nvram = str(directory / "nvram.fd")
+    return disks, nvram
