@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import alerts
+from . import alerts, archive
 from .archive import check as archive_check
 from .models import Backup, VerifyStatus
 
@@ -24,9 +24,11 @@ def verify_backup(backup: Backup, *, chain: bool = False) -> str:
         backup.save(update_fields=["verify_status", "verify_error"])
         alerts.backup_checked(backup)
         return f"missing: {path}"
+    before = _fingerprint(path)
     result = archive_check.verify(path)
     errors = list(result.errors) + _ancestor_problems(backup, chain)
-    backup.mark_verified(not errors, "; ".join(errors))
+    read = before if before and _fingerprint(path) == before else None
+    backup.mark_verified(not errors, "; ".join(errors), files=read)
     alerts.backup_checked(backup)
     return f"{'ok' if not errors else 'corrupt'}: {path}" + (
         "" if not errors else " (" + "; ".join(errors) + ")"
@@ -48,6 +50,13 @@ def _ancestor_problems(backup: Backup, chain: bool) -> list[str]:
             problems.append(f"builds on backup {node.pk}, which is {node.verify_status}")
         node = node.parent
     return problems
+
+
+def _fingerprint(path: Path) -> dict:
+    try:
+        return archive.fingerprint(path)
+    except OSError:
+        return {}
 
 
 def _plain_dir(path: Path) -> bool:

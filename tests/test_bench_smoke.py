@@ -29,7 +29,7 @@ LAST_KEYS = {
     "dashboard.py": ["overview_p50_ms", "vm_p50_ms", "runs_p50_ms"],
     "full_backup.py": ["ratio_offline", "ratio_push_vs_qemu", "ratio_total_vs_floor"],
     "incremental.py": ["ratio_time", "ratio_size_to_changed"],
-    "offsite.py": ["ratio_copy_vs_restic", "growth_ratio"],
+    "offsite.py": ["ratio_copy_vs_restic", "growth_ratio", "growth_restic"],
     "restore.py": [
         "restore_vs_virtnbdrestore",
         "instant_running_s",

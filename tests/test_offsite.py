@@ -82,6 +82,10 @@ def test_a_chain_is_copied_in_order_and_rebuilt_from_the_repository_alone(
     for copy in (first, link, last):
         copy.refresh_from_db()
         assert copy.verified_at and copy.snapshot_id
+    # the backups' own checks were moments ago and nothing has touched them since: each copy
+    # sent them without reading them a second time
+    for copy in (first, link, last):
+        assert "verified-before" in [e["step"] for e in copy.journal]
 
     repo = restic_repository(offsite)
     # by run: the snapshots' times are the backups', to the second (restic's --time)

@@ -30,7 +30,6 @@ from backups.models import (
     OffsiteRepository,
     RunStatus,
 )
-from backups.offsite import copy as offsite_copy
 from backups.offsite import restic_repository
 from backups.retention import prune
 from tests.helpers import free_port, make_backup, publish_backup, wait_until
@@ -73,13 +72,13 @@ def snapshots(repository) -> list:
 
 
 def untouched(backup: Backup, before: dict) -> bool:
-    return offsite_copy.fingerprint(Path(backup.path)) == before and (
+    return archive.fingerprint(Path(backup.path)) == before and (
         archive_check.verify(backup.path).ok
     )
 
 
 def test_a_wrong_password_fails_the_copy_and_leaves_the_backup_alone(backup, offsite, tmp_path):
-    before = offsite_copy.fingerprint(Path(backup.path))
+    before = archive.fingerprint(Path(backup.path))
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the password\n")
     wrong.chmod(0o600)
@@ -92,7 +91,7 @@ def test_a_wrong_password_fails_the_copy_and_leaves_the_backup_alone(backup, off
 
 
 def test_an_unreachable_repository_fails_the_copy_with_the_reason(backup, offsite):
-    before = offsite_copy.fingerprint(Path(backup.path))
+    before = archive.fingerprint(Path(backup.path))
     offsite.url = f"rest:http://127.0.0.1:{free_port()}/vms"
     offsite.save()
     copy = copy_now(backup, offsite)

@@ -129,6 +129,10 @@ VMBACKUP_SSH_CONFIG = env("VMBACKUP_SSH_CONFIG", "")
 # of its data each pass reads and verifies (restic's --read-data-subset: 5%, 1/20, 2G).
 VMBACKUP_OFFSITE_CHECK_CRON = env("VMBACKUP_OFFSITE_CHECK_CRON", "30 5 * * *")
 VMBACKUP_OFFSITE_CHECK_SUBSET = env("VMBACKUP_OFFSITE_CHECK_SUBSET", "5%")
+# A copy hashes (SHA-256 + qemu-img check) what it sends beside the upload, unless the backup
+# was verified at most this many minutes before and no file of it has changed since (the
+# check right after a backup): reading it again would only halve restic's CPU. 0: always.
+VMBACKUP_OFFSITE_REHASH_AFTER = envint("VMBACKUP_OFFSITE_REHASH_AFTER", 60)
 # A check or offsite prune that found the repository locked is tried again this much later.
 VMBACKUP_OFFSITE_RETRY_MINUTES = envint("VMBACKUP_OFFSITE_RETRY_MINUTES", 20)
 

@@ -20,6 +20,7 @@ from .format import (
 from .store import (
     CHUNK,
     discard,
+    fingerprint,
     fsync_dir,
     hash_fd,
     hash_file,
@@ -48,6 +49,7 @@ __all__ = [
     "Manifest",
     "discard",
     "final_name",
+    "fingerprint",
     "fsync_dir",
     "hash_fd",
     "hash_file",

@@ -247,6 +247,24 @@ def tree(directory: Path) -> set[str]:
     return found
 
 
+def fingerprint(directory: Path) -> dict[str, list[int]]:
+    """(inode, size, mtime, ctime) in nanoseconds of every entry below ``directory``, named
+    as in SHA256SUMS; nothing is opened or followed. Whatever rewrites a file — written in
+    place, switched by rename, its mode or owner changed — moves its ctime, which no one
+    but the kernel sets: two equal fingerprints mean the same bytes, barring decay of the
+    medium (what the scheduled re-reads are for). Lists, so the database keeps it as JSON."""
+    marks = {}
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            if name in dirnames and stat.S_ISDIR(st.st_mode):
+                continue
+            rel = path.relative_to(directory).as_posix()
+            marks[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return dict(sorted(marks.items()))
+
+
 def _is_partial(path: Path) -> bool:
     return bool(PARTIAL_RE.match(path.name)) and path.is_dir() and not path.is_symlink()
 

@@ -413,6 +413,8 @@ def _produce_and_check(run, rc: RunContext, ctx: methods.Context, prepared: dict
         checked = archive_check.verify(ctx.staging, hashed=sums)
         if not checked.ok:
             raise methods.MethodError("verification failed: " + "; ".join(checked.errors))
+        # what was just verified, as the row records it (a rename publishes it unchanged)
+        extras["verified_files"] = archive.fingerprint(ctx.staging)
     return manifest, extras
 
 
@@ -440,6 +442,7 @@ def _record(run, rc: RunContext, prepared: dict, manifest, extras, final: Path) 
         manifest=manifest.to_dict(),
         verify_status="ok" if verified else "unverified",
         verified_at=timezone.now() if verified else None,
+        verified_files=extras.get("verified_files", {}),
     )
     rc.journal("published", path=str(final))
 

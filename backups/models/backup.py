@@ -77,6 +77,12 @@ class Backup(models.Model):
     )
     verified_at = models.DateTimeField(null=True, blank=True)
     verify_error = models.TextField(blank=True)
+    verified_files = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="the files' fingerprints (archive.fingerprint) when it was last verified "
+        "ok: unchanged since, a copy made soon after need not hash them again",
+    )
     verify_queued_at = models.DateTimeField(
         null=True, blank=True, help_text="a verification is queued or running since then"
     )
@@ -113,11 +119,23 @@ class Backup(models.Model):
         """Its directory is here (the offsite side needs a query: ``with_offsite``)."""
         return self.pruned_at is None
 
-    def mark_verified(self, ok: bool, error: str = "") -> None:
+    def mark_verified(self, ok: bool, error: str = "", files: dict | None = None) -> None:
+        """``files``: the fingerprint taken before the files were read and found the same
+        after (``archive.fingerprint``); none when the check read it otherwise."""
         self.verify_status = VerifyStatus.OK if ok else VerifyStatus.CORRUPT
         self.verify_error = error
         self.verified_at = timezone.now()
-        self.save(update_fields=["verify_status", "verify_error", "verified_at"])
+        self.verified_files = (files or {}) if ok else {}
+        fields = ["verify_status", "verify_error", "verified_at", "verified_files"]
+        self.save(update_fields=fields)
+
+    def verified_unchanged(self, files: dict, within: float) -> bool:
+        """Verified ok at most ``within`` seconds ago, and its files (``files``: a
+        fingerprint taken now) are the very ones that were read then."""
+        if self.verify_status != VerifyStatus.OK or self.verified_at is None or not files:
+            return False
+        age = (timezone.now() - self.verified_at).total_seconds()
+        return 0 <= age <= within and self.verified_files == files
 
 
 class RestoreMode(models.TextChoices):

@@ -128,16 +128,19 @@ def send(
     if backup.pruned_at is not None:
         raise OffsiteError(f"backup {backup.pk} was pruned before it could be copied")
     directory = Path(backup.path)
-    before = fingerprint(directory)
+    before = archive.fingerprint(directory)
     manifest, names, found = _structure(row, backup, directory)
     sizes = {name: before[name][1] for name in names}
     marks = tags(manifest, directory.name, site.site_id())
     row.log("send", backup=backup.pk, files=len(names), bytes=sum(sizes.values()), tags=marks)
-    with _Beside(found) as hashing:
+    fresh = backup.verified_unchanged(before, settings.VMBACKUP_OFFSITE_REHASH_AFTER * 60)
+    if fresh:  # verified moments ago (the backup's own check), not touched since
+        row.log("verified-before", at=backup.verified_at.isoformat())
+    with _Verified() if fresh else _Beside(found) as hashing:
         result = _upload(row, repo, main, backup, directory, names, marks, cancel, hashing)
         verdict = hashing.wait(cancel, on_cancel=lambda: result and _discard(row, repo, result))
-    _record(backup, found, verdict)
     if not verdict.ok:
+        _record(backup, found, verdict)
         if result:
             _discard(row, repo, result)
         else:  # restic was stopped, maybe just after it wrote the snapshot
@@ -148,6 +151,8 @@ def send(
         )
     try:
         problems = _changed(directory, before, names)
+        if not fresh:
+            _record(backup, found, verdict, files=None if problems else before)
         if not problems:
             full, nodes = restic.listing(repo, result, timeout=settings.Q_TIMEOUT, watch=cancel)
             problems = listing_problems(nodes, directory.name, sizes, manifest)
@@ -239,6 +244,23 @@ class _Beside:
         return self.verdict
 
 
+class _Verified:
+    """In place of ``_Beside`` for a backup verified moments ago whose files have not
+    changed since (``Backup.verified_unchanged``): nothing is read twice."""
+
+    def __enter__(self) -> _Verified:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def failed(self) -> bool:
+        return False
+
+    def wait(self, cancel, on_cancel) -> archive_check.VerifyResult:
+        return archive_check.VerifyResult(True, (), 0, 0)
+
+
 def _structure(row: OffsiteCopy, backup: Backup, directory: Path):
     """The cheap half, before anything is sent: a backup it finds broken is marked corrupt
     (alerted) and not sent. Returns the manifest, the files to send and what it found."""
@@ -253,30 +275,23 @@ def _structure(row: OffsiteCopy, backup: Backup, directory: Path):
     return manifest, files_to_send(manifest, found.sums), found
 
 
-def _record(backup: Backup, found, verdict) -> None:
-    """Both halves' outcome on the backup's row, as a verification records it."""
+def _record(backup: Backup, found, verdict, files: dict | None = None) -> None:
+    """Both halves' outcome on the backup's row, as a verification records it (``files``:
+    the fingerprint of what was read, unchanged to its end)."""
     errors = [*found.errors, *verdict.errors]
-    backup.mark_verified(not errors, "; ".join(errors))
+    backup.mark_verified(not errors, "; ".join(errors), files=files)
     alerts.backup_checked(backup)
 
 
-def fingerprint(directory: Path) -> dict[str, tuple[int, int, int]]:
-    """(inode, size, mtime) of every file below ``directory``: a fold switches an image by
-    rename and rewrites the manifest, either shows here."""
-    marks = {}
-    for path in sorted(directory.rglob("*")):
-        st = path.lstat()
-        if not path.is_dir() or path.is_symlink():
-            marks[path.relative_to(directory).as_posix()] = (st.st_ino, st.st_size, st.st_mtime_ns)
-    return marks
-
-
 def _changed(directory: Path, before: dict, names: list[str]) -> list[str]:
+    """A fold switches an image by rename and rewrites the manifest: either shows in the
+    fingerprint (``archive.fingerprint``) taken before the check."""
     try:
-        after = fingerprint(directory)
+        after = archive.fingerprint(directory)
     except OSError as exc:
         return [f"{directory.name} changed during the copy: {exc}"]
-    changed = [name for name in names if after.get(name) != before.get(name)]
+    # the ctime aside: an instant restore lending the files to QEMU meanwhile moves it
+    changed = [name for name in names if after.get(name, [])[:3] != before.get(name, [])[:3]]
     return [f"{name} changed during the copy (pruned or folded meanwhile)" for name in changed]
 
 

@@ -112,18 +112,18 @@ def refuse_while_backing_up(vm) -> None:
         raise RestoreError(f"a backup of {vm.name} is running; restore when it has ended")
 
 
-def fingerprint(backup_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """(inode, size, mtime) of every file in the chain: pruning folds an image in place
+def fingerprint(backup_dir: Path) -> dict[str, list[int]]:
+    """(inode, size, mtime) of every file in the chain (``archive.fingerprint`` without
+    the ctime, which lending the files to QEMU moves): pruning folds an image in place
     (``qemu-img rebase``) or deletes a directory, and either shows up here."""
     marks = {}
     for directory in chain_dirs(backup_dir):
-        for path in sorted(directory.rglob("*")):
-            st = path.lstat()
-            marks[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        found = archive.fingerprint(directory).items()
+        marks.update({f"{directory}/{name}": mark[:3] for name, mark in found})
     return marks
 
 
-def require_unchanged(backup_dir: Path, before: dict[str, tuple[int, int, int]]) -> None:
+def require_unchanged(backup_dir: Path, before: dict[str, list[int]]) -> None:
     """After the copy: the chain read is the chain that was verified, or nothing is used."""
     try:
         same = fingerprint(backup_dir) == before
