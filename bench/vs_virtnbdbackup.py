@@ -28,7 +28,18 @@ copies inside QEMU, a pull backup in the tool); peak memory is the command's max
 (wait4). Each restored disk is compared (``qemu-img compare``) with a reference copy of its
 guest's disk taken right after the writes with the guest paused. The last line is
 ``vs_full=<r> vs_full_compressed=<r> vs_inc=<r> vs_restore=<r> identical=<k>/<n>``, each ratio
-ours / theirs (lower is better). See bench/README.md.
+ours / theirs (lower is better).
+
+Each round also times the **floors** of our steps, with no tool around them, on our guest's
+disk and our backups (``--no-floors`` skips them): a full = ``qemu-img convert -U`` of the
+running disk + SHA-256 of the output + ``sync`` (what any full that is verified and durable
+must do; compressed: the same convert with ``-c -W``, zstd); a restore = ``qemu-img
+convert -t none`` (around the page cache, as ours writes a restored disk) flattening our
+incremental chain + ``sync`` beside SHA-256 of the chain's files (overlapped: the longer of
+the two counts, as ours overlaps them); an incremental = the start
+of a Django management command (``manage.py vmbackup_run --help``). Printed beside each
+ratio: ``floor / theirs``, the best ratio a verified, durable implementation of that step
+could reach here. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -69,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--changed-mib", type=int, default=100, help="written before the inc")
     parser.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS")
     parser.add_argument("--smoke", action="store_true", help="smallest size, one round")
+    parser.add_argument("--verbose", action="store_true", help="our runs' journal steps")
+    parser.add_argument("--no-floors", dest="floors", action="store_false", help="skip them")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
@@ -94,6 +107,7 @@ class Sample:
     cpu: float  # user + system of the command and its children
     rss_mib: float  # the command's peak RSS (largest of it and its children)
     qemu_cpu: float  # the guest's QEMU process meanwhile
+    spawned: float = 0.0  # time.time() when the command was started
 
     @property
     def total(self) -> float:
@@ -119,7 +133,7 @@ def measure(argv: list[str], log: Path, env: dict, qemu_pid: int | None) -> tupl
     timed_argv = ["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage_file), *argv]
     qemu0 = qemu_cpu_seconds(qemu_pid)
     with open(log, "w") as out:
-        start = time.perf_counter()
+        spawned, start = time.time(), time.perf_counter()
         proc = subprocess.Popen(
             timed_argv,
             stdout=out,
@@ -146,7 +160,8 @@ def measure(argv: list[str], log: Path, env: dict, qemu_pid: int | None) -> tupl
     start = time.perf_counter()
     os.sync()
     synced = time.perf_counter() - start
-    return Sample(wall, synced, float(user) + float(system), int(rss_kib) / 1024, qemu), text
+    cpu = float(user) + float(system)
+    return Sample(wall, synced, cpu, int(rss_kib) / 1024, qemu, spawned), text
 
 
 def _kill_group(pgid: int, sig: int) -> bool:
@@ -200,6 +215,8 @@ class Bench:
         self.samples: dict[tuple[str, str], list[Sample]] = {}
         self.checks: list[tuple[str, bool]] = []
         self.sizes: dict[tuple[str, str], int] = {}
+        self.floors: dict[str, list[float]] = {}  # step -> seconds, one per round
+        self.kept: dict[str, Path] = {}  # step -> our backup of this round
 
     # -- setup -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -276,7 +293,19 @@ class Bench:
         if step == "full_z" and not compressed:
             raise RuntimeError(f"the compressed full was not compressed: {backup.run.journal}")
         self.sizes[(step, "ours")] = allocated(path)
+        self.kept[step] = path
+        if self.args.verbose:
+            self.steps(step, backup.run)
         return path
+
+    def steps(self, step: str, run) -> None:
+        """Each journal step's offset (s) from the command's start, and its exit (a run's
+        or a restore's: both journal and have a ``started_at``)."""
+        sample = self.last(step, "ours")
+        marks = [f"{e['step']}+{c.iso(e['at']).timestamp() - sample.spawned:.2f}"
+                 for e in run.journal]  # fmt: skip
+        say(f"  {step}: claimed+{run.started_at.timestamp() - sample.spawned:.2f}, "
+            + ", ".join(marks) + f", exit+{sample.wall:.2f}")  # fmt: skip
 
     def theirs_backup(self, step: str, tag: str) -> Path:
         level = "inc" if step == "inc" else "full"
@@ -299,6 +328,10 @@ class Bench:
         argv = [sys.executable, "manage.py", "vmbackup_restore", str(backup), "--name", name]
         argv += ["--root", str(self.restore_root), "--wait"]
         self.timed("restore", "ours", argv, tag, self.env)
+        if self.args.verbose:
+            from backups.models import Restore
+
+            self.steps("restore", Restore.objects.latest("pk"))
         dest = self.work / "restore-sh" / tag
         self.timed("restore_sh", "ours", ["sh", str(backup / "restore.sh"), str(dest)], tag)
         return [("ours", disk_of(self.domains.conn, name)), ("ours restore.sh", dest / "vda.qcow2")]
@@ -363,6 +396,8 @@ class Bench:
                 self.write(seed=number)
                 refs = {tool: self.reference(tool, tag) for tool in TOOLS}
                 c.settle()
+            if step == "restore":
+                self.warm(backups)
             for tool in order:
                 if step == "restore":
                     restore = self.ours_restore if tool == "ours" else self.theirs_restore
@@ -371,7 +406,50 @@ class Bench:
                 else:
                     run = self.ours_backup if tool == "ours" else self.theirs_backup
                     backups[tool] = run(step, tag)
+        if self.args.floors:
+            self.measure_floors()
         self.tidy(tag)
+
+    # -- floors: the least each step can cost here, no tool around it ------------------------
+    def measure_floors(self) -> None:
+        source = str(self.doms["ours"].disks["vda"])
+        out = self.work / "floor.qcow2"
+        for step, extra in (("full", []), ("full_z", ["-c", "-W", "-o", "compression_type=zstd"])):
+            c.settle()
+            start = time.perf_counter()
+            c.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", *extra, source,
+                   str(out)])  # fmt: skip
+            c.sha256_file(out)
+            os.sync()
+            self.floors.setdefault(step, []).append(time.perf_counter() - start)
+            out.unlink()
+        c.settle()
+        chain = (self.kept["full"], self.kept["inc"])
+        start = time.perf_counter()
+        hashing = threading.Thread(
+            target=lambda: [c.sha256_file(f) for d in chain for f in d.rglob("*") if f.is_file()]
+        )
+        hashing.start()
+        c.run(["qemu-img", "convert", "-t", "none", "-f", "qcow2", "-O", "qcow2",
+               str(chain[-1] / "vda.qcow2"), str(out)])  # fmt: skip
+        os.sync()
+        hashing.join()
+        self.floors.setdefault("restore", []).append(time.perf_counter() - start)
+        out.unlink()
+        c.settle()
+        start = time.perf_counter()
+        help_argv = [sys.executable, "manage.py", "vmbackup_run", "--help"]
+        subprocess.run(help_argv, cwd=c.PROJECT, env=self.env, capture_output=True, check=True)
+        self.floors.setdefault("inc", []).append(time.perf_counter() - start)
+
+    def warm(self, backups: dict[str, Path]) -> None:
+        """Both tools' chains read into the page cache before the restores: our backups
+        drop their pages after hashing them (not to evict the host's working set), while
+        virtnbdbackup's stay cached, so without this ours were restored from the disk and
+        theirs from memory. Warm for both, like every other input here."""
+        for path in (self.kept["full"], self.kept["inc"], backups["theirs"]):
+            for member in sorted(p for p in path.rglob("*") if p.is_file()):
+                c.read_through(member)
 
     def tidy(self, tag: str) -> None:
         """Drop this round's outputs (backups, restores, references) to bound disk use; the
@@ -442,6 +520,22 @@ def report(bench: Bench, rounds: int, busy: int, elapsed: float) -> None:
         alone[key] = med(ours, "wall") / med(theirs, "wall")
     sh = med(bench.samples[("restore_sh", "ours")], "total")
     sh_ratio = sh / med(bench.samples[("restore", "theirs")], "total")
+    if bench.floors:
+        say()
+        say("floors (s, no tool around them) and floor / theirs: the best ratio a verified,")
+        say("durable implementation could reach here")
+        what = {
+            "full_z": "convert -U -c -W (zstd) + sha256 + sync",
+            "full": "convert -U + sha256 + sync",
+            "inc": "start of a management command (manage.py vmbackup_run --help)",
+            "restore": "flattening convert -t none + sync, beside sha256 of the chain",
+        }
+        for step, _title, key in STEPS:
+            floor = c.median(bench.floors[step])
+            theirs = med(bench.samples[(step, "theirs")], "total")
+            say(f"  {key:<20} floor {floor:6.2f}  floor/theirs {floor / theirs:5.2f}  "
+                f"ours/floor {med(bench.samples[(step, 'ours')], 'total') / floor:5.2f}  "
+                f"({what[step]})")  # fmt: skip
     say()
     say("commands alone, without the sync: " + " ".join(f"{k}={v:.2f}" for k, v in alone.items()))
     say(f"restore.sh vs virtnbdrestore (with sync): {sh_ratio:.2f}")

@@ -620,6 +620,26 @@ def test_it_converts_with_zstd_and_compares(tmp_path):
     assert qemu_img.compare(str(copy), "raw", str(copy), "raw", strict=True) is True
 
 
+def test_it_builds_convert_argv_for_a_direct_write(fake_run):
+    qemu_img.convert("/b/x.qcow2", "qcow2", "/r/x.qcow2", "qcow2", direct=True)
+    argv = fake_run.calls[-1]["argv"]
+    assert argv[argv.index("-t") + 1] == "none" and argv[-2:] == ["/b/x.qcow2", "/r/x.qcow2"]
+    qemu_img.convert("/b/x.qcow2", "qcow2", "/r/x.qcow2", "qcow2")
+    assert "-t" not in fake_run.calls[-1]["argv"]
+
+
+@needs_qemu
+def test_a_direct_write_copies_what_a_cached_one_does(tmp_path):
+    """Where the filesystem has O_DIRECT (``direct_io``: tmpfs only since Linux 6.6)."""
+    raw = make_raw(tmp_path / "a.raw")
+    out = tmp_path / "a.qcow2"
+    out.touch()
+    assert qemu_img.direct_io(str(out)) is True  # the test disk's filesystem
+    qemu_img.convert(str(raw), "raw", str(out), "qcow2", direct=True)
+    assert qemu_img.compare(str(raw), "raw", str(out), "qcow2") is True
+    assert qemu_img.direct_io(str(tmp_path / "missing")) is False
+
+
 @needs_qemu
 def test_it_converts_only_the_top_layer_onto_a_backing_file(tmp_path):
     """-B: data and explicit zeros of the overlay, nothing of its backing, compressed."""

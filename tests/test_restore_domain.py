@@ -50,6 +50,8 @@ def test_it_restores_an_incremental_as_a_new_domain_that_starts(domains, backup_
     assert restore.status == RunStatus.SUCCEEDED, restore.error
     final = restore_root / restore.name
     assert sorted(copying.values()) == [0o600, 0o600]  # private before the first byte
+    # written around the page cache: nothing reads a restored disk back soon
+    assert [e["direct"] for e in restore.journal if e["step"] == "convert"] == [True, True]
     # search-only: QEMU's user (which libvirt gives the files at start) must reach them
     assert_private(final, {final: 0o711})
     assert Path(restore.path) == final

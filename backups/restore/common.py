@@ -6,6 +6,7 @@ the point of no return."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -254,15 +255,18 @@ def require_space(where: Path, needed: int) -> None:
 
 def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: Progress, base: int) -> None:
     """One disk's chain into a standalone image, progress counted from ``base`` bytes."""
-    progress.step("convert", disk=disk.target, image=disk.file, out=str(out))
 
     def report(fraction: float) -> None:
         progress.bytes(base + int(fraction * disk.virtual_size))
         progress.check_cancel(every=CANCEL_CHECK_EVERY)  # raising here kills qemu-img
 
     # ``out`` exists already, created 0600 by the caller: qemu-img writes into it and
-    # keeps its mode, so the disk is never readable by others, not even mid-copy
-    with WrittenBack(out):
+    # keeps its mode, so the disk is never readable by others, not even mid-copy. Written
+    # around the page cache where the filesystem allows (nothing reads it back soon), else
+    # written back while it is copied.
+    direct = qemu_img.direct_io(str(out))
+    progress.step("convert", disk=disk.target, image=disk.file, out=str(out), direct=direct)
+    with contextlib.nullcontext() if direct else WrittenBack(out):
         qemu_img.convert(
             str(backup_dir / disk.file),
             disk.image_format,
@@ -270,6 +274,7 @@ def flatten(backup_dir: Path, disk, out: Path, fmt: str, progress: Progress, bas
             fmt,
             progress=report,
             timeout=settings.Q_TIMEOUT,
+            direct=direct,
         )
 
 
