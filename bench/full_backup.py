@@ -27,6 +27,7 @@ the earlier ratios against bare convert alone (``ratio_push=`` and ``ratio_with_
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -65,6 +66,7 @@ class RunFigures:
 class Round:
     bare: float = 0.0
     sha: float = 0.0  # SHA-256 of the bare convert's output, right after it
+    sync: float = 0.0  # then sync(2): what making that output durable costs
     bare_u: float = 0.0
     job: float = 0.0  # QEMU's own backup job alone, started straight through libvirt
     offline: RunFigures | None = None
@@ -177,18 +179,23 @@ class Bench:
     def bare(self, role: str, tag: str) -> float:
         return self.bare_hashed(role, tag, hash_it=False)[0]
 
-    def bare_hashed(self, role: str, tag: str, hash_it: bool = True) -> tuple[float, float]:
-        """Seconds of a bare convert, then of SHA-256 over its fresh output (0 if not asked)."""
+    def bare_hashed(self, role: str, tag: str, hash_it: bool = True) -> tuple[float, float, float]:
+        """Seconds of a bare convert, then of SHA-256 over its fresh output and of a sync
+        that makes it durable (both 0 if not asked)."""
         out = self.bare_dir / f"{tag}-{role}.qcow2"
         share = ["-U"] if role == "on" else []
         argv = ["qemu-img", "convert", *share, "-f", "qcow2", "-O", "qcow2"]
         seconds = c.timed([*argv, str(self.src[role]), str(out)])
-        start = time.perf_counter()
+        hashed = synced = 0.0
         if hash_it:
+            start = time.perf_counter()
             c.sha256_file(out)
-        hashed = time.perf_counter() - start if hash_it else 0.0
+            hashed = time.perf_counter() - start
+            start = time.perf_counter()
+            os.sync()
+            synced = time.perf_counter() - start
         out.unlink()
-        return seconds, hashed
+        return seconds, hashed, synced
 
     def qemu_job(self, tag: str) -> float:
         """The physical floor of push: libvirt's push backup of the running disk into a new
@@ -245,7 +252,7 @@ class Bench:
         r = Round()
         r.cached = {role: c.cached_fraction(path) for role, path in self.src.items()}
         r.others = c.foreign_activity(self.names())
-        r.bare, r.sha = self.bare_hashed("off", f"r{number}")
+        r.bare, r.sha, r.sync = self.bare_hashed("off", f"r{number}")
         r.offline = self.backup("off", "offline", self.policy)
         r.bare_u = self.bare("on", f"r{number}")
         # QEMU's job alone and our push, in alternating order: whichever of the two runs
@@ -302,6 +309,7 @@ def figures(r: Round) -> dict[str, float]:
         "bare": r.bare,
         "sha": r.sha,
         "floor": r.bare + r.sha,
+        "durable": r.bare + r.sha + r.sync,
         "bare_u": r.bare_u,
         "job": r.job,
         "off_copy": r.offline.copy,
@@ -348,6 +356,10 @@ def report(rounds: list[Round], size: int, elapsed: float) -> None:
     say(
         f"  floor (bare convert + SHA-256 of its output): {spread([f['floor'] for f in per_round])}"
     )
+    say(
+        "  durable floor (the same + sync of its output: the backup fsyncs its own):"
+        f" {spread([f['durable'] for f in per_round])}"
+    )
     say(f"  QEMU's backup job alone: {spread([f['job'] for f in per_round])}")
     say("phases of a run (journal, medians, s):")
     say(phase_line("offline", [r.offline for r in rounds]))
@@ -384,6 +396,11 @@ def report(rounds: list[Round], size: int, elapsed: float) -> None:
         f" with verify {best['off_total'] / best_bare:.2f}; push vs QEMU's job"
         f" {best['push_copy'] / best['job']:.2f}, total vs floor"
         f" {best['off_total'] / best['floor']:.2f}"
+    )
+    say(
+        "offline total vs the durable floor (bare + SHA-256 + sync):"
+        f" {med['off_total'] / med['durable']:.2f} (medians),"
+        f" {best['off_total'] / best['durable']:.2f} (minimums)"
     )
     say(
         "against bare convert alone (the earlier targets):"
