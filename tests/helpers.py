@@ -24,9 +24,18 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.utils import timezone
 
-from backups import archive, jobs, qemu_img, requests
+from backups import archive, jobs, qemu_img, requests, restic
 from backups.archive import DiskEntry, Manifest
-from backups.models import Backup, BackupPolicy, BackupRun, Kind, RunStatus, VirtualMachine
+from backups.models import (
+    Backup,
+    BackupPolicy,
+    BackupRun,
+    Kind,
+    OffsiteCopy,
+    RunStatus,
+    VirtualMachine,
+)
+from backups.offsite import restic_repository
 from tests.domains import PREFIX, guest_write, run
 
 T = TypeVar("T")
@@ -442,3 +451,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# -- offsite copies ---------------------------------------------------------------------------
+def random_image(size: int):
+    """A raw image of random data, as ``publish_backup`` fills a staging directory."""
+
+    def fill(staging: Path) -> list[dict]:
+        with open(staging / "vda.raw", "wb") as f:
+            f.write(os.urandom(size))
+        return [
+            dict(target="vda", source="/x/vda.img", format="raw", virtual_size=size, file="vda.raw")
+        ]
+
+    return fill
+
+
+def copy_now(backup, repository) -> OffsiteCopy:
+    copy = requests.request_offsite_copy(backup, repository, enqueue=False)
+    jobs.copy_offsite(copy.pk)
+    copy.refresh_from_db()
+    return copy
+
+
+def snapshots(repository) -> list:
+    return restic.snapshots(restic_repository(repository))
+
+
+def flip_first_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -32,24 +32,20 @@ from backups.models import (
 )
 from backups.offsite import restic_repository
 from backups.retention import prune
-from tests.helpers import free_port, make_backup, publish_backup, wait_until
+from tests.helpers import (
+    copy_now,
+    flip_first_byte,
+    free_port,
+    make_backup,
+    publish_backup,
+    random_image,
+    snapshots,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(restic.RESTIC), reason="restic is required")
 BASE_DIR = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
-
-
-def random_image(size: int):
-    """A raw image of random data, as ``publish_backup`` fills a staging directory."""
-
-    def fill(staging: Path) -> list[dict]:
-        with open(staging / "vda.raw", "wb") as f:
-            f.write(os.urandom(size))
-        return [
-            dict(target="vda", source="/x/vda.img", format="raw", virtual_size=size, file="vda.raw")
-        ]
-
-    return fill
 
 
 @pytest.fixture
@@ -58,17 +54,6 @@ def backup(vm, tmp_path) -> Backup:
     root.mkdir()
     path = publish_backup(root, vm.name, 7, random_image(2 * MIB), vm_uuid=str(vm.uuid))
     return make_backup(vm, path=str(path), manifest=archive.read_manifest(path).to_dict())
-
-
-def copy_now(backup, repository) -> OffsiteCopy:
-    copy = requests.request_offsite_copy(backup, repository, enqueue=False)
-    jobs.copy_offsite(copy.pk)
-    copy.refresh_from_db()
-    return copy
-
-
-def snapshots(repository) -> list:
-    return restic.snapshots(restic_repository(repository))
 
 
 def untouched(backup: Backup, before: dict) -> bool:
@@ -258,13 +243,6 @@ def test_prune_stands_back_while_a_copy_of_the_vm_runs(vm, backup, offsite, sett
     report = prune.prune_vm(vm, None)
     assert report.skipped == "an offsite copy of this VM is running"
     assert Backup.objects.published().count() == 2
-
-
-def flip_first_byte(path: Path) -> None:
-    with open(path, "r+b") as f:
-        byte = f.read(1)
-        f.seek(0)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_a_corrupt_backup_never_becomes_a_snapshot_and_is_marked(vm, offsite, tmp_path):

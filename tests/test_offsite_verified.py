@@ -14,8 +14,16 @@ from django.utils import timezone
 
 from backups import archive, restic, verify
 from backups.archive import check as archive_check
-from tests.helpers import make_backup, publish_backup
-from tests.test_offsite_failures import MIB, copy_now, flip_first_byte, random_image, snapshots
+from tests.helpers import (
+    copy_now,
+    flip_first_byte,
+    make_backup,
+    publish_backup,
+    random_image,
+    snapshots,
+)
+
+MIB = 1024 * 1024
 
 pytestmark = pytest.mark.skipif(not os.path.exists(restic.RESTIC), reason="restic is required")
 
