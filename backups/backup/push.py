@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .. import hypervisor, private, qemu_img
-from .methods import Cancelled, Context, Image, Result, copy_disks, frozen
+from .methods import Cancelled, Context, Image, MethodError, Result, copy_disks, frozen
 
 
 def push(ctx: Context) -> Result:
@@ -79,7 +79,13 @@ def _pull(ctx: Context) -> Result:
                         timeout=ctx.timeout,
                     )
 
-                images = copy_disks(ctx, copy)
+                try:
+                    images = copy_disks(ctx, copy)
+                except qemu_img.QemuImgError as exc:
+                    stopped = _stopped_meanwhile(ctx)
+                    if stopped is None:
+                        raise
+                    raise MethodError(f"{stopped}: {exc}") from exc
                 finished = True
             finally:
                 ctx.hv.end_backup_job(ctx.uuid)  # how a pull backup ends, done or not
@@ -91,6 +97,16 @@ def _pull(ctx: Context) -> Result:
                 os.unlink(path)
         shutil.rmtree(sock_dir, ignore_errors=True)
     return Result(consistency, images)
+
+
+def _stopped_meanwhile(ctx: Context) -> str | None:
+    """qemu-img only sees its NBD source fail ("Input/output error"): why, when the guest
+    shut down or was destroyed during the copy."""
+    try:
+        running = ctx.hv.domain(ctx.uuid).state == "running"
+    except hypervisor.HypervisorError:
+        running = False
+    return None if running else "the VM stopped during the backup (shut down or destroyed)"
 
 
 def _begin_job(ctx: Context, files: dict[str, str], pull_socket: str | None = None) -> str:

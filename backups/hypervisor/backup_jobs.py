@@ -148,13 +148,19 @@ class BackupJobs:
             self.abort_job(uuid)
             try:
                 active = self.job_progress(uuid).active
-            except HypervisorError:
-                active = True
+            except HypervisorError:  # a guest shut off or destroyed meanwhile has no job
+                active = self._running(uuid)
             if not active and time.monotonic() >= deadline:
                 return
             if time.monotonic() > deadline + 30:
                 raise HypervisorError("the backup job could not be ended")
             time.sleep(0.5)
+
+    def _running(self, uuid: str) -> bool:
+        try:
+            return bool(self._dom(uuid).isActive())
+        except (HypervisorError, libvirt.libvirtError):
+            return not self._alive()  # libvirtd itself is away: its job may come back
 
     def backup_job_targets(self, uuid: str) -> list[str]:
         """Target files of the domain's running backup job ([] when none)."""
