@@ -118,3 +118,18 @@ def test_a_backup_never_verified_is_read(backup, offsite, reads):
     assert copy.status == "succeeded" and len(reads) == 1
     backup.refresh_from_db()
     assert backup.verify_status == "ok" and backup.verified_files
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_special_file_added_since_the_verification_is_refused_unread(backup, offsite, kind):
+    """A fresh verification trusts no file it did not see: the structure check still runs."""
+    verify.verify_backup(backup)
+    extra = Path(backup.path) / "extra"
+    if kind == "fifo":
+        os.mkfifo(extra)  # opened, it would hang the copy
+    else:
+        extra.symlink_to("/etc/shadow")
+    copy = copy_now(backup, offsite)
+    assert copy.status == "failed" and "not sent" in copy.error
+    assert "verified-before" not in steps(copy)
+    assert snapshots(offsite) == []
